@@ -1,0 +1,1 @@
+"""mergebot: keeps merged open LLMs up to date with their upstream models."""

@@ -1,0 +1,1 @@
+"""Everything that talks to a Hugging Face Hub (real or the local devhub)."""
