@@ -1,14 +1,15 @@
-"""Shared fixtures: every test runs against a private HF_HOME with Xet and telemetry off."""
+"""Shared fixtures and environment.
 
-import pytest
+huggingface_hub reads its environment once, at import, so the private HF_HOME and the Xet/telemetry switches are
+set here, before any test module imports it; child processes inherit them.
+"""
 
+import os
+import tempfile
 
-@pytest.fixture(autouse=True)
-def hub_environment(tmp_path_factory, monkeypatch):
-    """Keep the real huggingface_hub client away from the user's cache, Xet and the internet."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mergebot-test-hf-home-")
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ.pop("HF_TOKEN", None)
+os.environ.pop("HF_ENDPOINT", None)
