@@ -1,0 +1,94 @@
+"""Per-shard fingerprints: a finished shard is reused only when exactly the same inputs and settings made it.
+
+The fingerprint is stored in the shard's own safetensors metadata, and a shard only gets its final name once it
+is complete and fsynced, so "a file with the final name and the right fingerprint" is the whole checkpoint.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from mergebot.errors import ModelError
+from mergebot.merge.io import DTYPE_NAMES, read_header, write_json_atomic
+from mergebot.merge.plan import Plan, ShardPlan
+from mergebot.merge.source import InputModel
+
+FINGERPRINT_KEY = "mergebot.fingerprint"
+FORMAT_VERSION = 1
+
+
+def shard_fingerprint(plan: Plan, shard: ShardPlan, models: dict[str, InputModel]) -> str:
+    """hash(method, the parameters that touch the shard, and per input tensor: its file's sha256 and name)."""
+    tensors = []
+    for tensor in shard.tensors:
+        inputs = []
+        for ref in tensor.inputs:
+            model = models[ref.model]
+            info = model.tensors[ref.tensor]
+            row_map = plan.row_map(tensor, ref.model, info)
+            inputs.append(
+                {
+                    "tensor": ref.tensor,
+                    "sha256": model.sha256_of(info),
+                    "rows": hashlib.sha256(row_map.numpy().tobytes()).hexdigest() if row_map is not None else None,
+                }
+            )
+        tensors.append(
+            {
+                "name": tensor.output.name,
+                "dtype": DTYPE_NAMES[tensor.output.dtype],
+                "shape": list(tensor.output.shape),
+                "parameters": dict(tensor.params.values),
+                "per_model": [dict(p) for p in tensor.params.per_model],
+                "inputs": inputs,
+            }
+        )
+    document = {"format": FORMAT_VERSION, "method": plan.method.name, "shard": shard.file_name, "tensors": tensors}
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def finished_with(path: Path, fingerprint: str) -> bool:
+    """True when `path` is a complete shard made from exactly these inputs."""
+    if not path.exists():
+        return False
+    try:
+        _, metadata = read_header(path)
+    except ModelError:
+        return False
+    return metadata.get(FINGERPRINT_KEY) == fingerprint
+
+
+class FileHashes:
+    """sha256 of local input files, remembered by (path, size, mtime, inode) so each file is hashed once."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self._path = cache_dir / "file-hashes.json"
+        try:
+            self._known: dict[str, str] = json.loads(self._path.read_text())
+        except (OSError, ValueError):
+            self._known = {}
+
+    def sha256(self, path: Path) -> str:
+        real = path.resolve()
+        if real.parent.name == "blobs" and len(real.name) == 64:
+            return real.name
+        stat = real.stat()
+        key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+        if key not in self._known:
+            digest = hashlib.sha256()
+            with real.open("rb") as handle:
+                while chunk := handle.read(8 << 20):
+                    digest.update(chunk)
+            self._known[key] = digest.hexdigest()
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self._path, self._known)
+        return self._known[key]
+
+
+def default_cache_dir() -> Path:
+    """Where mergebot keeps its own small caches: $MERGEBOT_CACHE_DIR, else ~/.cache/mergebot."""
+    configured = os.environ.get("MERGEBOT_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergebot"

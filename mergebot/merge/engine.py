@@ -1,0 +1,256 @@
+"""Runs a merge plan shard by shard, in bounded memory, resuming from finished shards.
+
+Work happens in a hidden sibling directory of OUT_DIR; shards get their final names only when complete, and the
+directory takes OUT_DIR's name only when every file is in place.
+"""
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mergebot.config import MergeConfig
+from mergebot.errors import ConfigError
+from mergebot.merge.checkpoint import FINGERPRINT_KEY, finished_with, shard_fingerprint
+from mergebot.merge.io import ShardWriter, TensorInfo, TensorReader, fsync_dir, write_json_atomic
+from mergebot.merge.methods import MergeMethod, available_methods
+from mergebot.merge.plan import Plan, ShardPlan, TensorPlan, build_plan
+from mergebot.merge.source import INDEX_FILE, TOKENIZER_FILES, InputModel
+from mergebot.progress import ShardProgress
+
+BLOCK_ELEMENTS = 1 << 22
+"""Rows are read in blocks of about this many elements per input (16 MiB in float32)."""
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    shards: list[str] = field(default_factory=list)
+    computed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_method(name: str, source: str) -> MergeMethod:
+    methods = available_methods()
+    if name not in methods:
+        raise ConfigError(f"{source}: merge_method: unknown method {name!r} (known: {', '.join(sorted(methods))})")
+    return methods[name]
+
+
+def run_merge(
+    config: MergeConfig, models: dict[str, InputModel], out_dir: Path, progress: ShardProgress | None = None
+) -> MergeResult:
+    """Merge into OUT_DIR; shards already finished (here or in a killed run) with the same fingerprint are kept."""
+    plan = build_plan(config, models, resolve_method(config.merge_method, config.source))
+    progress = progress or ShardProgress(enabled_bar=False)
+    out_dir = out_dir.absolute()
+    work = out_dir.parent / f".{out_dir.name}.partial"
+    work.mkdir(parents=True, exist_ok=True)
+    for leftover in work.glob("*.tmp"):
+        leftover.unlink()
+    result = MergeResult(out_dir)
+    with TensorReader() as reader:
+        for shard in plan.shards:
+            fingerprint = shard_fingerprint(plan, shard, models)
+            result.shards.append(shard.file_name)
+            result.fingerprints[shard.file_name] = fingerprint
+            target = work / shard.file_name
+            nbytes = sum(t.output.nbytes for t in shard.tensors)
+            progress.start(shard.file_name, nbytes)
+            if finished_with(target, fingerprint):
+                outcome = "resumed"
+            elif finished_with(out_dir / shard.file_name, fingerprint):
+                _link_or_copy(out_dir / shard.file_name, target)
+                outcome = "reused"
+            else:
+                _compute_shard(plan, shard, models, reader, target, fingerprint, progress)
+                outcome = "computed"
+            (result.computed if outcome == "computed" else result.reused).append(shard.file_name)
+            progress.done(shard.file_name, outcome, nbytes)
+    _write_metadata(config, plan, models, work)
+    expected = set(result.shards) | {p.name for p in work.iterdir() if not p.name.endswith(".safetensors")}
+    for stale in work.iterdir():
+        if stale.name not in expected:
+            stale.unlink()
+    _move_into_place(work, out_dir)
+    return result
+
+
+def _compute_shard(
+    plan: Plan,
+    shard: ShardPlan,
+    models: dict[str, InputModel],
+    reader: TensorReader,
+    target: Path,
+    fingerprint: str,
+    progress: ShardProgress,
+) -> None:
+    writer = ShardWriter(target, [t.output for t in shard.tensors], {"format": "pt", FINGERPRINT_KEY: fingerprint})
+    try:
+        for tensor in shard.tensors:
+            writer.begin(tensor.output.name)
+            blocks = _BlockSource(plan, tensor, models, reader)
+            for block in plan.method.merge(blocks, tensor.params):
+                writer.write(block)
+                progress.advance(block.numel() * tensor.output.dtype.itemsize)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+class _BlockSource:
+    """The inputs of one output tensor as row blocks in float32, vocabulary rows aligned and gaps filled.
+
+    A tensor that fits in one block is read once and served from memory on every pass.
+    """
+
+    def __init__(self, plan: Plan, tensor: TensorPlan, models: dict[str, InputModel], reader: TensorReader):
+        self.reader = reader
+        self.infos = [models[ref.model].tensors[ref.tensor] for ref in tensor.inputs]
+        self.maps = [plan.row_map(tensor, ref.model, info) for ref, info in zip(tensor.inputs, self.infos, strict=True)]
+        self.rows = tensor.output.shape[0] if tensor.output.shape else 1
+        row_elements = max(1, tensor.output.nbytes // tensor.output.dtype.itemsize // max(1, self.rows))
+        self.block_rows = max(1, BLOCK_ELEMENTS // row_elements)
+        self.uses_base = plan.method.uses_base
+        self.fill_weights = [float(p.get("weight", 1.0)) for p in tensor.params.per_model]
+        self._mean_row: torch.Tensor | None = None
+        self._cached: list[tuple[int, list[torch.Tensor]]] | None = None
+
+    def __call__(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        if self._cached is not None:
+            return iter(self._cached)
+        if self.rows <= self.block_rows:
+            self._cached = [(0, self._block(0, self.rows))]
+            return iter(self._cached)
+        return (
+            (start, self._block(start, min(start + self.block_rows, self.rows)))
+            for start in range(0, self.rows, self.block_rows)
+        )
+
+    def _block(self, start: int, stop: int) -> list[torch.Tensor]:
+        if all(m is None for m in self.maps):
+            return [self.reader.rows(info, start, stop) for info in self.infos]
+        gathered = [self._gather(info, m, start, stop) for info, m in zip(self.infos, self.maps, strict=True)]
+        values = [g[0] for g in gathered]
+        present = [g[1] for g in gathered]
+        self._fill(values, present)
+        return values
+
+    def _gather(self, info: TensorInfo, mapping: torch.Tensor | None, start: int, stop: int):
+        if mapping is None:
+            return self.reader.rows(info, start, stop), torch.ones(stop - start, dtype=torch.bool)
+        wanted = mapping[start:stop]
+        present = wanted >= 0
+        out = torch.zeros((stop - start, *info.row_shape), dtype=torch.float32)
+        if present.any():
+            needed = torch.unique(wanted[present])
+            breaks = torch.nonzero(needed[1:] != needed[:-1] + 1).flatten() + 1
+            runs = torch.tensor_split(needed, breaks)
+            chunk = torch.cat([self.reader.rows(info, int(run[0]), int(run[-1]) + 1) for run in runs])
+            out[present] = chunk[torch.searchsorted(needed, wanted[present])]
+        return out, present
+
+    def _fill(self, values: list[torch.Tensor], present: list[torch.Tensor]) -> None:
+        """A model that lacks a token takes no part in its row: it gets the base's row (so its delta is zero) or,
+        without a base, the weighted mean of the models that have it (which renormalizes their weights).
+        A row no model has gets the mean row."""
+        members = range(1, len(values)) if self.uses_base else range(len(values))
+        weights = self.fill_weights if len(self.fill_weights) == len(members) else [1.0] * len(members)
+        total = torch.zeros_like(values[0])
+        weight_sum = torch.zeros(values[0].shape[0])
+        for index, weight in zip(members, weights, strict=True):
+            mask = present[index].to(torch.float32) * weight
+            total += values[index] * mask.reshape(-1, *([1] * (values[0].dim() - 1)))
+            weight_sum += mask
+        usable = weight_sum.abs() > 1e-12
+        mean_of_present = total / torch.where(usable, weight_sum, 1.0).reshape(-1, *([1] * (values[0].dim() - 1)))
+        anchor = values[0] if self.uses_base else mean_of_present
+        anchor_present = present[0] if self.uses_base else usable
+        if self.uses_base:
+            missing_base = ~present[0] & usable
+            values[0][missing_base] = mean_of_present[missing_base]
+            anchor_present = present[0] | usable
+        nobody = ~anchor_present
+        if nobody.any():
+            anchor[nobody] = self._mean()
+        for index in members:
+            gap = ~present[index]
+            values[index][gap] = anchor[gap]
+
+    def _mean(self) -> torch.Tensor:
+        """The weighted mean of every model's rows, for rows that no model has."""
+        if self._mean_row is None:
+            sums = []
+            for info in self.infos:
+                total = torch.zeros(info.row_shape, dtype=torch.float64)
+                for start in range(0, info.rows, self.block_rows):
+                    total += self.reader.rows(info, start, min(start + self.block_rows, info.rows)).double().sum(0)
+                sums.append(total / max(1, info.rows))
+            self._mean_row = torch.stack(sums).mean(0).to(torch.float32)
+        return self._mean_row
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    temp = target.with_name(target.name + ".tmp")
+    temp.unlink(missing_ok=True)
+    try:
+        os.link(source, temp)
+    except OSError:
+        shutil.copyfile(source, temp)
+    os.replace(temp, target)
+
+
+def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputModel], work: Path) -> None:
+    """Index, config.json (vocab size, dtype, layer count right), generation config and the tokenizer files."""
+    weight_map = {t.output.name: shard.file_name for shard in plan.shards for t in shard.tensors}
+    total = sum(t.output.nbytes for shard in plan.shards for t in shard.tensors)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_json_atomic(work / INDEX_FILE, index)
+    template = models[plan.template]
+    model_config = dict(template.config)
+    outputs = {t.output.name: t.output for shard in plan.shards for t in shard.tensors}
+    embedding = next((o for name, o in outputs.items() if name.endswith("embed_tokens.weight")), None)
+    if embedding is not None:
+        model_config["vocab_size"] = embedding.shape[0]
+    if "num_hidden_layers" in model_config:
+        model_config["num_hidden_layers"] = plan.num_layers
+    dtype = next(iter(outputs.values())).dtype
+    dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}.get(dtype)
+    if dtype_name:
+        for key in [k for k in ("torch_dtype", "dtype") if k in model_config] or ["torch_dtype"]:
+            model_config[key] = dtype_name
+    write_json_atomic(work / "config.json", model_config)
+    if (template.path / "generation_config.json").exists():
+        _copy_atomic(template.path / "generation_config.json", work / "generation_config.json")
+    tokenizer_dir = models[config.tokenizer_source].path
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            _copy_atomic(tokenizer_dir / name, work / name)
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    temp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, temp)
+    with temp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temp, target)
+
+
+def _move_into_place(work: Path, out_dir: Path) -> None:
+    """Swap the finished directory in; a previous result is removed only after the new one has its name."""
+    fsync_dir(work)
+    if out_dir.exists():
+        previous = out_dir.parent / f".{out_dir.name}.previous"
+        shutil.rmtree(previous, ignore_errors=True)
+        os.rename(out_dir, previous)
+        os.rename(work, out_dir)
+        fsync_dir(out_dir.parent)
+        shutil.rmtree(previous)
+    else:
+        os.rename(work, out_dir)
+        fsync_dir(out_dir.parent)

@@ -1,0 +1,258 @@
+"""safetensors on disk: checked headers, row ranges read from a memory map, shards written as a stream.
+
+Only safetensors are ever read; the header is checked against the file size before anything is mapped. Rows are
+read through a shared memory map whose pages are handed back after each read, so resident memory stays at a
+few blocks however large the model.
+"""
+
+import json
+import mmap
+import os
+import struct
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergebot.errors import ModelError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file and the absolute byte range of its data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.shape[1:] if self.shape else ()
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.rows if self.rows else 0
+
+
+def _numel(shape: Iterable[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check a safetensors header: every tensor's range must lie inside the file, contiguously."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ModelError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise ModelError(
+                    f"{path}: safetensors header length {header_len} is larger than the file ({size} bytes)"
+                )
+            raw = handle.read(header_len)
+    except OSError as error:
+        raise ModelError(f"{path}: cannot read ({error.strerror})") from error
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"{path}: safetensors header is not valid JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    end_of_data = 0
+    for name, entry in sorted(header.items(), key=lambda item: _offsets(path, item)[0]):
+        begin, end = _offsets(path, (name, entry))
+        dtype = DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise ModelError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
+        shape = tuple(entry.get("shape", ()))
+        if not all(isinstance(dim, int) and dim >= 0 for dim in shape):
+            raise ModelError(f"{path}: tensor {name} has an invalid shape {list(shape)}")
+        if end - begin != _numel(shape) * dtype.itemsize or begin != end_of_data:
+            raise ModelError(f"{path}: tensor {name} has inconsistent data offsets [{begin}, {end}]")
+        if data_start + end > size:
+            raise ModelError(f"{path}: truncated safetensors file: tensor {name} ends past the file's {size} bytes")
+        end_of_data = end
+        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+    return tensors, {str(key): str(value) for key, value in metadata.items()}
+
+
+def _offsets(path: Path, item: tuple[str, object]) -> tuple[int, int]:
+    name, entry = item
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(x, int) for x in offsets)):
+        raise ModelError(f"{path}: tensor {name} has no valid data_offsets")
+    return offsets[0], offsets[1]
+
+
+class TensorReader:
+    """Reads row ranges of tensors from memory-mapped files, giving the pages back after each read."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as float32 (a copy, so the mapping can be released)."""
+        mapping = self._map(info.file)
+        first = info.offset + start * info.row_bytes
+        length = (stop - start) * info.row_bytes
+        count = length // info.dtype.itemsize
+        if count == 0:
+            return torch.zeros((stop - start, *info.row_shape), dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the map is read-only; the view is only read
+            view = torch.frombuffer(mapping, dtype=info.dtype, count=count, offset=first)
+        block = view.to(torch.float32).reshape((stop - start, *info.row_shape) if info.shape else ())
+        del view
+        page_start = first - first % PAGE
+        mapping.madvise(mmap.MADV_DONTNEED, page_start, first + length - page_start)
+        return block
+
+    def _map(self, path: Path) -> mmap.mmap:
+        mapping = self._maps.get(path)
+        if mapping is None:
+            with path.open("rb") as handle:
+                mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[path] = mapping
+        return mapping
+
+    def close(self) -> None:
+        for mapping in self._maps.values():
+            mapping.close()
+        self._maps.clear()
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """A tensor of the output checkpoint as the shard layout sees it: name, dtype, shape only."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * self.dtype.itemsize
+
+
+def encode_header(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
+    """A deterministic safetensors header (8-byte length + JSON padded with spaces to 8 bytes)."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for tensor in tensors:
+        header[tensor.name] = {
+            "dtype": DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
+        offset += tensor.nbytes
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+class ShardWriter:
+    """Streams tensors, in layout order, into a temporary file that becomes the shard only when complete."""
+
+    def __init__(self, path: Path, tensors: list[OutputTensor], metadata: dict[str, str]) -> None:
+        self.path = path
+        self.temp_path = path.with_name(path.name + ".tmp")
+        self._expected = iter(tensors)
+        self._current: OutputTensor | None = None
+        self._left = 0
+        self._handle = self.temp_path.open("wb")
+        self._handle.write(encode_header(tensors, metadata))
+
+    def begin(self, name: str) -> None:
+        """Start the next tensor of the layout; its bytes follow through `write`."""
+        if self._left:
+            raise RuntimeError(f"{self._current.name if self._current else '?'} was not written completely")
+        self._current = next(self._expected)
+        if self._current.name != name:
+            raise RuntimeError(f"layout expects {self._current.name}, got {name}")
+        self._left = self._current.nbytes
+
+    def write(self, block: torch.Tensor) -> None:
+        """Append rows of the current tensor, converted to its output dtype."""
+        assert self._current is not None
+        data = block.to(self._current.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes > self._left:
+            raise RuntimeError(f"{self._current.name}: more data than its shape holds")
+        self._handle.write(memoryview(data))
+        self._left -= data.nbytes
+
+    def finish(self) -> Path:
+        """fsync and rename: after this the shard exists under its final name, complete."""
+        if self._left or next(self._expected, None) is not None:
+            raise RuntimeError(f"{self.path.name}: not every tensor was written")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(self.temp_path, self.path)
+        fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        self._handle.close()
+        self.temp_path.unlink(missing_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp file + fsync + rename, so a reader sees the old file or the new one, never a part."""
+    temp = path.with_name(f".{path.name}.tmp")
+    with temp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, value: object) -> None:
+    write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())

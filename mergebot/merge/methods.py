@@ -1,0 +1,335 @@
+"""Merge methods: pure functions on float32 tensors, no I/O.
+
+The engine hands each method one output tensor as a re-iterable source of row blocks (every block a list of float32
+tensors, the base model first when the method uses one). A method may walk the blocks more than once to gather an
+exact whole-tensor statistic (a slerp angle, a TIES magnitude threshold, a DARE L1 norm) and then yields the output
+blocks in order. So a large embedding never needs float32 copies of every input at once, and the numbers still
+equal the published whole-tensor formulas (mergekit's definitions are the reference).
+"""
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+import torch
+
+from mergebot.errors import ConfigError
+
+Block = list[torch.Tensor]
+BlockSource = Callable[[], Iterable[tuple[int, Block]]]
+"""Calling it starts a fresh pass: (first row of the block, the inputs' rows) in row order, same blocks each pass."""
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """Parameters resolved for one output tensor (gradients and filters already applied)."""
+
+    tensor_name: str
+    values: Mapping[str, Any]
+    per_model: tuple[Mapping[str, Any], ...]
+    """One mapping per non-base input, in input order."""
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merge method and the parameters it accepts (with defaults; `None` means required)."""
+
+    name: str
+    merge: Callable[[BlockSource, TensorParams], Iterator[torch.Tensor]]
+    uses_base: bool
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    model_parameters: Mapping[str, Any] = field(default_factory=dict)
+    min_models: int = 1
+    max_models: int | None = None
+
+
+SLERP_COLINEAR = 0.9995
+SLERP_EPS = 1e-8
+RESCALE_EPS = 1e-7
+DIVISOR_EPS = 1e-8
+
+
+def _weights(params: TensorParams) -> list[float]:
+    return [float(p["weight"]) for p in params.per_model]
+
+
+def _linear(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
+    weights = _weights(params)
+    total = sum(weights) if params.values["normalize"] else 1.0
+    for _, inputs in blocks():
+        out = torch.zeros_like(inputs[0])
+        for weight, tensor in zip(weights, inputs, strict=True):
+            out.add_(tensor, alpha=weight)
+        yield out.div_(total) if total != 1.0 else out
+
+
+def _slerp(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
+    t = float(params.values["t"])
+    dot = norm0 = norm1 = 0.0
+    for _, (v0, v1) in blocks():
+        dot += float(torch.sum(v0.double() * v1.double()))
+        norm0 += float(torch.sum(v0.double() ** 2))
+        norm1 += float(torch.sum(v1.double() ** 2))
+    norm0, norm1 = math.sqrt(norm0), math.sqrt(norm1)
+    cosine = dot / ((norm0 if norm0 > SLERP_EPS else 1.0) * (norm1 if norm1 > SLERP_EPS else 1.0))
+    if abs(cosine) > SLERP_COLINEAR:
+        scale0, scale1 = 1.0 - t, t
+    else:
+        theta = math.acos(cosine)
+        scale0 = math.sin(theta - theta * t) / math.sin(theta)
+        scale1 = math.sin(theta * t) / math.sin(theta)
+    for _, (v0, v1) in blocks():
+        yield v0 * scale0 + v1 * scale1
+
+
+def _passthrough(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
+    for _, (tensor,) in blocks():
+        yield tensor
+
+
+def _float_bits(values: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of non-negative float32 values, whose integer order is the values' order."""
+    return values.contiguous().view(torch.int32)
+
+
+@dataclass
+class _TopKMask:
+    """Keeps exactly k entries of largest magnitude; among equal magnitudes at the cut, the first in flat order."""
+
+    threshold_bits: int
+    keep_equal: int
+
+    def __call__(self, magnitude_bits: torch.Tensor) -> torch.Tensor:
+        above = magnitude_bits > self.threshold_bits
+        equal = magnitude_bits == self.threshold_bits
+        if self.keep_equal <= 0:
+            return above
+        flat_equal = equal.reshape(-1)
+        rank = torch.cumsum(flat_equal, 0) - 1
+        keep = (flat_equal & (rank < self.keep_equal)).reshape(equal.shape)
+        self.keep_equal -= int(flat_equal.sum())
+        return above | keep
+
+
+def _histogram_pick(histogram: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th largest entry, and how many entries lie in higher buckets."""
+    above = torch.flip(torch.cumsum(torch.flip(histogram, [0]), 0), [0]) - histogram
+    bucket = int(torch.nonzero((above < k) & (above + histogram >= k))[0])
+    return bucket, int(above[bucket])
+
+
+def _kth_largest_in_memory(bits: torch.Tensor, k: int) -> tuple[int, int]:
+    flat = bits.reshape(-1)
+    threshold = int(torch.kthvalue(flat, flat.numel() - k + 1).values)
+    return threshold, int((flat > threshold).sum())
+
+
+def kth_largest_bits(streams: Callable[[], Iterable[list[torch.Tensor]]], ks: list[int]) -> list[tuple[int, int]]:
+    """Exact k-th largest of several streams of non-negative float32 bit patterns, in two histogram passes.
+
+    Each pass walks all streams side by side. Returns, per stream, (threshold bits, entries strictly above it).
+    """
+    blocks = iter(streams())
+    first = next(blocks)
+    if next(blocks, None) is None:
+        return [_kth_largest_in_memory(bits, k) for bits, k in zip(first, ks, strict=True)]
+    buckets = 1 << 16
+    high = torch.zeros(len(ks), buckets, dtype=torch.int64)
+    for bits in streams():
+        for index, stream_bits in enumerate(bits):
+            high[index] += torch.bincount((stream_bits >> 16).reshape(-1), minlength=buckets)
+    picks = [_histogram_pick(high[index], k) for index, k in enumerate(ks)]
+    low = torch.zeros(len(ks), buckets, dtype=torch.int64)
+    for bits in streams():
+        for index, stream_bits in enumerate(bits):
+            in_bucket = stream_bits[(stream_bits >> 16) == picks[index][0]]
+            low[index] += torch.bincount(in_bucket & 0xFFFF, minlength=buckets)
+    results = []
+    for index, (k, (bucket, above_bucket)) in enumerate(zip(ks, picks, strict=True)):
+        low_bits, above_low = _histogram_pick(low[index], k - above_bucket)
+        results.append(((bucket << 16) | low_bits, above_bucket + above_low))
+    return results
+
+
+def _block_generator(seed: int, tensor_name: str, model_index: int, row_start: int) -> torch.Generator:
+    key = f"{seed}:{tensor_name}:{model_index}:{row_start}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+
+
+def _random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(delta.shape, generator=generator) < density
+
+
+def _make_task_arithmetic(sparsify: str | None, consensus: bool) -> Callable[..., Iterator[torch.Tensor]]:
+    """Base + lambda × combined deltas; optionally sparsified (magnitude or random) and sign-elected (TIES)."""
+
+    def merge(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
+        weights = _weights(params)
+        densities = [float(p.get("density", 1.0)) for p in params.per_model]
+        seed = int(params.values.get("seed", 0))
+        masks = _prepare_masks(blocks, params, sparsify, densities, seed)
+        rescale = _prepare_rescale(blocks, params, sparsify, densities, seed)
+        normalize = bool(params.values["normalize"])
+        lam = float(params.values["lambda"])
+        for row_start, (base, *models) in blocks():
+            weighted = []
+            for index, (model, weight) in enumerate(zip(models, weights, strict=True)):
+                delta = model - base
+                if sparsify == "magnitude" and masks[index] is not None:
+                    delta = delta * masks[index](_float_bits(delta.abs()))
+                elif sparsify == "random" and densities[index] < 1.0:
+                    generator = _block_generator(seed, params.tensor_name, index, row_start)
+                    delta = delta * _random_mask(delta, densities[index], generator) * rescale[index]
+                weighted.append(delta * weight)
+            stacked = torch.stack(weighted)
+            weight_column = torch.tensor(weights).reshape(-1, *([1] * base.dim()))
+            if consensus:
+                majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+                agree = stacked.sign() == majority
+                mixed = (stacked * agree).sum(0)
+                divisor = (weight_column * agree).sum(0)
+                divisor[divisor == 0] = 1.0
+            else:
+                mixed = stacked.sum(0)
+                divisor = weight_column.sum(0).expand_as(mixed).clone()
+                divisor[divisor.abs() < DIVISOR_EPS] = 1.0
+            if normalize:
+                mixed = mixed / divisor
+            yield base + mixed * lam
+
+    return merge
+
+
+def _prepare_masks(
+    blocks: BlockSource, params: TensorParams, sparsify: str | None, densities: list[float], seed: int
+) -> list[_TopKMask | None]:
+    """TIES: the exact magnitude cut of each delta over the whole tensor, found by streaming."""
+    sparse = [index for index, density in enumerate(densities) if density < 1.0]
+    if sparsify != "magnitude" or not sparse:
+        return [None] * len(densities)
+
+    def magnitude_bits() -> Iterator[list[torch.Tensor]]:
+        for _, (base, *models) in blocks():
+            yield [_float_bits((models[index] - base).abs()) for index in sparse]
+
+    numel = sum(bits[0].numel() for bits in magnitude_bits())
+    ks = [max(1, int(densities[index] * numel)) for index in sparse]
+    masks: list[_TopKMask | None] = [None] * len(densities)
+    for index, k, (threshold, above) in zip(sparse, ks, kth_largest_bits(magnitude_bits, ks), strict=True):
+        masks[index] = _TopKMask(threshold, k - above)
+    return masks
+
+
+def _prepare_rescale(
+    blocks: BlockSource,
+    params: TensorParams,
+    sparsify: str | None,
+    densities: list[float],
+    seed: int,
+) -> list[float]:
+    """DARE: the factor that gives each pruned delta back its L1 norm (1 when rescale is off or the norm is ~0)."""
+    factors = [1.0] * len(densities)
+    if sparsify != "random" or not params.values.get("rescale", False):
+        return factors
+    sparse = [index for index, density in enumerate(densities) if density < 1.0]
+    before = dict.fromkeys(sparse, 0.0)
+    after = dict.fromkeys(sparse, 0.0)
+    for row_start, (base, *models) in blocks():
+        for index in sparse:
+            delta = models[index] - base
+            generator = _block_generator(seed, params.tensor_name, index, row_start)
+            kept = delta * _random_mask(delta, densities[index], generator)
+            before[index] += float(delta.double().abs().sum())
+            after[index] += float(kept.double().abs().sum())
+    for index in sparse:
+        if before[index] >= RESCALE_EPS and after[index] >= RESCALE_EPS:
+            factors[index] = before[index] / after[index]
+    return factors
+
+
+_GTA_PARAMETERS = {"normalize": False, "lambda": 1.0}
+_GTA_MODEL_PARAMETERS = {"weight": None, "density": 1.0}
+
+BUILTIN_METHODS: dict[str, MergeMethod] = {
+    method.name: method
+    for method in (
+        MergeMethod(
+            "linear",
+            _linear,
+            uses_base=False,
+            parameters={"normalize": True},
+            model_parameters={"weight": None},
+        ),
+        MergeMethod("slerp", _slerp, uses_base=True, parameters={"t": None}, min_models=1, max_models=1),
+        MergeMethod(
+            "task_arithmetic",
+            _make_task_arithmetic(None, consensus=False),
+            uses_base=True,
+            parameters=_GTA_PARAMETERS,
+            model_parameters={"weight": None},
+        ),
+        MergeMethod(
+            "ties",
+            _make_task_arithmetic("magnitude", consensus=True),
+            uses_base=True,
+            parameters={**_GTA_PARAMETERS, "normalize": True},
+            model_parameters=_GTA_MODEL_PARAMETERS,
+        ),
+        MergeMethod(
+            "dare_ties",
+            _make_task_arithmetic("random", consensus=True),
+            uses_base=True,
+            parameters={**_GTA_PARAMETERS, "rescale": True, "seed": 0},
+            model_parameters=_GTA_MODEL_PARAMETERS,
+        ),
+        MergeMethod(
+            "dare_linear",
+            _make_task_arithmetic("random", consensus=False),
+            uses_base=True,
+            parameters={**_GTA_PARAMETERS, "rescale": True, "seed": 0},
+            model_parameters=_GTA_MODEL_PARAMETERS,
+        ),
+        MergeMethod("passthrough", _passthrough, uses_base=False, max_models=1),
+    )
+}
+
+ENTRY_POINT_GROUP = "mergebot.methods"
+
+
+def whole_tensor_method(
+    name: str,
+    function: Callable[[torch.Tensor | None, list[torch.Tensor], TensorParams], torch.Tensor],
+    *,
+    uses_base: bool,
+    parameters: Mapping[str, Any] | None = None,
+    model_parameters: Mapping[str, Any] | None = None,
+) -> MergeMethod:
+    """Wrap a plain per-tensor function (whole float32 tensors in, one out) as a method, for plug-ins."""
+
+    def merge(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
+        parts = [inputs for _, inputs in blocks()]
+        whole = [torch.cat(column) for column in zip(*parts, strict=True)]
+        base, models = (whole[0], whole[1:]) if uses_base else (None, whole)
+        yield function(base, models, params)
+
+    return MergeMethod(
+        name,
+        merge,
+        uses_base=uses_base,
+        parameters=dict(parameters or {}),
+        model_parameters=dict(model_parameters or {}),
+    )
+
+
+def available_methods() -> dict[str, MergeMethod]:
+    """Built-in methods plus those that installed packages register in the `mergebot.methods` entry point group."""
+    methods = dict(BUILTIN_METHODS)
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        method = entry_point.load()
+        if not isinstance(method, MergeMethod):
+            raise ConfigError(f"entry point {entry_point.name!r} in {ENTRY_POINT_GROUP} is not a MergeMethod")
+        methods.setdefault(method.name, method)
+    return methods

@@ -1,0 +1,302 @@
+"""The merge plan: which input tensors feed each output tensor, with what parameters, in which output shard.
+
+Everything here is decided from names, shapes, dtypes and the config, never from tensor values, so an upstream
+update that changes values keeps every output tensor in the same shard.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mergebot.config import MergeConfig, SliceSource
+from mergebot.errors import ConfigError, ModelError
+from mergebot.merge.io import OutputTensor, TensorInfo
+from mergebot.merge.methods import MergeMethod, TensorParams
+from mergebot.merge.source import InputModel
+from mergebot.merge.vocab import is_vocab_tensor, read_vocab, row_map
+
+LAYER_NAME = re.compile(r"^(?P<prefix>.*?\.layers\.)(?P<index>\d+)(?P<suffix>\..+)$")
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class InputRef:
+    model: str
+    tensor: str
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    output: OutputTensor
+    inputs: tuple[InputRef, ...]
+    """The base model first when the method uses one."""
+    params: TensorParams
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    file_name: str
+    tensors: tuple[TensorPlan, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    method: MergeMethod
+    shards: tuple[ShardPlan, ...]
+    row_maps: dict[tuple[str, int], torch.Tensor | None]
+    """(model, rows of its vocab tensor) → output row → its row or -1; None for the identity."""
+    template: str
+    """The model whose config.json and layout the output follows."""
+    num_layers: int
+
+    def row_map(self, tensor: TensorPlan, model: str, info: TensorInfo) -> torch.Tensor | None:
+        """How the output rows of a vocabulary tensor map to this input's rows (None: the same rows)."""
+        if not is_vocab_tensor(tensor.output.name):
+            return None
+        return self.row_maps.get((model, info.rows))
+
+
+def evaluate_setting(tensor_name: str, setting: Any, t: float) -> Any:
+    """One tensor's value of a parameter: a scalar as is, a number list interpolated at t, the first matching filter."""
+    if isinstance(setting, list) and setting and all(isinstance(v, dict) for v in setting):
+        for condition in setting:
+            pattern = condition.get("filter")
+            if pattern in (None, "*") or pattern in tensor_name:
+                return evaluate_setting(tensor_name, condition["value"], t)
+        return None
+    if isinstance(setting, list):
+        scaled = t * (len(setting) - 1)
+        low = int(scaled)
+        high = min(len(setting) - 1, low + 1)
+        fraction = scaled - low
+        return (1 - fraction) * setting[low] + fraction * setting[high]
+    return setting
+
+
+def layer_count(model: InputModel) -> int:
+    indices = {int(m["index"]) for name in model.tensors if (m := LAYER_NAME.match(name))}
+    return max(indices) + 1 if indices else 0
+
+
+def build_plan(config: MergeConfig, models: dict[str, InputModel], method: MergeMethod) -> Plan:
+    """Check that the models fit together and lay out every output tensor; raises before any tensor is read."""
+    _check_parameter_names(config, method)
+    if method.uses_base and not config.base_model:
+        raise ConfigError(f"{config.source}: base_model: required by merge_method {method.name}")
+    template = config.base_model or (config.listed[0] if config.listed else config.slices[0][0].model)
+    slices = config.slices or (_whole_model_slice(config, models, method, template),)
+    builder = _Builder(config, models, method, template)
+    ordered: list[TensorPlan] = []
+    first, last = slices[0], slices[-1]
+    non_layer = sorted(name for name in models[template].tensors if not LAYER_NAME.match(name))
+    suffixes = _layer_suffixes(models[template])
+    for name in (n for n in non_layer if "embed" in n):
+        ordered.append(builder.tensor(name, name, first, t=0.0))
+    out_layer = 0
+    for sources in slices:
+        length = sources[0].layer_range[1] - sources[0].layer_range[0]
+        for offset in range(length):
+            t = offset / (length - 1) if length > 1 else 1.0
+            for suffix in suffixes:
+                output_name = f"{suffix[0]}{out_layer}{suffix[1]}"
+                ordered.append(builder.tensor(output_name, suffix, sources, t=t, layer_offset=offset))
+            out_layer += 1
+    for name in (n for n in non_layer if "embed" not in n):
+        ordered.append(builder.tensor(name, name, last, t=0.0))
+    if config.slices is None:
+        _check_no_extra_tensors(models, ordered, output_tied="lm_head.weight" not in non_layer)
+    return Plan(method, _pack(ordered, config.out_shard_size), builder.row_maps, template, out_layer)
+
+
+def _whole_model_slice(
+    config: MergeConfig, models: dict[str, InputModel], method: MergeMethod, template: str
+) -> tuple[SliceSource, ...]:
+    layers = layer_count(models[template])
+    participants = list(config.listed)
+    if method.uses_base and config.base_model not in participants:
+        participants.insert(0, config.base_model)
+    return tuple(SliceSource(name, (0, layers), config.spec(name).parameters) for name in participants)
+
+
+def _layer_suffixes(model: InputModel) -> list[tuple[str, str]]:
+    """(prefix, suffix) of each tensor of layer 0, so layer N's names are prefix + N + suffix."""
+    matches = (LAYER_NAME.match(name) for name in model.tensors)
+    return sorted({(m["prefix"], m["suffix"]) for m in matches if m and m["index"] == "0"})
+
+
+def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
+    known = set(method.parameters) | set(method.model_parameters)
+    for name in config.parameters:
+        if name not in known:
+            raise ConfigError(
+                f"{config.source}: parameters.{name}: unknown parameter for {method.name} "
+                f"(known: {', '.join(sorted(known)) or 'none'})"
+            )
+    sources = [(s.model, s.parameters) for sl in config.slices or () for s in sl] or [
+        (m.model, m.parameters) for m in config.models
+    ]
+    for model, parameters in sources:
+        for name in parameters:
+            if name not in method.model_parameters:
+                raise ConfigError(
+                    f"{config.source}: {model}.parameters.{name}: unknown per-model parameter for {method.name} "
+                    f"(known: {', '.join(sorted(method.model_parameters)) or 'none'})"
+                )
+
+
+class _Builder:
+    """Resolves one output tensor at a time: its inputs, shapes, dtype and parameters."""
+
+    def __init__(self, config: MergeConfig, models: dict[str, InputModel], method: MergeMethod, template: str):
+        self.config = config
+        self.models = models
+        self.method = method
+        self.template = template
+        self.row_maps: dict[tuple[str, int], torch.Tensor | None] = {}
+        self._vocabs: dict[str, dict[str, int] | None] = {}
+
+    def tensor(
+        self,
+        output_name: str,
+        name_or_suffix: str | tuple[str, str],
+        sources: tuple[SliceSource, ...],
+        t: float,
+        layer_offset: int = 0,
+    ) -> TensorPlan:
+        ordered = list(sources)
+        if self.method.uses_base:
+            base = [s for s in ordered if s.model == self.config.base_model]
+            if not base:
+                raise ConfigError(
+                    f"{self.config.source}: slices: the base model {self.config.base_model} must be a source "
+                    f"of every slice for {self.method.name}"
+                )
+            ordered = base + [s for s in ordered if s.model != self.config.base_model]
+        count = len(ordered) - (1 if self.method.uses_base else 0)
+        if count < self.method.min_models or (self.method.max_models and count > self.method.max_models):
+            wanted = self.method.max_models if self.method.max_models == self.method.min_models else None
+            raise ConfigError(
+                f"{self.config.source}: models: {self.method.name} needs "
+                + (f"exactly {wanted}" if wanted else f"at least {self.method.min_models}")
+                + f" model(s) besides the base, got {count}"
+            )
+        inputs = []
+        for source in ordered:
+            if isinstance(name_or_suffix, tuple):
+                name = f"{name_or_suffix[0]}{source.layer_range[0] + layer_offset}{name_or_suffix[1]}"
+            else:
+                name = name_or_suffix
+            inputs.append(InputRef(source.model, self._existing_name(source.model, name)))
+        output = self._output(output_name, inputs)
+        params = self._params(output_name, ordered, t)
+        return TensorPlan(output, tuple(inputs), params)
+
+    def _existing_name(self, model: str, name: str) -> str:
+        tensors = self.models[model].tensors
+        if name in tensors:
+            return name
+        if name == "lm_head.weight" and self.models[model].config.get("tie_word_embeddings", False):
+            return "model.embed_tokens.weight"
+        holder = next((m for m, im in self.models.items() if name in im.tensors), self.template)
+        raise ModelError(f"model {model} lacks tensor {name} that {holder} has")
+
+    def _output(self, output_name: str, inputs: list[InputRef]) -> OutputTensor:
+        infos = [self.models[ref.model].tensors[ref.tensor] for ref in inputs]
+        first = infos[0]
+        vocab = is_vocab_tensor(output_name)
+        for ref, info in zip(inputs[1:], infos[1:], strict=True):
+            if vocab and info.shape[1:] == first.shape[1:]:
+                continue
+            if info.shape != first.shape:
+                raise ModelError(
+                    f"tensor {ref.tensor}: shape {list(info.shape)} in model {ref.model} does not match "
+                    f"{list(first.shape)} in model {inputs[0].model}"
+                )
+        if not first.dtype.is_floating_point:
+            raise ModelError(f"tensor {inputs[0].tensor} in model {inputs[0].model} is not floating point")
+        shape = first.shape
+        if vocab:
+            rows = self._vocab_rows(output_name)
+            shape = (rows, *first.shape[1:])
+            for ref, info in zip(inputs, infos, strict=True):
+                self._add_row_map(ref.model, info.shape[0], rows)
+        dtype = TORCH_DTYPES[self.config.dtype] if self.config.dtype else first.dtype
+        return OutputTensor(output_name, dtype, shape)
+
+    def _vocab_rows(self, output_name: str) -> int:
+        source = self.models[self.config.tokenizer_source]
+        name = self._existing_name(self.config.tokenizer_source, output_name)
+        return source.tensors[name].shape[0]
+
+    def _vocab(self, model: str) -> dict[str, int] | None:
+        if model not in self._vocabs:
+            self._vocabs[model] = read_vocab(self.models[model].path, model)
+        return self._vocabs[model]
+
+    def _add_row_map(self, model: str, model_rows: int, output_rows: int) -> None:
+        if (model, model_rows) not in self.row_maps:
+            source = self._vocab(self.config.tokenizer_source)
+            self.row_maps[(model, model_rows)] = row_map(source, output_rows, self._vocab(model), model_rows)
+
+    def _params(self, tensor_name: str, ordered: list[SliceSource], t: float) -> TensorParams:
+        values = {}
+        for name, default in self.method.parameters.items():
+            value = evaluate_setting(tensor_name, self.config.parameters.get(name), t)
+            if value is None:
+                value = default
+            if value is None:
+                raise ConfigError(f"{self.config.source}: parameters.{name}: required by {self.method.name}")
+            values[name] = value
+        per_model = []
+        for source in ordered[1:] if self.method.uses_base else ordered:
+            resolved = {}
+            for name, default in self.method.model_parameters.items():
+                value = evaluate_setting(tensor_name, source.parameters.get(name), t)
+                if value is None:
+                    value = evaluate_setting(tensor_name, self.config.parameters.get(name), t)
+                if value is None:
+                    value = default
+                if value is None:
+                    raise ConfigError(
+                        f"{self.config.source}: {source.model}.parameters.{name}: required by {self.method.name}"
+                    )
+                resolved[name] = value
+            per_model.append(resolved)
+        weights = [p["weight"] for p in per_model if "weight" in p]
+        if weights and all(float(w) == 0.0 for w in weights):
+            raise ConfigError(
+                f"{self.config.source}: parameters.weight: every model's weight is zero for tensor {tensor_name}"
+            )
+        return TensorParams(tensor_name, values, tuple(per_model))
+
+
+def _check_no_extra_tensors(models: dict[str, InputModel], plans: list[TensorPlan], output_tied: bool) -> None:
+    """Every tensor of every input is used (an untied lm_head is dropped when the output ties it)."""
+    read = {(ref.model, ref.tensor) for plan in plans for ref in plan.inputs}
+    for model in sorted({model for model, _ in read}):
+        extra = sorted(
+            name
+            for name in models[model].tensors
+            if (model, name) not in read and not (output_tied and name == "lm_head.weight")
+        )
+        if extra:
+            raise ModelError(f"model {model} has tensor {extra[0]} that the other models lack")
+
+
+def _pack(tensors: list[TensorPlan], shard_size: int) -> tuple[ShardPlan, ...]:
+    """Greedy, in layout order: a new shard starts when the next tensor would overflow the size."""
+    groups: list[list[TensorPlan]] = []
+    size = 0
+    for plan in tensors:
+        if not groups or (size + plan.output.nbytes > shard_size and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(plan)
+        size += plan.output.nbytes
+    total = len(groups)
+    return tuple(
+        ShardPlan(f"model-{number:05d}-of-{total:05d}.safetensors", tuple(group))
+        for number, group in enumerate(groups, 1)
+    )
