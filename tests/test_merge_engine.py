@@ -210,15 +210,15 @@ def test_vocab_matched_by_token_not_by_row(tmp_path):
         "float32",
     )
     assert code == 0
-    l, r, m, merged = (load_tensors(p)["model.embed_tokens.weight"].float() for p in (left, right, mixed, out))
-    row = l.shape[0] - 1  # the first extra row in every model
+    lt, r, m, merged = (load_tensors(p)["model.embed_tokens.weight"].float() for p in (left, right, mixed, out))
+    row = lt.shape[0] - 1  # the first extra row in every model
     both_in_right = row + 1
     assert merged.shape[0] == row + 2
     # <both>: right has it at row+1, mixed at row; left lacks it → weights 1 and 2 renormalized over right and mixed.
     torch.testing.assert_close(merged[row], (r[both_in_right] + 2 * m[row]) / 3)
     # <nobody>: only mixed has it.
     torch.testing.assert_close(merged[row + 1], m[row + 1])
-    torch.testing.assert_close(merged[:row], (l[:row] + r[:row] + 2 * m[:row]) / 4)
+    torch.testing.assert_close(merged[:row], (lt[:row] + r[:row] + 2 * m[:row]) / 4)
 
 
 def test_tied_and_untied_models_merge(tmp_path):
