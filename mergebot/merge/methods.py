@@ -59,20 +59,22 @@ def _weights(params: TensorParams) -> list[float]:
 def _linear(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
     weights = _weights(params)
     total = sum(weights) if params.values["normalize"] else 1.0
+    scaled = [weight / total for weight in weights]
     for _, inputs in blocks():
-        out = torch.zeros_like(inputs[0])
-        for weight, tensor in zip(weights, inputs, strict=True):
+        out = inputs[0] * scaled[0]
+        for weight, tensor in zip(scaled[1:], inputs[1:], strict=True):
             out.add_(tensor, alpha=weight)
-        yield out.div_(total) if total != 1.0 else out
+        yield out
 
 
 def _slerp(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
     t = float(params.values["t"])
     dot = norm0 = norm1 = 0.0
     for _, (v0, v1) in blocks():
-        dot += float(torch.sum(v0.double() * v1.double()))
-        norm0 += float(torch.sum(v0.double() ** 2))
-        norm1 += float(torch.sum(v1.double() ** 2))
+        flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
+        dot += float(torch.dot(flat0, flat1))
+        norm0 += float(torch.dot(flat0, flat0))
+        norm1 += float(torch.dot(flat1, flat1))
     norm0, norm1 = math.sqrt(norm0), math.sqrt(norm1)
     cosine = dot / ((norm0 if norm0 > SLERP_EPS else 1.0) * (norm1 if norm1 > SLERP_EPS else 1.0))
     if abs(cosine) > SLERP_COLINEAR:
@@ -82,7 +84,7 @@ def _slerp(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
         scale0 = math.sin(theta - theta * t) / math.sin(theta)
         scale1 = math.sin(theta * t) / math.sin(theta)
     for _, (v0, v1) in blocks():
-        yield v0 * scale0 + v1 * scale1
+        yield torch.add(v0 * scale0, v1, alpha=scale1)
 
 
 def _passthrough(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
@@ -132,15 +134,33 @@ def kth_largest_bits(streams: Callable[[], Iterable[list[torch.Tensor]]], ks: li
 
     Each pass walks all streams side by side. Returns, per stream, (threshold bits, entries strictly above it).
     """
+    return [(threshold, above) for threshold, above, _ in _top_cuts(streams, lambda numel: ks)]
+
+
+def _top_cuts(
+    streams: Callable[[], Iterable[list[torch.Tensor]]], choose_ks: Callable[[int], list[int]]
+) -> list[tuple[int, int, int]]:
+    """(threshold bits, entries above it, k) per stream, with k chosen once the element count is known.
+
+    One block: sorted in memory. More: a histogram of the high 16 bits finds the bucket of the k-th largest, a
+    second pass over that bucket's low 16 bits finds the exact value."""
     blocks = iter(streams())
     first = next(blocks)
-    if next(blocks, None) is None:
-        return [_kth_largest_in_memory(bits, k) for bits, k in zip(first, ks, strict=True)]
+    single = next(blocks, None) is None
+    del blocks
+    if single:
+        ks = choose_ks(first[0].numel())
+        return [(*_kth_largest_in_memory(bits, k), k) for bits, k in zip(first, ks, strict=True)]
+    del first
     buckets = 1 << 16
-    high = torch.zeros(len(ks), buckets, dtype=torch.int64)
+    high: torch.Tensor | None = None
     for bits in streams():
+        if high is None:
+            high = torch.zeros(len(bits), buckets, dtype=torch.int64)
         for index, stream_bits in enumerate(bits):
             high[index] += torch.bincount((stream_bits >> 16).reshape(-1), minlength=buckets)
+    assert high is not None
+    ks = choose_ks(int(high[0].sum()))
     picks = [_histogram_pick(high[index], k) for index, k in enumerate(ks)]
     low = torch.zeros(len(ks), buckets, dtype=torch.int64)
     for bits in streams():
@@ -150,7 +170,7 @@ def kth_largest_bits(streams: Callable[[], Iterable[list[torch.Tensor]]], ks: li
     results = []
     for index, (k, (bucket, above_bucket)) in enumerate(zip(ks, picks, strict=True)):
         low_bits, above_low = _histogram_pick(low[index], k - above_bucket)
-        results.append(((bucket << 16) | low_bits, above_bucket + above_low))
+        results.append(((bucket << 16) | low_bits, above_bucket + above_low, k))
     return results
 
 
@@ -184,23 +204,34 @@ def _make_task_arithmetic(sparsify: str | None, consensus: bool) -> Callable[...
                     generator = _block_generator(seed, params.tensor_name, index, row_start)
                     delta = delta * _random_mask(delta, densities[index], generator) * rescale[index]
                 weighted.append(delta * weight)
-            stacked = torch.stack(weighted)
-            weight_column = torch.tensor(weights).reshape(-1, *([1] * base.dim()))
             if consensus:
-                majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
-                agree = stacked.sign() == majority
-                mixed = (stacked * agree).sum(0)
-                divisor = (weight_column * agree).sum(0)
-                divisor[divisor == 0] = 1.0
+                mixed, divisor = _elect_signs(weighted, weights)
             else:
-                mixed = stacked.sum(0)
-                divisor = weight_column.sum(0).expand_as(mixed).clone()
-                divisor[divisor.abs() < DIVISOR_EPS] = 1.0
+                mixed = torch.stack(weighted).sum(0) if len(weighted) > 1 else weighted[0]
+                total = sum(weights)
+                divisor = total if abs(total) >= DIVISOR_EPS else 1.0
             if normalize:
                 mixed = mixed / divisor
             yield base + mixed * lam
 
     return merge
+
+
+def _elect_signs(weighted: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES sign election: the sign of the summed weighted deltas wins (a tie counts as +); only deltas of that
+    sign are summed, and the divisor is the sum of their models' weights (0 becomes 1). Zeros never agree."""
+    total = torch.zeros_like(weighted[0])
+    for delta in weighted:
+        total += delta
+    positive = total >= 0
+    mixed = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
+    for delta, weight in zip(weighted, weights, strict=True):
+        agree = torch.where(positive, delta > 0, delta < 0)
+        mixed += torch.where(agree, delta, 0.0)
+        divisor += agree * weight
+    divisor[divisor == 0] = 1.0
+    return mixed, divisor
 
 
 def _prepare_masks(
@@ -215,10 +246,11 @@ def _prepare_masks(
         for _, (base, *models) in blocks():
             yield [_float_bits((models[index] - base).abs()) for index in sparse]
 
-    numel = sum(bits[0].numel() for bits in magnitude_bits())
-    ks = [max(1, int(densities[index] * numel)) for index in sparse]
+    def choose_ks(numel: int) -> list[int]:
+        return [max(1, int(densities[index] * numel)) for index in sparse]
+
     masks: list[_TopKMask | None] = [None] * len(densities)
-    for index, k, (threshold, above) in zip(sparse, ks, kth_largest_bits(magnitude_bits, ks), strict=True):
+    for index, (threshold, above, k) in zip(sparse, _top_cuts(magnitude_bits, choose_ks), strict=True):
         masks[index] = _TopKMask(threshold, k - above)
     return masks
 
@@ -242,8 +274,8 @@ def _prepare_rescale(
             delta = models[index] - base
             generator = _block_generator(seed, params.tensor_name, index, row_start)
             kept = delta * _random_mask(delta, densities[index], generator)
-            before[index] += float(delta.double().abs().sum())
-            after[index] += float(kept.double().abs().sum())
+            before[index] += float(torch.linalg.vector_norm(delta, 1))
+            after[index] += float(torch.linalg.vector_norm(kept, 1))
     for index in sparse:
         if before[index] >= RESCALE_EPS and after[index] >= RESCALE_EPS:
             factors[index] = before[index] / after[index]
