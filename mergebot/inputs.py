@@ -1,22 +1,37 @@
-"""Turn a config's model references into input models on disk: local directories now, Hub repos via hub/."""
+"""Turn a config's model references into input models on disk: a local directory as it is, a Hub repo through
+the standard cache (only the files a merge reads)."""
 
 from pathlib import Path
 
-from mergebot.config import MergeConfig
-from mergebot.errors import ModelError
+from mergebot.config import MergeConfig, ModelSpec
+from mergebot.hub.client import HubClient
 from mergebot.merge.checkpoint import FileHashes, default_cache_dir
 from mergebot.merge.source import InputModel, open_model
 
 
-def resolve_inputs(config: MergeConfig) -> dict[str, InputModel]:
+def resolve_inputs(config: MergeConfig, hub: HubClient | None = None) -> dict[str, InputModel]:
     """Open every model the config names, with the sha256 of each weight file."""
     hashes = FileHashes(default_cache_dir())
     models = {}
     for spec in config.models:
         path = Path(spec.model).expanduser()
-        if not path.is_dir():
-            raise ModelError(f"model {spec.model}: not a local directory")
-        model = open_model(spec.model, path)
-        model.file_sha256 = {file.name: hashes.sha256(file) for file in model.weight_files()}
+        if path.is_dir():
+            model = open_model(spec.model, path)
+        else:
+            hub = hub or HubClient()
+            model = open_hub_model(hub, spec)
+        for file in model.weight_files():
+            if file.name not in model.file_sha256:
+                model.file_sha256[file.name] = hashes.sha256(file)
         models[spec.model] = model
     return models
+
+
+def open_hub_model(hub: HubClient, spec: ModelSpec) -> InputModel:
+    """Resolve the revision to a sha, fetch what changed into the cache, open the snapshot."""
+    sha = hub.resolve(spec.model, spec.revision)
+    remote = hub.list_files(spec.model, sha)
+    snapshot = hub.fetch(remote)
+    model = open_model(spec.model, snapshot, revision=sha)
+    model.file_sha256 = {name: f.sha256 for name, f in remote.files.items() if f.sha256}
+    return model

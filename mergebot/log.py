@@ -20,9 +20,14 @@ def configure(level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    """Looks up sys.stderr on every use, so a replaced stream (tests, daemon redirection) is honoured."""
+    return structlog.PrintLogger(sys.stderr)
 
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:

@@ -188,6 +188,9 @@ class Store:
         self._lock = threading.RLock()
         self._commits: dict[tuple[str, str], Commit] = {}
         self._repos: dict[tuple[str, str], Repo] = {}
+        shutil.rmtree(root / "trash", ignore_errors=True)  # deletions and uploads a crash interrupted
+        for partial in root.glob("objects/.upload-*"):
+            partial.unlink()
         for meta in sorted(root.glob("repos/*/*/*/repo.json")):
             repo = Repo(**json.loads(meta.read_bytes()))
             self._repos[(repo.type, repo.id)] = repo

@@ -1,0 +1,209 @@
+"""Reading models from a Hub through huggingface_hub: resolve, list, fetch only what a merge needs, retry.
+
+Endpoint, token and cache come from HF_ENDPOINT, HF_TOKEN (or the token file) and HF_HOME like every
+huggingface_hub tool; arguments only override them. Files go through the standard cache, which stores blobs by
+content, so a shard that did not change between revisions is never downloaded twice.
+"""
+
+import os
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import httpx2
+from huggingface_hub import HfApi, constants, get_token, hf_hub_download, scan_cache_dir
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from mergebot import log
+from mergebot.errors import HubAuthError, HubError, HubNotFoundError, ModelError, UnsafePathError
+from mergebot.merge.source import INDEX_FILE, METADATA_FILES, PICKLE_SUFFIXES, SINGLE_FILE, read_json
+
+T = TypeVar("T")
+SAFE_PATH = re.compile(r"[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*")
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+TRANSIENT_ERRORS = (httpx2.TransportError, TimeoutError, ConnectionError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, honouring Retry-After, a bounded number of attempts."""
+
+    attempts: int = 5
+    base_delay: float = 1.0
+    max_delay: float = 60.0
+    max_retry_after: float = 300.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        backoff = random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+        return max(backoff, min(retry_after or 0.0, self.max_retry_after))
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int
+    sha256: str | None
+    """The LFS sha256 (None for a small regular file)."""
+
+
+@dataclass(frozen=True)
+class RemoteRevision:
+    repo: str
+    sha: str
+    files: dict[str, RemoteFile] = field(default_factory=dict)
+
+
+def check_repo_path(repo: str, path: str) -> None:
+    """Refuse a repo file name that could escape the cache folder or is not a plain relative path."""
+    if path.startswith("/") or "\\" in path or not SAFE_PATH.fullmatch(path) or ".." in path.split("/"):
+        raise UnsafePathError(f"repo {repo}: refusing unsafe file name {path!r}")
+
+
+class HubClient:
+    """One Hub endpoint, token and cache; every call retried on transient failures."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        token: str | None = None,
+        cache_dir: Path | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+        self.token = token or get_token()
+        self.cache_dir = Path(cache_dir or constants.HF_HUB_CACHE)
+        self.retry = retry or RetryPolicy()
+        self.api = HfApi(endpoint=self.endpoint, token=self.token)
+        self._log = log.get("hub")
+
+    def resolve(self, repo: str, revision: str | None = None) -> str:
+        """The commit sha a branch, tag or sha points at: one cheap call."""
+        info = self._call(repo, revision, lambda: self.api.model_info(repo, revision=revision))
+        return info.sha
+
+    def list_files(self, repo: str, sha: str) -> RemoteRevision:
+        """Every file of the revision with size and LFS sha256; unsafe names refuse the whole repo."""
+        info = self._call(repo, sha, lambda: self.api.model_info(repo, revision=sha, files_metadata=True))
+        files = {}
+        for sibling in info.siblings or []:
+            check_repo_path(repo, sibling.rfilename)
+            lfs = sibling.lfs
+            files[sibling.rfilename] = RemoteFile(sibling.rfilename, sibling.size or 0, lfs.sha256 if lfs else None)
+        return RemoteRevision(repo, info.sha or sha, files)
+
+    def fetch(self, remote: RemoteRevision) -> Path:
+        """Download (or find in the cache) what a merge reads; returns the snapshot folder."""
+        names = set(remote.files)
+        weights = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
+        if not weights:
+            pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+            if pickles:
+                raise ModelError(
+                    f"repo {remote.repo}@{remote.sha[:12]}: only pickle weights ({', '.join(pickles)}); "
+                    "mergebot reads safetensors only"
+                )
+            raise ModelError(f"repo {remote.repo}@{remote.sha[:12]}: no safetensors weights")
+        metadata = sorted(n for n in names if n in METADATA_FILES)
+        snapshot = None
+        for name in metadata:
+            snapshot = self._download(remote, name).parent
+        if INDEX_FILE in names:
+            weight_map = read_json(snapshot / INDEX_FILE, remote.repo, required=True).get("weight_map") or {}
+            wanted = sorted(set(weight_map.values()))
+            for name in wanted:
+                check_repo_path(remote.repo, name)
+                if name not in names:
+                    raise ModelError(f"repo {remote.repo}@{remote.sha[:12]}: {INDEX_FILE} names missing {name}")
+        else:
+            wanted = [SINGLE_FILE] if SINGLE_FILE in names else weights
+        for name in wanted:
+            snapshot = self._download(remote, name).parent
+        return snapshot
+
+    def _download(self, remote: RemoteRevision, name: str) -> Path:
+        def download() -> Path:
+            return Path(
+                hf_hub_download(
+                    remote.repo,
+                    name,
+                    revision=remote.sha,
+                    cache_dir=self.cache_dir,
+                    endpoint=self.endpoint,
+                    token=self.token,
+                )
+            )
+
+        return self._call(remote.repo, remote.sha, download, what=f"download of {name}")
+
+    def _call(self, repo: str, revision: str | None, action: Callable[[], T], what: str = "request") -> T:
+        """Run one Hub call; retry what is transient, translate the rest into one clear error."""
+        where = f"{repo}@{revision}" if revision else repo
+        for attempt in range(self.retry.attempts):
+            try:
+                return action()
+            except RevisionNotFoundError as error:
+                raise HubNotFoundError(f"repo {repo}: revision {revision!r} not found") from error
+            except RemoteEntryNotFoundError as error:
+                raise HubNotFoundError(f"repo {where}: file not found ({what})") from error
+            except RepositoryNotFoundError as error:
+                raise HubNotFoundError(
+                    f"repo {repo}: not found on {self.endpoint}, or not visible with this token "
+                    "(check the repo id, HF_ENDPOINT and HF_TOKEN)"
+                ) from error
+            except HfHubHTTPError as error:
+                status = error.response.status_code if error.response is not None else None
+                if status in (401, 403):
+                    raise HubAuthError(
+                        f"repo {repo}: access denied (HTTP {status}); set HF_TOKEN to a token that can read it"
+                    ) from error
+                if status not in TRANSIENT_STATUS:
+                    raise HubError(f"repo {where}: {what} failed with HTTP {status}") from error
+                retry_after = _retry_after(error)
+                failure = f"HTTP {status}"
+            except TRANSIENT_ERRORS as error:
+                retry_after = None
+                failure = type(error).__name__
+            if attempt + 1 == self.retry.attempts:
+                break
+            delay = self.retry.delay(attempt, retry_after)
+            self._log.warning("hub retry", repo=repo, what=what, failure=failure, wait=round(delay, 2))
+            time.sleep(delay)
+        raise HubError(f"repo {where}: {what} failed after {self.retry.attempts} attempts ({failure})")
+
+
+def _retry_after(error: HfHubHTTPError) -> float | None:
+    value = error.response.headers.get("Retry-After") if error.response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def clean_cache(cache_dir: Path, repos: set[str], keep: set[tuple[str, str]]) -> tuple[int, int]:
+    """Remove cached revisions of `repos` that are not in `keep` (repo, sha); other repos are not ours to touch.
+
+    Returns (revisions removed, bytes freed)."""
+    if not cache_dir.exists():
+        return 0, 0
+    scan = scan_cache_dir(cache_dir)
+    doomed = [
+        revision.commit_hash
+        for cached in scan.repos
+        if cached.repo_type == "model" and cached.repo_id in repos
+        for revision in cached.revisions
+        if (cached.repo_id, revision.commit_hash) not in keep
+    ]
+    if not doomed:
+        return 0, 0
+    strategy = scan.delete_revisions(*doomed)
+    strategy.execute()
+    return len(doomed), strategy.expected_freed_size
