@@ -7,7 +7,7 @@ A merge is written with the field names users know from mergekit YAML (`merge_me
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,16 +74,25 @@ class MergeConfig:
     def spec(self, model: str) -> ModelSpec:
         return next(spec for spec in self.models if spec.model == model)
 
+    def pinned(self, revisions: Mapping[str, str | None]) -> "MergeConfig":
+        """The same merge with each model's revision fixed to the sha that was merged (for reproducibility)."""
+        models = tuple(ModelSpec(m.model, revisions.get(m.model) or m.revision, m.parameters) for m in self.models)
+        return replace(self, models=models)
+
+    def _at_revision(self, model: str) -> str:
+        revision = self.spec(model).revision
+        return f"{model}@{revision}" if revision else model
+
     def as_dict(self) -> dict[str, Any]:
         """The merge config in mergekit's field names, for the model card and fingerprints."""
         result: dict[str, Any] = {"merge_method": self.merge_method}
         if self.base_model:
-            result["base_model"] = self.base_model
+            result["base_model"] = self._at_revision(self.base_model) if self.slices is not None else self.base_model
         if self.slices is not None:
             result["slices"] = [
                 {
                     "sources": [
-                        {"model": s.model, "layer_range": list(s.layer_range)}
+                        {"model": self._at_revision(s.model), "layer_range": list(s.layer_range)}
                         | ({"parameters": dict(s.parameters)} if s.parameters else {})
                         for s in sources
                     ]

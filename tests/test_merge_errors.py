@@ -131,3 +131,16 @@ def test_exit_code_and_single_line_from_the_real_command(base, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith("mergebot: error:")
+
+
+def test_weights_that_cancel_cannot_be_normalized(base, tmp_path, capsys):
+    other = make_model(tmp_path / "other", base=base, seed=1)
+    line = merge_error(capsys, "--method", "linear", f"{base}:1", f"{other}:-1", tmp_path / "out")
+    assert "weights sum to zero" in line
+
+
+def test_density_outside_unit_interval(base, tmp_path, capsys):
+    other = make_model(tmp_path / "other", base=base, seed=1)
+    args = ("--method", "ties", "--base-model", base, f"{other}:1", "--set", "density=0", tmp_path / "out")
+    line = merge_error(capsys, *args)
+    assert "parameters.density" in line

@@ -87,12 +87,12 @@ class HubClient:
 
     def resolve(self, repo: str, revision: str | None = None) -> str:
         """The commit sha a branch, tag or sha points at: one cheap call."""
-        info = self._call(repo, revision, lambda: self.api.model_info(repo, revision=revision))
+        info = self.call(repo, revision, lambda: self.api.model_info(repo, revision=revision))
         return info.sha
 
     def list_files(self, repo: str, sha: str) -> RemoteRevision:
         """Every file of the revision with size and LFS sha256; unsafe names refuse the whole repo."""
-        info = self._call(repo, sha, lambda: self.api.model_info(repo, revision=sha, files_metadata=True))
+        info = self.call(repo, sha, lambda: self.api.model_info(repo, revision=sha, files_metadata=True))
         files = {}
         for sibling in info.siblings or []:
             check_repo_path(repo, sibling.rfilename)
@@ -142,9 +142,9 @@ class HubClient:
                 )
             )
 
-        return self._call(remote.repo, remote.sha, download, what=f"download of {name}")
+        return self.call(remote.repo, remote.sha, download, what=f"download of {name}")
 
-    def _call(self, repo: str, revision: str | None, action: Callable[[], T], what: str = "request") -> T:
+    def call(self, repo: str, revision: str | None, action: Callable[[], T], what: str = "request") -> T:
         """Run one Hub call; retry what is transient, translate the rest into one clear error."""
         where = f"{repo}@{revision}" if revision else repo
         for attempt in range(self.retry.attempts):

@@ -11,16 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from mergebot.config import MergeConfig
 from mergebot.errors import ConfigError
 from mergebot.merge.checkpoint import FINGERPRINT_KEY, finished_with, shard_fingerprint
-from mergebot.merge.io import ShardWriter, TensorInfo, TensorReader, fsync_dir, write_json_atomic
+from mergebot.merge.io import ShardWriter, TensorInfo, TensorReader, fsync_dir, write_atomic, write_json_atomic
 from mergebot.merge.methods import MergeMethod, available_methods
 from mergebot.merge.plan import Plan, ShardPlan, TensorPlan, build_plan
 from mergebot.merge.source import INDEX_FILE, TOKENIZER_FILES, InputModel
 from mergebot.progress import ShardProgress
 
+MERGE_CONFIG_FILE = "mergebot_config.yml"
+"""The merge as run, each model pinned to the revision merged: enough to reproduce it."""
 BLOCK_ELEMENTS = 1 << 22
 """Rows are read in blocks of about this many elements per input (16 MiB in float32)."""
 
@@ -227,6 +230,8 @@ def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputMode
     write_json_atomic(work / "config.json", model_config)
     if (template.path / "generation_config.json").exists():
         _copy_atomic(template.path / "generation_config.json", work / "generation_config.json")
+    pinned = config.pinned({name: model.revision for name, model in models.items()})
+    write_atomic(work / MERGE_CONFIG_FILE, yaml.safe_dump(pinned.as_dict(), sort_keys=False).encode())
     tokenizer_dir = models[config.tokenizer_source].path
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():

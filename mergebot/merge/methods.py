@@ -10,7 +10,7 @@ equal the published whole-tensor formulas (mergekit's definitions are the refere
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -49,6 +49,7 @@ class MergeMethod:
 SLERP_COLINEAR = 0.9995
 SLERP_EPS = 1e-8
 RESCALE_EPS = 1e-7
+RANDOM_CHUNK_ELEMENTS = 1 << 16
 DIVISOR_EPS = 1e-8
 
 
@@ -99,21 +100,54 @@ def _float_bits(values: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _TopKMask:
-    """Keeps exactly k entries of largest magnitude; among equal magnitudes at the cut, the first in flat order."""
+    """Keeps exactly k entries of largest magnitude; among equal magnitudes at the cut, the first in flat order.
+
+    Blocks must come in row order: the count of equal entries still to keep carries from block to block."""
 
     threshold_bits: int
     keep_equal: int
 
-    def __call__(self, magnitude_bits: torch.Tensor) -> torch.Tensor:
+    def keep(self, row_start: int, delta: torch.Tensor) -> torch.Tensor:
+        magnitude_bits = _float_bits(delta.abs())
         above = magnitude_bits > self.threshold_bits
-        equal = magnitude_bits == self.threshold_bits
         if self.keep_equal <= 0:
             return above
-        flat_equal = equal.reshape(-1)
+        flat_equal = (magnitude_bits == self.threshold_bits).reshape(-1)
         rank = torch.cumsum(flat_equal, 0) - 1
-        keep = (flat_equal & (rank < self.keep_equal)).reshape(equal.shape)
+        keep = (flat_equal & (rank < self.keep_equal)).reshape(above.shape)
         self.keep_equal -= int(flat_equal.sum())
         return above | keep
+
+    def fresh(self) -> "_TopKMask":
+        return replace(self)
+
+
+@dataclass(frozen=True)
+class _RandomMask:
+    """DARE: keep each entry with probability `density`, drawn from a fixed grid of row chunks seeded by
+    (seed, tensor, model, chunk), so the mask depends on the row, never on how the rows were blocked."""
+
+    density: float
+    seed: int
+    tensor_name: str
+    model_index: int
+
+    def keep(self, row_start: int, delta: torch.Tensor) -> torch.Tensor:
+        rows, row_shape = (delta.shape[0], delta.shape[1:]) if delta.dim() else (1, ())
+        chunk_rows = max(1, RANDOM_CHUNK_ELEMENTS // max(1, math.prod(row_shape)))
+        first, last = row_start // chunk_rows, (row_start + rows - 1) // chunk_rows
+        draws = torch.cat(
+            [torch.rand((chunk_rows, *row_shape), generator=self._generator(c)) for c in range(first, last + 1)]
+        )
+        offset = row_start - first * chunk_rows
+        return (draws[offset : offset + rows] < self.density).reshape(delta.shape)
+
+    def _generator(self, chunk: int) -> torch.Generator:
+        key = f"{self.seed}:{self.tensor_name}:{self.model_index}:{chunk}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+
+    def fresh(self) -> "_RandomMask":
+        return self
 
 
 def _histogram_pick(histogram: torch.Tensor, k: int) -> tuple[int, int]:
@@ -174,35 +208,31 @@ def _top_cuts(
     return results
 
 
-def _block_generator(seed: int, tensor_name: str, model_index: int, row_start: int) -> torch.Generator:
-    key = f"{seed}:{tensor_name}:{model_index}:{row_start}".encode()
-    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
-
-
-def _random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(delta.shape, generator=generator) < density
-
-
 def _make_task_arithmetic(sparsify: str | None, consensus: bool) -> Callable[..., Iterator[torch.Tensor]]:
     """Base + lambda × combined deltas; optionally sparsified (magnitude or random) and sign-elected (TIES)."""
 
     def merge(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
         weights = _weights(params)
         densities = [float(p.get("density", 1.0)) for p in params.per_model]
-        seed = int(params.values.get("seed", 0))
-        masks = _prepare_masks(blocks, params, sparsify, densities, seed)
-        rescale = _prepare_rescale(blocks, params, sparsify, densities, seed)
+        if sparsify == "magnitude":
+            pruners = _magnitude_masks(blocks, densities)
+        elif sparsify == "random":
+            seed = int(params.values["seed"])
+            pruners = [
+                _RandomMask(density, seed, params.tensor_name, index) if density < 1.0 else None
+                for index, density in enumerate(densities)
+            ]
+        else:
+            pruners = [None] * len(densities)
+        scales = _rescale_factors(blocks, pruners) if params.values.get("rescale") else [1.0] * len(pruners)
         normalize = bool(params.values["normalize"])
         lam = float(params.values["lambda"])
         for row_start, (base, *models) in blocks():
             weighted = []
-            for index, (model, weight) in enumerate(zip(models, weights, strict=True)):
+            for model, weight, pruner, scale in zip(models, weights, pruners, scales, strict=True):
                 delta = model - base
-                if sparsify == "magnitude" and masks[index] is not None:
-                    delta = delta * masks[index](_float_bits(delta.abs()))
-                elif sparsify == "random" and densities[index] < 1.0:
-                    generator = _block_generator(seed, params.tensor_name, index, row_start)
-                    delta = delta * _random_mask(delta, densities[index], generator) * rescale[index]
+                if pruner is not None:
+                    delta = delta * pruner.keep(row_start, delta) * scale
                 weighted.append(delta * weight)
             if consensus:
                 mixed, divisor = _elect_signs(weighted, weights)
@@ -234,13 +264,12 @@ def _elect_signs(weighted: list[torch.Tensor], weights: list[float]) -> tuple[to
     return mixed, divisor
 
 
-def _prepare_masks(
-    blocks: BlockSource, params: TensorParams, sparsify: str | None, densities: list[float], seed: int
-) -> list[_TopKMask | None]:
+def _magnitude_masks(blocks: BlockSource, densities: list[float]) -> list[_TopKMask | None]:
     """TIES: the exact magnitude cut of each delta over the whole tensor, found by streaming."""
     sparse = [index for index, density in enumerate(densities) if density < 1.0]
-    if sparsify != "magnitude" or not sparse:
-        return [None] * len(densities)
+    masks: list[_TopKMask | None] = [None] * len(densities)
+    if not sparse:
+        return masks
 
     def magnitude_bits() -> Iterator[list[torch.Tensor]]:
         for _, (base, *models) in blocks():
@@ -249,40 +278,30 @@ def _prepare_masks(
     def choose_ks(numel: int) -> list[int]:
         return [max(1, int(densities[index] * numel)) for index in sparse]
 
-    masks: list[_TopKMask | None] = [None] * len(densities)
     for index, (threshold, above, k) in zip(sparse, _top_cuts(magnitude_bits, choose_ks), strict=True):
         masks[index] = _TopKMask(threshold, k - above)
     return masks
 
 
-def _prepare_rescale(
-    blocks: BlockSource,
-    params: TensorParams,
-    sparsify: str | None,
-    densities: list[float],
-    seed: int,
-) -> list[float]:
-    """DARE: the factor that gives each pruned delta back its L1 norm (1 when rescale is off or the norm is ~0)."""
-    factors = [1.0] * len(densities)
-    if sparsify != "random" or not params.values.get("rescale", False):
-        return factors
-    sparse = [index for index, density in enumerate(densities) if density < 1.0]
+def _rescale_factors(blocks: BlockSource, pruners: list) -> list[float]:
+    """The factor that gives each pruned delta back its L1 norm (1 where the norm is ~0)."""
+    factors = [1.0] * len(pruners)
+    sparse = {index: pruner.fresh() for index, pruner in enumerate(pruners) if pruner is not None}
     before = dict.fromkeys(sparse, 0.0)
     after = dict.fromkeys(sparse, 0.0)
     for row_start, (base, *models) in blocks():
-        for index in sparse:
+        for index, pruner in sparse.items():
             delta = models[index] - base
-            generator = _block_generator(seed, params.tensor_name, index, row_start)
-            kept = delta * _random_mask(delta, densities[index], generator)
             before[index] += float(torch.linalg.vector_norm(delta, 1))
-            after[index] += float(torch.linalg.vector_norm(kept, 1))
+            after[index] += float(torch.linalg.vector_norm(delta * pruner.keep(row_start, delta), 1))
     for index in sparse:
         if before[index] >= RESCALE_EPS and after[index] >= RESCALE_EPS:
             factors[index] = before[index] / after[index]
     return factors
 
 
-_GTA_PARAMETERS = {"normalize": False, "lambda": 1.0}
+_GTA_PARAMETERS = {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False}
+"""int8_mask is accepted for mergekit configs; it only picks mergekit's mask dtype and changes no number here."""
 _GTA_MODEL_PARAMETERS = {"weight": None, "density": 1.0}
 
 BUILTIN_METHODS: dict[str, MergeMethod] = {

@@ -264,11 +264,22 @@ class _Builder:
                     )
                 resolved[name] = value
             per_model.append(resolved)
-        weights = [p["weight"] for p in per_model if "weight" in p]
-        if weights and all(float(w) == 0.0 for w in weights):
+        weights = [float(p["weight"]) for p in per_model if "weight" in p]
+        if weights and all(w == 0.0 for w in weights):
             raise ConfigError(
                 f"{self.config.source}: parameters.weight: every model's weight is zero for tensor {tensor_name}"
             )
+        if weights and self.method.name == "linear" and values.get("normalize") and abs(sum(weights)) < 1e-8:
+            raise ConfigError(
+                f"{self.config.source}: parameters.weight: the weights sum to zero for tensor {tensor_name}, "
+                "so normalize cannot divide by them"
+            )
+        for source, resolved in zip(ordered[1:] if self.method.uses_base else ordered, per_model, strict=True):
+            density = resolved.get("density")
+            if density is not None and not 0.0 < float(density) <= 1.0:
+                raise ConfigError(
+                    f"{self.config.source}: {source.model}.parameters.density: {density} is outside (0, 1]"
+                )
         return TensorParams(tensor_name, values, tuple(per_model))
 
 
