@@ -478,7 +478,12 @@ def test_dare(method, rescale, normalize, rows):
 
 @pytest.mark.parametrize(
     ("method", "normalize", "rescale"),
-    [("task_arithmetic", False, False), ("ties", True, False), ("dare_ties", False, True), ("dare_linear", False, True)],
+    [
+        ("task_arithmetic", False, False),
+        ("ties", True, False),
+        ("dare_ties", False, True),
+        ("dare_linear", False, True),
+    ],
 )
 def test_defaults_match_mergekit(method, normalize, rescale):
     """normalize: true for ties only; rescale: true for dare_*; lambda 1; density 1 unless given."""
