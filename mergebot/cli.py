@@ -1,6 +1,7 @@
 """The `mergebot` command. Errors are caught here, reported once as one line, and become the exit code."""
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -8,7 +9,7 @@ from typing import Any
 import yaml
 
 from mergebot import log
-from mergebot.config import Located, MergeConfig, load_merge_config, parse_merge
+from mergebot.config import DEFAULT_EVAL_TEXT, Located, MergeConfig, load_merge_config, parse_merge
 from mergebot.errors import ConfigError, MergebotError
 
 
@@ -63,6 +64,127 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_parents(out_dir: Path):
+    """The merge config an output was made from (mergebot_config.yml) and its input models, as parents."""
+    from mergebot.config import read_document
+    from mergebot.inputs import resolve_inputs
+    from mergebot.merge.engine import MERGE_CONFIG_FILE
+
+    path = out_dir / MERGE_CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(f"{out_dir}: no {MERGE_CONFIG_FILE}; was it made by `mergebot merge`?")
+    document, located = read_document(path)
+    config = parse_merge(document, located)
+    return config, resolve_inputs(config)
+
+
+def _gate(args: argparse.Namespace):
+    from mergebot.merge.checkpoint import default_cache_dir
+    from mergebot.pipeline import check_merge
+
+    out_dir = Path(args.out_dir)
+    config, models = _merge_parents(out_dir)
+    return check_merge(
+        out_dir, config, models, Path(args.eval_text), args.max_ppl_ratio, default_cache_dir() / "perplexity"
+    )
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from mergebot.validate import format_report
+
+    report = _gate(args)
+    print(format_report(report))
+    return 0 if report.passed else 1
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from mergebot.hub.client import HubClient
+    from mergebot.publish import publish
+    from mergebot.validate import format_report
+
+    report = _gate(args)
+    print(format_report(report))
+    result = publish(Path(args.out_dir), args.repo, HubClient(), report, private=args.private, force=args.force)
+    log.get("publish").info(
+        "published", repo=result.repo, sha=result.commit, uploaded=result.uploaded, unchanged=len(result.unchanged)
+    )
+    return 0
+
+
+def _run_target(args: argparse.Namespace) -> int:
+    """The daemon's child: one target's pipeline; the outcome goes to --result as JSON."""
+    from mergebot.config import load_daemon_config
+    from mergebot.merge.io import write_json_atomic
+    from mergebot.pipeline import TargetRun, run_target
+
+    config = load_daemon_config(Path(args.config))
+    if args.target not in config.targets:
+        raise ConfigError(f"{args.config}: no target named {args.target!r}")
+    try:
+        run = run_target(config, config.targets[args.target])
+    except MergebotError as error:
+        write_json_atomic(args.result, TargetRun(args.target, reason=str(error)).as_dict())
+        raise
+    write_json_atomic(args.result, run.as_dict())
+    return 0
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from mergebot.daemon import Daemon
+
+    daemon = Daemon(Path(args.config))
+    return daemon.run_once() if args.command == "once" else daemon.run()
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from mergebot.config import check_daemon_config
+
+    config, problems = check_daemon_config(Path(args.config))
+    for problem in problems:
+        print(f"mergebot: error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    assert config is not None
+    print(f"{args.config}: ok, {len(config.targets)} target(s): {', '.join(sorted(config.targets)) or 'none'}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from mergebot.config import load_daemon_config
+    from mergebot.status import collect_status, daemon_pid, format_status
+
+    config = load_daemon_config(Path(args.config))
+    if args.health:
+        pid = daemon_pid(config.daemon.state_dir)
+        collect_status(config)
+        print(f"healthy: daemon pid {pid}" if pid else "unhealthy: no mergebot daemon holds the state lock")
+        return 0 if pid else 1
+    status = collect_status(config)
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
+    return 0
+
+
+def _cache_clean(args: argparse.Namespace) -> int:
+    from mergebot.config import load_daemon_config
+    from mergebot.hub.client import HubClient, clean_cache
+    from mergebot.state import State
+
+    config = load_daemon_config(Path(args.config))
+    hub = HubClient(endpoint=config.daemon.hub_endpoint)
+    repos = {m.model for t in config.targets.values() for m in t.merge.models if not Path(m.model).is_dir()}
+    keep = {
+        (m.model, hub.resolve(m.model, m.revision))
+        for t in config.targets.values()
+        for m in t.merge.models
+        if m.model in repos
+    }
+    with State.open(config.daemon.state_dir) as state:
+        keep |= state.published_inputs()
+    removed, freed = clean_cache(hub.cache_dir, repos, keep)
+    print(f"removed {removed} cached revision(s), freed {freed / 1e6:.1f} MB")
+    return 0
+
+
 def _devhub(args: argparse.Namespace) -> int:
     from mergebot.hub.devhub import serve
 
@@ -85,6 +207,42 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--tokenizer-source", dest="tokenizer_source")
     merge.add_argument("--out-shard-size", dest="out_shard_size")
     merge.set_defaults(handler=_merge)
+
+    for name, handler, help_text in (
+        ("validate", _validate, "quick load + perplexity gate on a merged directory (exit 0 pass, 1 fail)"),
+        ("publish", _publish, "validate, then upload a merged directory as one commit with a model card"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("out_dir", metavar="OUT_DIR")
+        command.add_argument("--eval-text", default=str(DEFAULT_EVAL_TEXT), help="text for the perplexity check")
+        command.add_argument("--max-ppl-ratio", type=float, default=1.25, help="limit vs the worst parent")
+        command.set_defaults(handler=handler)
+        if name == "publish":
+            command.add_argument("--repo", required=True, metavar="ORG/NAME")
+            command.add_argument("--private", action="store_true", help="create the repo private if missing")
+            command.add_argument("--force", action="store_true", help="publish even if validation failed")
+
+    for name, handler, help_text in (
+        ("run", _daemon, "run the daemon in the foreground"),
+        ("once", _daemon, "run every due target once and exit (for cron)"),
+        ("check-config", _check_config, "check a config file offline"),
+        ("cache-clean", _cache_clean, "remove cached upstream revisions no target needs"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--config", required=True, metavar="FILE")
+        command.set_defaults(handler=handler)
+
+    status = commands.add_parser("status", help="each target's inputs, last run and why it waits")
+    status.add_argument("--config", required=True, metavar="FILE")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--health", action="store_true", help="exit 0 when a daemon runs on this state")
+    status.set_defaults(handler=_status)
+
+    run_target = commands.add_parser("run-target", help=argparse.SUPPRESS)
+    run_target.add_argument("--config", required=True)
+    run_target.add_argument("--target", required=True)
+    run_target.add_argument("--result", required=True, type=Path)
+    run_target.set_defaults(handler=_run_target)
 
     devhub = commands.add_parser("devhub", help="run the local Hub server in the foreground")
     devhub.add_argument("--root", required=True, help="directory that holds the repos")

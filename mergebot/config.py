@@ -4,6 +4,9 @@ A merge is written with the field names users know from mergekit YAML (`merge_me
 `parameters`, `slices`, `dtype`, `tokenizer_source`, `out_shard_size`), either in TOML or in a mergekit YAML file.
 """
 
+import hashlib
+import json
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from apscheduler.triggers.cron import CronTrigger
 
 from mergebot.errors import ConfigError
 
@@ -136,9 +140,19 @@ class Located:
     def error(self, key_path: str, message: str) -> ConfigError:
         leaf = re.split(r"[.\[\]]", key_path.rstrip("]"))[-1] or key_path
         pattern = re.compile(rf"(^|[\s{{,\-])\"?{re.escape(leaf)}\"?\s*[=:]")
-        line = next((number for number, text in enumerate(self.lines, 1) if pattern.search(text)), None)
+        start = self._table_start(key_path)
+        line = next((n for n, text in enumerate(self.lines[start:], start + 1) if pattern.search(text)), None)
         where = f"{self.path}:{line}" if line else str(self.path)
         return ConfigError(f"{where}: {key_path}: {message}")
+
+    def _table_start(self, key_path: str) -> int:
+        """Index of the line where the N-th [[targets]] table starts, for keys under targets[N]."""
+        match = re.match(r"targets\[(\d+)\]", key_path)
+        if not match:
+            return 0
+        headers = [n for n, text in enumerate(self.lines) if re.match(r"\s*\[\[\s*targets\s*\]\]", text)]
+        index = int(match.group(1))
+        return headers[index] if index < len(headers) else 0
 
 
 def read_document(path: Path) -> tuple[dict[str, Any], Located]:
@@ -347,3 +361,198 @@ def target_merge(raw: Mapping[str, Any], located: Located, prefix: str) -> Merge
         document, yaml_located = read_document(yaml_path)
         return parse_merge(document, yaml_located)
     return parse_merge(merge_fields, located, prefix)
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DAEMON_KEYS = {
+    "state_dir",
+    "poll_interval",
+    "schedule",
+    "hub_endpoint",
+    "max_concurrent_merges",
+    "merge_timeout",
+    "stop_grace",
+    "debounce",
+    "retry_delay",
+    "max_retries",
+    "webhook",
+    "metrics_listen",
+}
+TARGET_KEYS = {"name", "repo", "when", "private", "validate", "mergekit_config"} | MERGE_KEYS
+DEFAULT_EVAL_TEXT = Path(__file__).parent / "data" / "eval.txt"
+
+
+@dataclass(frozen=True)
+class ValidateSettings:
+    eval_text: Path = DEFAULT_EVAL_TEXT
+    max_ppl_ratio: float = 1.25
+
+
+@dataclass(frozen=True)
+class Target:
+    """One merged model the daemon keeps up to date: where it is published, when it runs, how it is checked."""
+
+    name: str
+    repo: str
+    merge: MergeConfig
+    when: str = "on_change"
+    private: bool = False
+    validate: ValidateSettings = field(default_factory=ValidateSettings)
+    config_hash: str = ""
+    """Changes whenever anything that shapes the published result changes."""
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    state_dir: Path
+    poll_interval: float = 900.0
+    schedule: str = "0 3 * * *"
+    hub_endpoint: str | None = None
+    max_concurrent_merges: int = 1
+    merge_timeout: float = 6 * 3600.0
+    stop_grace: float = 30.0
+    debounce: float = 60.0
+    retry_delay: float = 300.0
+    max_retries: int = 5
+    webhook_listen: tuple[str, int] | None = None
+    webhook_secret_env: str = "MERGEBOT_WEBHOOK_SECRET"
+    metrics_listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    path: Path
+    daemon: DaemonSettings
+    targets: dict[str, Target]
+
+
+def parse_duration(value: Any, where: str, located: Located) -> float:
+    """'15m', '30s', '6h', '1d' or a number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", str(value))
+    if not match:
+        raise located.error(where, f"{value!r} is not a duration like '30s', '15m', '6h' or '1d'")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def _listen(value: Any, where: str, located: Located) -> tuple[str, int]:
+    host, _, port = str(value).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise located.error(where, f"{value!r} is not host:port")
+    return host, int(port)
+
+
+def load_daemon_config(path: Path) -> DaemonConfig:
+    """The whole daemon config; the first problem found is raised with its key and line."""
+    config, problems = check_daemon_config(path)
+    if problems:
+        raise problems[0]
+    assert config is not None
+    return config
+
+
+def check_daemon_config(path: Path) -> tuple[DaemonConfig | None, list[ConfigError]]:
+    """Everything that can be checked offline; every target is checked, so all problems are reported at once."""
+    try:
+        document, located = read_document(path)
+        daemon = _daemon_settings(document.get("daemon", {}), located)
+    except ConfigError as error:
+        return None, [error]
+    problems: list[ConfigError] = []
+    unknown = sorted(set(document) - {"daemon", "targets"})
+    problems += [located.error(key, "unknown top-level key (known: daemon, targets)") for key in unknown]
+    raw_targets = document.get("targets", [])
+    if not isinstance(raw_targets, list):
+        return None, [*problems, located.error("targets", "must be a list of [[targets]] tables")]
+    targets: dict[str, Target] = {}
+    for index, raw in enumerate(raw_targets):
+        try:
+            target = _target(raw, located, f"targets[{index}].")
+            if target.name in targets:
+                raise located.error(f"targets[{index}].name", f"{target.name!r} is used by two targets")
+            targets[target.name] = target
+        except ConfigError as error:
+            problems.append(error)
+    return DaemonConfig(path, daemon, targets), problems
+
+
+def _daemon_settings(raw: Any, located: Located) -> DaemonSettings:
+    if not isinstance(raw, dict):
+        raise located.error("daemon", "must be a table")
+    unknown = sorted(set(raw) - DAEMON_KEYS)
+    if unknown:
+        raise located.error(f"daemon.{unknown[0]}", f"unknown key (known: {', '.join(sorted(DAEMON_KEYS))})")
+    state_dir = os.environ.get("MERGEBOT_STATE_DIR") or raw.get("state_dir")
+    if not state_dir:
+        raise located.error("daemon.state_dir", "required (or set MERGEBOT_STATE_DIR)")
+    schedule = str(raw.get("schedule", "0 3 * * *"))
+    try:
+        CronTrigger.from_crontab(schedule)
+    except ValueError as error:
+        raise located.error("daemon.schedule", f"{schedule!r} is not a cron expression ({error})") from error
+    durations = {
+        key: parse_duration(raw[key], f"daemon.{key}", located)
+        for key in ("poll_interval", "merge_timeout", "stop_grace", "debounce", "retry_delay")
+        if key in raw
+    }
+    for key in ("max_concurrent_merges", "max_retries"):
+        if key in raw and not (isinstance(raw[key], int) and raw[key] >= 1):
+            raise located.error(f"daemon.{key}", "must be a whole number >= 1")
+    webhook = raw.get("webhook")
+    if webhook is not None and not isinstance(webhook, dict):
+        raise located.error("daemon.webhook", "must be a table with listen and secret_env")
+    return DaemonSettings(
+        state_dir=(located.path.parent / Path(state_dir).expanduser()).resolve(),
+        schedule=schedule,
+        hub_endpoint=raw.get("hub_endpoint"),
+        max_concurrent_merges=raw.get("max_concurrent_merges", 1),
+        max_retries=raw.get("max_retries", 5),
+        webhook_listen=_listen(webhook["listen"], "daemon.webhook.listen", located) if webhook else None,
+        webhook_secret_env=str((webhook or {}).get("secret_env", "MERGEBOT_WEBHOOK_SECRET")),
+        metrics_listen=_listen(raw["metrics_listen"], "daemon.metrics_listen", located)
+        if "metrics_listen" in raw
+        else None,
+        **durations,
+    )
+
+
+def _target(raw: Any, located: Located, prefix: str) -> Target:
+    if not isinstance(raw, dict):
+        raise located.error(prefix.rstrip("."), "must be a [[targets]] table")
+    unknown = sorted(set(raw) - TARGET_KEYS)
+    if unknown:
+        raise located.error(f"{prefix}{unknown[0]}", f"unknown key (known: {', '.join(sorted(TARGET_KEYS))})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise located.error(f"{prefix}name", "required: letters, digits, '.', '_' or '-'")
+    repo = raw.get("repo")
+    if not isinstance(repo, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo):
+        raise located.error(f"{prefix}repo", "required: the Hub repo to publish to, as org/name")
+    when = raw.get("when", "on_change")
+    if when not in ("on_change", "nightly"):
+        raise located.error(f"{prefix}when", f"{when!r} is not 'on_change' or 'nightly'")
+    validate_raw = raw.get("validate", {})
+    if not isinstance(validate_raw, dict) or set(validate_raw) - {"eval_text", "max_ppl_ratio"}:
+        raise located.error(f"{prefix}validate", "a table with eval_text and max_ppl_ratio")
+    eval_text = DEFAULT_EVAL_TEXT
+    if "eval_text" in validate_raw:
+        eval_text = (located.path.parent / str(validate_raw["eval_text"])).resolve()
+        if not eval_text.is_file():
+            raise located.error(f"{prefix}validate.eval_text", f"{eval_text} does not exist")
+    ratio = validate_raw.get("max_ppl_ratio", 1.25)
+    if not isinstance(ratio, int | float) or isinstance(ratio, bool) or ratio <= 1.0:
+        raise located.error(f"{prefix}validate.max_ppl_ratio", "must be a number above 1")
+    merge = target_merge(raw, located, prefix)
+    digest = hashlib.sha256(
+        json.dumps([merge.as_dict(), repo, bool(raw.get("private", False)), str(eval_text), ratio]).encode()
+    ).hexdigest()
+    return Target(
+        name=name,
+        repo=repo,
+        merge=merge,
+        when=when,
+        private=bool(raw.get("private", False)),
+        validate=ValidateSettings(eval_text, float(ratio)),
+        config_hash=digest,
+    )

@@ -23,15 +23,21 @@ class UnsafePathError(ModelError):
 
 
 class HubError(MergebotError):
-    """A Hub call that failed for good (after retries, or not retryable)."""
+    """A Hub call that still failed after its retries; worth trying again later (exit code 3)."""
+
+    exit_code = 3
 
 
 class HubNotFoundError(HubError):
     """Repo, revision or file does not exist (or is not visible with this token)."""
 
+    exit_code = 2
+
 
 class HubAuthError(HubError):
     """401/403: the token is missing, revoked or lacks access."""
+
+    exit_code = 2
 
 
 class ValidationFailed(MergebotError):

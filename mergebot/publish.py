@@ -5,6 +5,7 @@ has are deleted in the same commit. The commit names its parent commit, so a con
 than being overwritten, and a failed or killed upload leaves the previous revision as it was.
 """
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +13,10 @@ import yaml
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, ModelCard, ModelCardData
 
 from mergebot.errors import HubNotFoundError, PublishError
+from mergebot.files import INDEX_FILE, METADATA_FILES
 from mergebot.hub.client import HubClient
 from mergebot.merge.checkpoint import FileHashes, default_cache_dir
 from mergebot.merge.engine import MERGE_CONFIG_FILE
-from mergebot.merge.source import INDEX_FILE, METADATA_FILES
 from mergebot.validate import ValidationReport
 
 
@@ -23,6 +24,7 @@ from mergebot.validate import ValidationReport
 class PublishResult:
     repo: str
     commit: str
+    """The repo's head after publishing (unchanged when nothing differed)."""
     uploaded: list[str]
     unchanged: list[str]
     deleted: list[str]
@@ -83,6 +85,11 @@ def _parents(merge: dict) -> list[tuple[str, str | None]]:
     return list(seen.items())
 
 
+def _git_blob_id(content: Path | bytes) -> str:
+    data = content.read_bytes() if isinstance(content, Path) else content
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 def _number(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "n/a"
 
@@ -109,20 +116,26 @@ def publish(
     except HubNotFoundError:
         head, remote = None, {}
     hashes = FileHashes(default_cache_dir())
+    card = str(model_card(out_dir, report)).encode()
     shards = sorted(p.name for p in out_dir.glob("*.safetensors"))
+    small = [name for name in (*METADATA_FILES, MERGE_CONFIG_FILE) if (out_dir / name).exists()]
+    contents: dict[str, Path | bytes] = {name: out_dir / name for name in (*shards, *small)} | {"README.md": card}
     uploaded, unchanged, operations = [], [], []
-    for name in shards:
-        if remote.get(name) and remote[name].sha256 == hashes.sha256(out_dir / name):
+    for name, content in contents.items():
+        known = remote.get(name)
+        if known and (
+            known.sha256 == hashes.sha256(content)
+            if isinstance(content, Path) and known.sha256
+            else known.oid == _git_blob_id(content)
+        ):
             unchanged.append(name)
             continue
         uploaded.append(name)
-        operations.append(CommitOperationAdd(name, out_dir / name))
-    extras = [name for name in (*METADATA_FILES, MERGE_CONFIG_FILE) if (out_dir / name).exists()]
-    operations += [CommitOperationAdd(name, out_dir / name) for name in extras]
-    card = str(model_card(out_dir, report)).encode()
-    operations.append(CommitOperationAdd("README.md", card))
+        operations.append(CommitOperationAdd(name, content))
     deleted = sorted(name for name in remote if name.endswith(".safetensors") and name not in shards)
     operations += [CommitOperationDelete(name) for name in deleted]
+    if not uploaded and not deleted:
+        return PublishResult(repo, head or "", uploaded, unchanged, deleted)
     info = client.call(
         repo,
         "main",

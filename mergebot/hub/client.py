@@ -25,7 +25,7 @@ from huggingface_hub.errors import (
 
 from mergebot import log
 from mergebot.errors import HubAuthError, HubError, HubNotFoundError, ModelError, UnsafePathError
-from mergebot.merge.source import INDEX_FILE, METADATA_FILES, PICKLE_SUFFIXES, SINGLE_FILE, read_json
+from mergebot.files import INDEX_FILE, METADATA_FILES, PICKLE_SUFFIXES, SINGLE_FILE, read_json
 
 T = TypeVar("T")
 SAFE_PATH = re.compile(r"[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*")
@@ -53,6 +53,8 @@ class RemoteFile:
     size: int
     sha256: str | None
     """The LFS sha256 (None for a small regular file)."""
+    oid: str | None = None
+    """The git blob id."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ class HubClient:
         for sibling in info.siblings or []:
             check_repo_path(repo, sibling.rfilename)
             lfs = sibling.lfs
-            files[sibling.rfilename] = RemoteFile(sibling.rfilename, sibling.size or 0, lfs.sha256 if lfs else None)
+            sha256 = lfs.sha256 if lfs else None
+            files[sibling.rfilename] = RemoteFile(sibling.rfilename, sibling.size or 0, sha256, sibling.blob_id)
         return RemoteRevision(repo, info.sha or sha, files)
 
     def fetch(self, remote: RemoteRevision) -> Path:

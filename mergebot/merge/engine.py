@@ -15,11 +15,12 @@ import yaml
 
 from mergebot.config import MergeConfig
 from mergebot.errors import ConfigError
+from mergebot.files import INDEX_FILE, TOKENIZER_FILES
 from mergebot.merge.checkpoint import FINGERPRINT_KEY, finished_with, shard_fingerprint
 from mergebot.merge.io import ShardWriter, TensorInfo, TensorReader, fsync_dir, write_atomic, write_json_atomic
 from mergebot.merge.methods import MergeMethod, available_methods
 from mergebot.merge.plan import Plan, ShardPlan, TensorPlan, build_plan
-from mergebot.merge.source import INDEX_FILE, TOKENIZER_FILES, InputModel
+from mergebot.merge.source import InputModel
 from mergebot.progress import ShardProgress
 
 MERGE_CONFIG_FILE = "mergebot_config.yml"

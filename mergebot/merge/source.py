@@ -1,26 +1,11 @@
 """An input model on disk: its safetensors tensors, config and tokenizer files, and each file's sha256."""
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergebot.errors import ModelError
+from mergebot.files import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, read_json
 from mergebot.merge.io import TensorInfo, read_header
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
-METADATA_FILES = ("config.json", "generation_config.json", INDEX_FILE, *TOKENIZER_FILES)
 
 
 @dataclass
@@ -88,17 +73,3 @@ def _files_from_index(label: str, index_path: Path) -> dict[Path, set[str]]:
             raise ModelError(f"model {label}: {index_path} maps {name} to {file_name}, not a safetensors file")
         files.setdefault(index_path.parent / file_name, set()).add(name)
     return files
-
-
-def read_json(path: Path, label: str, *, required: bool) -> dict:
-    if not path.exists():
-        if required:
-            raise ModelError(f"model {label}: {path.name} is missing")
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelError(f"model {label}: {path} is not valid JSON ({error})") from error
-    if not isinstance(value, dict):
-        raise ModelError(f"model {label}: {path} is not a JSON object")
-    return value

@@ -1,0 +1,103 @@
+"""One target, once: fetch → merge → validate → publish. The daemon runs this in a child process.
+
+The merged directory lives in the state dir and is kept between runs, so the next run reuses every shard whose
+inputs did not change and resumes after a crash.
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mergebot import log
+from mergebot.config import DaemonConfig, MergeConfig, Target
+from mergebot.errors import ValidationFailed
+from mergebot.hub.client import HubClient
+from mergebot.inputs import resolve_inputs
+from mergebot.merge.engine import run_merge
+from mergebot.merge.source import InputModel
+from mergebot.progress import ShardProgress
+from mergebot.publish import publish
+from mergebot.validate import ValidationReport, format_report, validate
+
+
+@dataclass
+class TargetRun:
+    """What a run did, written as JSON for the daemon to record."""
+
+    target: str
+    inputs: dict[str, str] = field(default_factory=dict)
+    outcome: str = "failed"
+    reason: str | None = None
+    published_sha: str | None = None
+    computed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    uploaded: list[str] = field(default_factory=list)
+    merge_ppl: float | None = None
+    parent_ppl: dict[str, float | None] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def merged_dir(config: DaemonConfig, target: Target) -> Path:
+    return config.daemon.state_dir / "targets" / target.name / "merged"
+
+
+def input_revisions(models: dict[str, InputModel]) -> dict[str, str]:
+    """model → the commit sha merged (Hub), or a digest of the weight files (local directory)."""
+    return {name: model.revision or ":".join(sorted(model.file_sha256.values()))[:64] for name, model in models.items()}
+
+
+def check_merge(
+    out_dir: Path, merge: MergeConfig, models: dict[str, InputModel], eval_text: Path, max_ppl_ratio: float, cache: Path
+) -> ValidationReport:
+    """The gate, with every input model as a parent to compare against."""
+    return validate(
+        out_dir,
+        eval_text_path=eval_text,
+        parents={name: model.path for name, model in models.items()},
+        parent_revisions={name: model.revision for name, model in models.items() if model.revision},
+        max_ppl_ratio=max_ppl_ratio,
+        cache_dir=cache,
+    )
+
+
+def run_target(config: DaemonConfig, target: Target) -> TargetRun:
+    """Run the whole pipeline for one target; a validation failure raises ValidationFailed after recording why."""
+    started = time.monotonic()
+    logger = log.get("pipeline").bind(target=target.name)
+    hub = HubClient(endpoint=config.daemon.hub_endpoint)
+    run = TargetRun(target.name)
+    models = resolve_inputs(target.merge, hub)
+    run.inputs = input_revisions(models)
+    logger.info("inputs resolved", inputs=run.inputs)
+    out_dir = merged_dir(config, target)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    merge = run_merge(target.merge, models, out_dir, ShardProgress())
+    run.computed, run.reused, run.fingerprints = merge.computed, merge.reused, merge.fingerprints
+    logger.info("merged", computed=len(merge.computed), reused=len(merge.reused))
+    report = check_merge(
+        out_dir,
+        target.merge,
+        models,
+        target.validate.eval_text,
+        target.validate.max_ppl_ratio,
+        config.daemon.state_dir / "cache",
+    )
+    run.merge_ppl = report.merge_ppl
+    run.parent_ppl = {parent.name: parent.ppl for parent in report.parents}
+    if not report.passed:
+        logger.warning("validation failed", report=format_report(report))
+        raise ValidationFailed(
+            f"target {target.name}: validation failed: "
+            + "; ".join(f"{check.name}: {check.detail}" for check in report.failed_checks)
+        )
+    result = publish(out_dir, target.repo, hub, report, private=target.private)
+    run.published_sha = result.commit
+    run.uploaded = result.uploaded
+    run.outcome = "published" if result.uploaded or result.deleted else "unchanged"
+    run.seconds = round(time.monotonic() - started, 3)
+    logger.info("published", repo=target.repo, sha=result.commit, uploaded=len(result.uploaded))
+    return run

@@ -1,0 +1,536 @@
+"""The daemon's memory: upstream revisions seen, runs, per-shard fingerprints, parent perplexities, target status.
+
+One SQLite file under `state_dir`, in WAL mode so `mergebot status` can read while the daemon writes. Every write
+runs in one `BEGIN IMMEDIATE` transaction, so a crash or exception leaves either all of it or none of it. The schema
+is versioned with `PRAGMA user_version` and the ordered `MIGRATIONS`; opening an older file upgrades it in a single
+transaction, and a file from a newer mergebot is refused rather than guessed at.
+
+Timestamps are unix seconds (float) everywhere: UTC by definition, cheap to compare with `time.time()`, and the
+same type apscheduler and `next_check` arithmetic use.
+
+Thread safety: one connection per `State`, shared by all threads and serialised by a re-entrant lock. The daemon's
+writes are few and small and SQLite admits one writer at a time anyway, so per-thread connections would add
+connections to close and nothing in throughput. Keep `transaction()` blocks short: other threads wait on them.
+
+The single-instance lock (`acquire_lock`) is separate from the database: readers and the daemon's own child
+processes open the database without it; only the daemon holds it.
+"""
+
+import fcntl
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self, get_args
+
+from mergebot.errors import StateError
+
+STATE_FILE = "state.sqlite3"
+LOCK_FILE = "daemon.lock"
+# Long enough to outwait any write the daemon or its child makes (all are small), short enough that a wedged
+# writer surfaces as an error instead of a hang.
+BUSY_TIMEOUT_S = 5.0
+
+Outcome = Literal["published", "failed", "unchanged", "interrupted"]
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
+# What a run is before it finishes; a run still in this state on daemon start-up belongs to a dead process.
+RUNNING = "running"
+
+# Append only: a released step never changes, since files already at that version will not run it again.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: history — revisions seen, runs and their inputs, per-shard fingerprints.
+    (
+        """CREATE TABLE revisions (
+            repo TEXT NOT NULL, ref TEXT NOT NULL, sha TEXT NOT NULL, first_seen REAL NOT NULL,
+            PRIMARY KEY (repo, ref, sha)
+        ) WITHOUT ROWID""",
+        # Where each ref points now: a ref may move back to a sha seen before, so `revisions` alone can't say.
+        """CREATE TABLE refs (
+            repo TEXT NOT NULL, ref TEXT NOT NULL, sha TEXT NOT NULL, seen REAL NOT NULL,
+            PRIMARY KEY (repo, ref)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            target TEXT NOT NULL,
+            config_hash TEXT NOT NULL,
+            started REAL NOT NULL,
+            finished REAL,
+            outcome TEXT NOT NULL DEFAULT 'running'
+                CHECK (outcome IN ('running', 'published', 'failed', 'unchanged', 'interrupted')),
+            reason TEXT,
+            transient INTEGER NOT NULL DEFAULT 0,
+            published_sha TEXT,
+            details TEXT
+        )""",
+        "CREATE INDEX runs_by_target ON runs (target, outcome, id)",
+        """CREATE TABLE run_inputs (
+            run_id INTEGER NOT NULL REFERENCES runs (id), source TEXT NOT NULL, sha TEXT NOT NULL,
+            PRIMARY KEY (run_id, source)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE shards (
+            target TEXT NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL, recorded REAL NOT NULL,
+            PRIMARY KEY (target, name)
+        ) WITHOUT ROWID""",
+    ),
+    # 2: caches and status — parent perplexities, why each target waits and when it is next checked.
+    (
+        # ppl NULL means NaN: SQLite stores a NaN as NULL, and a parent that scores NaN is a cacheable result too.
+        """CREATE TABLE parent_perplexity (
+            repo TEXT NOT NULL, sha TEXT NOT NULL, eval_hash TEXT NOT NULL, ppl REAL, recorded REAL NOT NULL,
+            PRIMARY KEY (repo, sha, eval_hash)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE target_status (
+            target TEXT PRIMARY KEY, waiting_reason TEXT, next_check REAL, updated REAL NOT NULL
+        ) WITHOUT ROWID""",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_RUN_COLUMNS = "id, target, config_hash, started, finished, outcome, reason, transient, published_sha, details"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One pipeline run of a target. `outcome` is "running" until `finish_run` (or `mark_interrupted_runs`)."""
+
+    id: int
+    target: str
+    config_hash: str
+    inputs: dict[str, str]  # repo id or local path -> sha
+    started: float
+    finished: float | None
+    outcome: Outcome | Literal["running"]
+    reason: str | None
+    transient: bool
+    published_sha: str | None
+    details: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class TargetStatus:
+    """What `mergebot status` shows for a target besides its runs: why it waits and when it is next looked at."""
+
+    target: str
+    waiting_reason: str | None
+    next_check: float | None
+    updated: float
+
+
+class State:
+    """The state database. Open with `State.open(state_dir)`; use as a context manager or call `close()`."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        """Open (and, unless `readonly`, create, switch to WAL and migrate) the database file at `path`.
+
+        Read-only opens take no write lock of any kind, so they never hold up the daemon; they require a file
+        already at this mergebot's schema version, since they cannot migrate it.
+        """
+        self.path = Path(path)
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        if readonly and not self.path.is_file():
+            raise StateError(f"no mergebot state at {self.path}: no daemon has run with this state_dir yet")
+        if not readonly:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        target = self.path.resolve().as_uri() + "?mode=ro" if readonly else str(self.path)
+        try:
+            self._db = sqlite3.connect(
+                target, uri=readonly, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as e:
+            raise StateError(f"cannot open state database {self.path}: {e}") from e
+        try:
+            with self._errors():
+                self._db.execute("PRAGMA foreign_keys = ON")
+                self._check_version()  # before WAL or migrations touch a file this mergebot must not change
+                if not readonly:
+                    self._enable_wal()
+                    self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    @classmethod
+    def open(cls, state_dir: str | Path, readonly: bool = False) -> Self:
+        """The state database of `state_dir` (`state_dir/state.sqlite3`)."""
+        return cls(Path(state_dir) / STATE_FILE, readonly=readonly)
+
+    def close(self) -> None:
+        """Close the connection; an unfinished transaction is rolled back. Safe to call twice."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- transactions -------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All API writes inside land together or not at all (e.g. finishing a run and updating the status).
+
+        A nested block is a savepoint: if it raises, only its own writes are undone.
+        """
+        with self._write():
+            yield
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction, or a savepoint inside the enclosing one. `BEGIN IMMEDIATE` takes the write lock up
+        front, so a transaction never fails half-way on a lock upgrade."""
+        with self._lock, self._errors():
+            if self.readonly:
+                raise StateError(f"state database {self.path} is open read-only")
+            outer = not self._db.in_transaction
+            self._db.execute("BEGIN IMMEDIATE" if outer else "SAVEPOINT nested")
+            try:
+                yield self._db
+            except BaseException:
+                # An I/O or disk-full error may already have rolled the whole transaction back.
+                if self._db.in_transaction:
+                    if outer:
+                        self._db.execute("ROLLBACK")
+                    else:
+                        self._db.execute("ROLLBACK TO nested")
+                        self._db.execute("RELEASE nested")
+                raise
+            try:
+                self._db.execute("COMMIT" if outer else "RELEASE nested")
+            except BaseException:
+                if outer and self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._errors():
+            yield self._db
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """sqlite3 errors become StateError naming the file: callers handle one exception type per subsystem."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise StateError(f"state database {self.path}: {e}") from e
+
+    # --- schema -------------------------------------------------------------------------------------------------
+
+    def _check_version(self) -> int:
+        """The file's schema version, after refusing a file that is not ours or that this mergebot cannot use."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise StateError(f"{self.path} is a SQLite database but not a mergebot state database")
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"state database {self.path} has schema version {version}, newer than this mergebot supports "
+                f"({SCHEMA_VERSION}); upgrade mergebot or use another state_dir"
+            )
+        if self.readonly and version < SCHEMA_VERSION:
+            raise StateError(
+                f"state database {self.path} has schema version {version}, older than this mergebot's "
+                f"({SCHEMA_VERSION}); start the daemon once to migrate it"
+            )
+        return version
+
+    def _enable_wal(self) -> None:
+        mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StateError(
+                f"state database {self.path}: cannot switch to WAL mode (got {mode!r}); "
+                "put state_dir on a local filesystem"
+            )
+        # Writes are rare and small, so pay for a full fsync per commit: a power cut must not lose a recorded shard.
+        self._db.execute("PRAGMA synchronous = FULL")
+
+    def _migrate(self) -> None:
+        """Bring the file to SCHEMA_VERSION in one transaction; a concurrent opener waits and then finds it done."""
+        with self._write() as db:
+            version = self._check_version()  # again: another process may have migrated it since
+            for steps in MIGRATIONS[version:]:
+                for sql in steps:
+                    db.execute(sql)
+            if version != SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # --- upstream revisions -------------------------------------------------------------------------------------
+
+    def record_revision(self, repo: str, ref: str, sha: str) -> bool:
+        """Note that `ref` of `repo` points at `sha` now. True the first time this (repo, ref, sha) is seen."""
+        now = time.time()
+        with self._write() as db:
+            new = (
+                db.execute(
+                    "INSERT OR IGNORE INTO revisions (repo, ref, sha, first_seen) VALUES (?, ?, ?, ?)",
+                    (repo, ref, sha, now),
+                ).rowcount
+                == 1
+            )
+            db.execute(
+                "INSERT INTO refs (repo, ref, sha, seen) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (repo, ref) DO UPDATE SET sha = excluded.sha, seen = excluded.seen",
+                (repo, ref, sha, now),
+            )
+        return new
+
+    def latest_revision(self, repo: str, ref: str) -> str | None:
+        """The sha `ref` of `repo` pointed at when last checked, or None if never checked."""
+        with self._reading() as db:
+            row = db.execute("SELECT sha FROM refs WHERE repo = ? AND ref = ?", (repo, ref)).fetchone()
+        return row[0] if row else None
+
+    # --- runs ---------------------------------------------------------------------------------------------------
+
+    def start_run(self, target: str, config_hash: str, inputs: Mapping[str, str]) -> int:
+        """Record a run as started with the input shas it merges (repo id or local path -> sha); returns its id."""
+        with self._write() as db:
+            run_id = db.execute(
+                "INSERT INTO runs (target, config_hash, started) VALUES (?, ?, ?)", (target, config_hash, time.time())
+            ).lastrowid
+            db.executemany(
+                "INSERT INTO run_inputs (run_id, source, sha) VALUES (?, ?, ?)",
+                [(run_id, source, sha) for source, sha in inputs.items()],
+            )
+        assert run_id is not None  # an INSERT always sets it
+        return run_id
+
+    def finish_run(
+        self,
+        run_id: int,
+        outcome: Outcome,
+        reason: str | None = None,
+        *,
+        transient: bool = False,
+        published_sha: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record how a run ended. `transient` failures are retried with backoff; others wait for a change.
+
+        `details` is stored as JSON (shards computed/reused, bytes downloaded, perplexities, seconds).
+        """
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
+        if outcome == "published" and not published_sha:
+            raise ValueError("a published run needs the published sha")
+        details_json = None if details is None else json.dumps(details, sort_keys=True)
+        with self._write() as db:
+            row = db.execute("SELECT outcome FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise StateError(f"no run {run_id} in {self.path}")
+            if row[0] != RUNNING:
+                raise StateError(f"run {run_id} already finished as {row[0]!r}")
+            db.execute(
+                "UPDATE runs SET finished = ?, outcome = ?, reason = ?, transient = ?, published_sha = ?, details = ? "
+                "WHERE id = ?",
+                (
+                    time.time(),
+                    outcome,
+                    reason,
+                    transient,
+                    published_sha,
+                    details_json,
+                    run_id,
+                ),
+            )
+
+    def mark_interrupted_runs(self, reason: str = "the daemon stopped before the run finished") -> list[Run]:
+        """Mark every run still "running" as interrupted (transient, so it is retried) and return them.
+
+        Call it on daemon start-up while holding the daemon lock: then no live process can own such a run.
+        """
+        with self._write() as db:
+            ids = [row[0] for row in db.execute("SELECT id FROM runs WHERE outcome = ?", (RUNNING,))]
+            if not ids:
+                return []
+            db.execute(
+                "UPDATE runs SET finished = ?, outcome = 'interrupted', reason = ?, transient = 1 WHERE outcome = ?",
+                (time.time(), reason, RUNNING),
+            )
+            return self._select_runs(f"id IN ({', '.join('?' * len(ids))}) ORDER BY id", ids)
+
+    def last_run(self, target: str) -> Run | None:
+        """The target's most recent run, finished or not."""
+        runs = self.runs(target, limit=1)
+        return runs[0] if runs else None
+
+    def last_successful_run(self, target: str) -> Run | None:
+        """The most recent run that published or found nothing to publish: the baseline for "is the target due?"."""
+        runs = self._select_runs(
+            "target = ? AND outcome IN ('published', 'unchanged') ORDER BY id DESC LIMIT 1", (target,)
+        )
+        return runs[0] if runs else None
+
+    def runs(self, target: str, limit: int = 20) -> list[Run]:
+        """The target's runs, newest first."""
+        return self._select_runs("target = ? ORDER BY id DESC LIMIT ?", (target, limit))
+
+    def _select_runs(self, clause: str, params: Sequence[Any]) -> list[Run]:
+        """Runs matching `clause` (a WHERE condition plus ORDER BY/LIMIT), each with its inputs."""
+        with self._reading() as db:
+            rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE {clause}", params).fetchall()
+            inputs: dict[int, dict[str, str]] = {row[0]: {} for row in rows}
+            if rows:
+                marks = ", ".join("?" * len(rows))
+                query = f"SELECT run_id, source, sha FROM run_inputs WHERE run_id IN ({marks}) ORDER BY source"
+                for run_id, source, sha in db.execute(query, list(inputs)):
+                    inputs[run_id][source] = sha
+        return [_run_from_row(row, inputs[row[0]]) for row in rows]
+
+    def published_inputs(self) -> set[tuple[str, str]]:
+        """(repo or path, sha) of every input of each target's last published run: what cache hygiene must keep."""
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT DISTINCT i.source, i.sha FROM run_inputs AS i JOIN "
+                "(SELECT max(id) AS id FROM runs WHERE outcome = 'published' GROUP BY target) AS p ON i.run_id = p.id"
+            ).fetchall()
+        return {(source, sha) for source, sha in rows}
+
+    # --- shard fingerprints -------------------------------------------------------------------------------------
+
+    def record_shard(self, target: str, shard_name: str, fingerprint: str) -> None:
+        """Remember that the output shard `shard_name` was finished with `fingerprint` (after its rename)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO shards (target, name, fingerprint, recorded) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (target, name) DO UPDATE SET "
+                "fingerprint = excluded.fingerprint, recorded = excluded.recorded",
+                (target, shard_name, fingerprint, time.time()),
+            )
+
+    def shard_fingerprints(self, target: str) -> dict[str, str]:
+        """Shard name -> fingerprint of every finished shard of the target."""
+        with self._reading() as db:
+            rows = db.execute("SELECT name, fingerprint FROM shards WHERE target = ? ORDER BY name", (target,))
+            return dict(rows.fetchall())
+
+    def forget_shards(self, target: str) -> None:
+        """Drop the target's fingerprints, e.g. when its output directory was lost and nothing can be reused."""
+        with self._write() as db:
+            db.execute("DELETE FROM shards WHERE target = ?", (target,))
+
+    # --- parent perplexity cache --------------------------------------------------------------------------------
+
+    def parent_perplexity(self, repo: str, sha: str, eval_hash: str) -> float | None:
+        """The cached perplexity of a parent revision on an eval text, or None if never measured (NaN is kept)."""
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT ppl FROM parent_perplexity WHERE repo = ? AND sha = ? AND eval_hash = ?", (repo, sha, eval_hash)
+            ).fetchone()
+        if row is None:
+            return None
+        return math.nan if row[0] is None else row[0]
+
+    def record_parent_perplexity(self, repo: str, sha: str, eval_hash: str, ppl: float) -> None:
+        """Cache a parent's perplexity: a revision's weights never change, so it is measured once per eval text."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO parent_perplexity (repo, sha, eval_hash, ppl, recorded) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (repo, sha, eval_hash) DO UPDATE SET ppl = excluded.ppl, recorded = excluded.recorded",
+                (repo, sha, eval_hash, None if math.isnan(ppl) else ppl, time.time()),
+            )
+
+    # --- target status ------------------------------------------------------------------------------------------
+
+    def set_target_status(self, target: str, waiting_reason: str | None, next_check: float | None) -> None:
+        """Record why the target is waiting (None: it is not) and when it is next checked (unix time)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO target_status (target, waiting_reason, next_check, updated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (target) DO UPDATE SET waiting_reason = excluded.waiting_reason, "
+                "next_check = excluded.next_check, updated = excluded.updated",
+                (target, waiting_reason, next_check, time.time()),
+            )
+
+    def target_status(self, target: str) -> TargetStatus | None:
+        """The target's last recorded status, or None if the daemon never recorded one."""
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT target, waiting_reason, next_check, updated FROM target_status WHERE target = ?", (target,)
+            ).fetchone()
+        return TargetStatus(*row) if row else None
+
+
+def _run_from_row(row: tuple[Any, ...], inputs: dict[str, str]) -> Run:
+    run_id, target, config_hash, started, finished, outcome, reason, transient, published_sha, details = row
+    return Run(
+        id=run_id,
+        target=target,
+        config_hash=config_hash,
+        inputs=inputs,
+        started=started,
+        finished=finished,
+        outcome=outcome,
+        reason=reason,
+        transient=bool(transient),
+        published_sha=published_sha,
+        details=None if details is None else json.loads(details),
+    )
+
+
+class DaemonLock:
+    """An exclusive flock on `state_dir/daemon.lock`, held until `close()` or the death of the process.
+
+    The kernel drops a flock when its last file descriptor closes, so a SIGKILLed daemon never leaves a stale lock.
+    The descriptor is close-on-exec so merge child processes do not inherit it: an orphaned child must not keep
+    the lock after its daemon died.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    def close(self) -> None:
+        """Release the lock. Safe to call twice."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def acquire_lock(state_dir: str | Path) -> DaemonLock:
+    """Take the single-instance lock of `state_dir` without waiting, and write this pid into the lock file.
+
+    Raises StateError naming the holder's pid when another process holds it. The file is never deleted: removing
+    it would let a second daemon lock a fresh inode while the first still holds the old one.
+    """
+    path = Path(state_dir) / LOCK_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise StateError(f"cannot open lock file {path}: {e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateError(f"another mergebot daemon holds {path} (pid {holder})") from None
+    except OSError as e:
+        os.close(fd)
+        raise StateError(f"cannot lock {path}: {e}") from e
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        raise StateError(f"cannot write the pid into {path}: {e}") from e
+    return DaemonLock(path, fd)

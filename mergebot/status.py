@@ -1,0 +1,84 @@
+"""What `mergebot status` shows: read from the state without taking the daemon's lock."""
+
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mergebot.config import DaemonConfig
+from mergebot.state import LOCK_FILE, STATE_FILE, State
+
+
+def daemon_pid(state_dir: Path) -> int | None:
+    """The pid in the lock file when that process is alive (the daemon holding the lock), else None."""
+    try:
+        pid = int((state_dir / LOCK_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _when(timestamp: float | None) -> str | None:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds") if timestamp else None
+
+
+def collect_status(config: DaemonConfig) -> dict:
+    """Per target: inputs with the last seen sha, last run, published revision, next check, why it waits."""
+    state_dir = config.daemon.state_dir
+    result = {"state_dir": str(state_dir), "daemon_pid": daemon_pid(state_dir), "targets": {}}
+    if not (state_dir / STATE_FILE).exists():
+        for name, target in config.targets.items():
+            result["targets"][name] = {"repo": target.repo, "when": target.when, "waiting": "never checked"}
+        return result
+    with State.open(state_dir, readonly=True) as state:
+        for name, target in config.targets.items():
+            last = state.last_run(name)
+            success = state.last_successful_run(name)
+            status = state.target_status(name)
+            result["targets"][name] = {
+                "repo": target.repo,
+                "when": target.when,
+                "inputs": {m.model: state.latest_revision(m.model, m.revision or "main") for m in target.merge.models},
+                "last_run": None
+                if last is None
+                else {
+                    "id": last.id,
+                    "outcome": last.outcome,
+                    "reason": last.reason,
+                    "started": _when(last.started),
+                    "finished": _when(last.finished),
+                    "inputs": last.inputs,
+                },
+                "published_sha": success.published_sha if success else None,
+                "next_check": _when(status.next_check) if status else None,
+                "waiting": (status.waiting_reason if status else "never checked") or "up to date",
+            }
+    return result
+
+
+def format_status(status: dict) -> str:
+    pid = status["daemon_pid"]
+    lines = [f"state: {status['state_dir']} (daemon {'pid ' + str(pid) if pid else 'not running'})"]
+    for name, target in sorted(status["targets"].items()):
+        lines.append(f"\n{name} → {target['repo']} ({target['when']})")
+        for model, sha in (target.get("inputs") or {}).items():
+            lines.append(f"  input  {model} @ {sha[:12] if sha else 'not seen yet'}")
+        last = target.get("last_run")
+        if last:
+            reason = f": {last['reason']}" if last.get("reason") else ""
+            lines.append(
+                f"  last   run #{last['id']} {last['outcome']} at {last['finished'] or last['started']}{reason}"
+            )
+        lines.append(f"  head   {target.get('published_sha') or 'nothing published yet'}")
+        lines.append(f"  next   {target.get('next_check') or 'not scheduled'}")
+        lines.append(f"  status {target['waiting']}")
+    lines.append(f"\n(as of {_when(time.time())})")
+    return "\n".join(lines)
