@@ -1,7 +1,10 @@
 """The `mergebot` command. Errors are caught here, reported once as one line, and become the exit code."""
 
 import argparse
+import ctypes
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,9 @@ import yaml
 from mergebot import log
 from mergebot.config import DEFAULT_EVAL_TEXT, Located, MergeConfig, load_merge_config, parse_merge
 from mergebot.errors import ConfigError, MergebotError
+
+PR_SET_PDEATHSIG = 1
+EXIT_PARENT_GONE = 75
 
 
 def _quick_config(args: argparse.Namespace) -> MergeConfig:
@@ -111,12 +117,22 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """A merge child must not outlive its daemon (a SIGKILLed daemon's child would race the next daemon's run)."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:
+            sys.exit(EXIT_PARENT_GONE)
+
+
 def _run_target(args: argparse.Namespace) -> int:
     """The daemon's child: one target's pipeline; the outcome goes to --result as JSON."""
     from mergebot.config import load_daemon_config
     from mergebot.merge.io import write_json_atomic
     from mergebot.pipeline import TargetRun, run_target
 
+    _die_with_parent()
     config = load_daemon_config(Path(args.config))
     if args.target not in config.targets:
         raise ConfigError(f"{args.config}: no target named {args.target!r}")
@@ -253,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command != "merge" or any(e.startswith("-") for e in extra)):

@@ -204,11 +204,14 @@ class Daemon:
                 self.log.warning("check failed", target=target.name, error=str(error))
                 self.state.set_target_status(target.name, f"cannot check inputs: {error}", next_check)
                 continue
-            for (repo, revision), sha in resolved.items():
-                if self.state.record_revision(repo, revision or "main", sha):
-                    self.log.info("new upstream revision", repo=repo, ref=revision or "main", sha=sha)
+            self._record_revisions(resolved)
             self._consider(target, inputs, next_check)
         notify(f"STATUS=last check {datetime.now(UTC).isoformat(timespec='seconds')}")
+
+    def _record_revisions(self, resolved: dict[tuple[str, str | None], str]) -> None:
+        for (repo, revision), sha in resolved.items():
+            if self.state.record_revision(repo, revision or "main", sha):
+                self.log.info("new upstream revision", repo=repo, ref=revision or "main", sha=sha)
 
     def _consider(self, target: Target, inputs: dict[str, str], next_check: float) -> None:
         reason = due_reason(target, inputs, self.state)
@@ -270,7 +273,9 @@ class Daemon:
         resolved: dict[tuple[str, str | None], str] = {}
         failed = False
         for target in self.config.targets.values():
-            reason = due_reason(target, current_inputs(target, hub, resolved), self.state)
+            inputs = current_inputs(target, hub, resolved)
+            self._record_revisions(resolved)
+            reason = due_reason(target, inputs, self.state)
             if reason is None:
                 self.log.info("up to date", target=target.name)
                 continue
