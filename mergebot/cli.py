@@ -203,6 +203,12 @@ def _cache_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from mergebot.demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
 def _devhub(args: argparse.Namespace) -> int:
     from mergebot.hub.devhub import serve
 
@@ -266,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_target.add_argument("--target", required=True)
     run_target.add_argument("--result", required=True, type=Path)
     run_target.set_defaults(handler=_run_target)
+
+    demo = commands.add_parser("demo", help="the whole job on an embedded local Hub, offline, in about a minute")
+    demo.add_argument("--keep", action="store_true", help="keep the demo directory to explore")
+    demo.set_defaults(handler=_demo)
 
     devhub = commands.add_parser("devhub", help="run the local Hub server in the foreground")
     devhub.add_argument("--root", required=True, help="directory that holds the repos")
