@@ -32,6 +32,7 @@ from mergebot.errors import MergebotError
 from mergebot.files import METADATA_FILES
 from mergebot.hub.client import HubClient
 from mergebot.state import State, acquire_lock
+from mergebot.status import metrics_text
 
 EXIT_VALIDATION_FAILED = 1
 EXIT_PERMANENT = 2
@@ -121,6 +122,7 @@ class Daemon:
             timezone=datetime.now().astimezone().tzinfo,
         )
         self.webhook: ThreadingHTTPServer | None = None
+        self.metrics: ThreadingHTTPServer | None = None
         self.known_digests: dict[tuple[str, str], str] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -133,6 +135,7 @@ class Daemon:
         self._schedule_fixed_jobs()
         self.scheduler.start()
         self._start_webhook()
+        self._start_metrics()
         self.log.info("daemon started", config=str(self.config_path), targets=sorted(self.config.targets))
         notify("READY=1\nSTATUS=watching " + ", ".join(sorted(self.config.targets)))
         watchdog_every = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
@@ -154,8 +157,9 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.scheduler.shutdown(wait=False)
-        if self.webhook:
-            self.webhook.shutdown()
+        for server in (self.webhook, self.metrics):
+            if server:
+                server.shutdown()
         deadline = time.monotonic() + self.config.daemon.stop_grace
         with self.children_lock:
             children = list(self.children)
@@ -407,7 +411,33 @@ class Daemon:
         self.log.warning("run will be retried", target=target.name, reason=why, delay=delay)
         self._schedule_run(target.name, delay=delay)
 
-    # -- webhook ---------------------------------------------------------------------------------------------------
+    # -- endpoints -------------------------------------------------------------------------------------------------
+    def _start_metrics(self) -> None:
+        address = self.config.daemon.metrics_listen
+        if address is None:
+            return
+        daemon = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path != "/metrics":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                body = metrics_text(daemon.config, daemon.state).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: object) -> None:
+                return
+
+        self.metrics = ThreadingHTTPServer(address, Handler)
+        threading.Thread(target=self.metrics.serve_forever, name="metrics", daemon=True).start()
+        self.log.info("metrics listening", address=f"{address[0]}:{address[1]}")
+
     def _start_webhook(self) -> None:
         settings = self.config.daemon
         if settings.webhook_listen is None:

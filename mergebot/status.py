@@ -82,3 +82,32 @@ def format_status(status: dict) -> str:
         lines.append(f"  status {target['waiting']}")
     lines.append(f"\n(as of {_when(time.time())})")
     return "\n".join(lines)
+
+
+def metrics_text(config: DaemonConfig, state: State) -> str:
+    """Prometheus text format: runs by outcome, last success time and merge duration per target."""
+    lines = [
+        "# HELP mergebot_runs_total Pipeline runs by outcome.",
+        "# TYPE mergebot_runs_total counter",
+    ]
+    gauges: list[str] = []
+    for name in sorted(config.targets):
+        runs = state.runs(name, limit=1_000_000)
+        for outcome in sorted({run.outcome for run in runs}):
+            count = sum(run.outcome == outcome for run in runs)
+            lines.append(f'mergebot_runs_total{{target="{name}",outcome="{outcome}"}} {count}')
+        success = state.last_successful_run(name)
+        if success is not None:
+            gauges.append(f'mergebot_last_success_timestamp_seconds{{target="{name}"}} {success.finished or 0:.0f}')
+            seconds = (success.details or {}).get("seconds")
+            if seconds is not None:
+                gauges.append(f'mergebot_last_run_seconds{{target="{name}"}} {seconds}')
+    lines += [
+        "# HELP mergebot_last_success_timestamp_seconds When the target last published (or found nothing to do).",
+        "# TYPE mergebot_last_success_timestamp_seconds gauge",
+        *[g for g in gauges if g.startswith("mergebot_last_success")],
+        "# HELP mergebot_last_run_seconds Duration of the target's last successful run.",
+        "# TYPE mergebot_last_run_seconds gauge",
+        *[g for g in gauges if g.startswith("mergebot_last_run")],
+    ]
+    return "\n".join(lines) + "\n"

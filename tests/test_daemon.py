@@ -258,15 +258,21 @@ def test_second_daemon_refused_and_sigterm_exits_quickly(setup):
     assert time.monotonic() - started < 10
 
 
-def test_webhook_secret_and_notify_socket(devhub, tmp_path):
-    setup = Setup(devhub, tmp_path)
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def test_webhook_notify_socket_and_metrics(devhub, tmp_path):
+    setup = Setup(devhub, tmp_path)
+    port, metrics_port = free_port(), free_port()
     setup.write_config(target("hooked"), poll="1h")
     setup.config.write_text(
         setup.config.read_text().replace(
-            'stop_grace = "5s"\n', f'stop_grace = "5s"\n[daemon.webhook]\nlisten = "127.0.0.1:{port}"\n'
+            'stop_grace = "5s"\n',
+            f'stop_grace = "5s"\nmetrics_listen = "127.0.0.1:{metrics_port}"\n'
+            f'[daemon.webhook]\nlisten = "127.0.0.1:{port}"\n',
         )
     )
     notify_path = tmp_path / "notify.sock"
@@ -285,6 +291,10 @@ def test_webhook_secret_and_notify_socket(devhub, tmp_path):
         setup.change_shard("ft1")
         assert requests.post(url, json=payload, headers={"X-Webhook-Secret": "s3cret"}, timeout=5).status_code == 202
         wait_for(lambda: setup.head("me/hooked") != first, what="webhook-triggered re-merge (poll is 1h)")
+        wait_for(lambda: len(published_runs(setup, "hooked")) >= 2, what="the second run to be recorded")
+        metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        assert 'mergebot_runs_total{target="hooked",outcome="published"} 2' in metrics
+        assert 'mergebot_last_success_timestamp_seconds{target="hooked"}' in metrics
         assert setup.stop() == 0
     finally:
         notify.close()

@@ -1,0 +1,63 @@
+"""README.md stays true: every config key is documented, every documented key exists, every command parses."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from mergebot.cli import build_parser
+from mergebot.config import DAEMON_KEYS, MERGE_KEYS, TARGET_KEYS
+from mergebot.merge.methods import BUILTIN_METHODS
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+CI = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+
+
+def table_keys(heading: str) -> set[str]:
+    """First-column `keys` of the table that follows a heading line such as "`[daemon]`"."""
+    section = README.split(heading, 1)[1].split("\n\n", 2)[1]
+    return {match for match in re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.MULTILINE)}
+
+
+def test_daemon_keys_documented():
+    assert table_keys("`[daemon]`") == DAEMON_KEYS
+
+
+def test_target_keys_documented():
+    assert table_keys("`[[targets]]`") == TARGET_KEYS | MERGE_KEYS
+
+
+def test_methods_documented_with_their_parameters():
+    rows = {m: line for line in README.splitlines() if (m := (re.match(r"^\| `(\w+)` \|", line) or [None, None])[1])}
+    for name, method in BUILTIN_METHODS.items():
+        assert name in rows, name
+        for parameter in (*method.parameters, *method.model_parameters):
+            if parameter != "int8_mask":
+                assert f"`{parameter}`" in rows[name], (name, parameter)
+
+
+def commands() -> list[list[str]]:
+    """Every `mergebot ...` command line in README code blocks."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL):
+        for line in block.splitlines():
+            line = line.split("#", 1)[0].strip()
+            words = shlex.split(line) if line else []
+            for index, word in enumerate(words):
+                if word.endswith("mergebot") and index + 1 < len(words):
+                    found.append(words[index + 1 :])
+    return found
+
+
+@pytest.mark.parametrize("argv", commands(), ids=lambda argv: " ".join(argv))
+def test_readme_commands_parse(argv):
+    _, extra = build_parser().parse_known_args(argv)
+    assert all(not word.startswith("-") for word in extra), extra
+
+
+def test_quick_start_is_what_ci_runs():
+    quick_start = re.search(r"## Quick start.*?```bash\n(.*?)```", README, flags=re.DOTALL).group(1).splitlines()
+    assert len(quick_start) == 3
+    for line in quick_start:
+        assert line in CI, line
