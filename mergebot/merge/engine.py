@@ -4,6 +4,7 @@ Work happens in a hidden sibling directory of OUT_DIR; shards get their final na
 directory takes OUT_DIR's name only when every file is in place.
 """
 
+import ctypes
 import os
 import shutil
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from mergebot.progress import ShardProgress
 MERGE_CONFIG_FILE = "mergebot_config.yml"
 """The merge as run, each model pinned to the revision merged: enough to reproduce it."""
 BLOCK_ELEMENTS = 1 << 22
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 """Rows are read in blocks of about this many elements per input (16 MiB in float32)."""
 
 
@@ -45,11 +47,23 @@ def resolve_method(name: str, source: str) -> MergeMethod:
     return methods[name]
 
 
+def _keep_freed_memory() -> None:
+    """Let glibc keep freed blocks for reuse instead of returning each to the kernel: every block then lands in
+    memory that is already mapped, instead of costing page faults and zeroing (about 10x faster per block)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 256 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 def run_merge(
     config: MergeConfig, models: dict[str, InputModel], out_dir: Path, progress: ShardProgress | None = None
 ) -> MergeResult:
     """Merge into OUT_DIR; shards already finished (here or in a killed run) with the same fingerprint are kept."""
     plan = build_plan(config, models, resolve_method(config.merge_method, config.source))
+    _keep_freed_memory()
     progress = progress or ShardProgress(enabled_bar=False)
     out_dir = out_dir.absolute()
     work = out_dir.parent / f".{out_dir.name}.partial"

@@ -109,14 +109,17 @@ class _TopKMask:
 
     def keep(self, row_start: int, delta: torch.Tensor) -> torch.Tensor:
         magnitude_bits = _float_bits(delta.abs())
-        above = magnitude_bits > self.threshold_bits
         if self.keep_equal <= 0:
-            return above
-        flat_equal = (magnitude_bits == self.threshold_bits).reshape(-1)
-        rank = torch.cumsum(flat_equal, 0) - 1
-        keep = (flat_equal & (rank < self.keep_equal)).reshape(above.shape)
-        self.keep_equal -= int(flat_equal.sum())
-        return above | keep
+            return magnitude_bits > self.threshold_bits
+        at_or_above = magnitude_bits >= self.threshold_bits
+        equal = at_or_above & (magnitude_bits == self.threshold_bits)
+        count = int(equal.sum())
+        if count > self.keep_equal:
+            flat_equal = equal.reshape(-1)
+            beyond_quota = flat_equal & (torch.cumsum(flat_equal, 0) > self.keep_equal)
+            at_or_above &= ~beyond_quota.reshape(equal.shape)
+        self.keep_equal -= count
+        return at_or_above
 
     def fresh(self) -> "_TopKMask":
         return replace(self)
@@ -250,18 +253,18 @@ def _make_task_arithmetic(sparsify: str | None, consensus: bool) -> Callable[...
 def _elect_signs(weighted: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """TIES sign election: the sign of the summed weighted deltas wins (a tie counts as +); only deltas of that
     sign are summed, and the divisor is the sum of their models' weights (0 becomes 1). Zeros never agree."""
-    total = torch.zeros_like(weighted[0])
-    for delta in weighted:
+    total = weighted[0].clone()
+    for delta in weighted[1:]:
         total += delta
-    positive = total >= 0
-    mixed = torch.zeros_like(total)
+    sign = torch.where(total >= 0, 1.0, -1.0)
+    agreeing = torch.zeros_like(total)
     divisor = torch.zeros_like(total)
     for delta, weight in zip(weighted, weights, strict=True):
-        agree = torch.where(positive, delta > 0, delta < 0)
-        mixed += torch.where(agree, delta, 0.0)
-        divisor += agree * weight
+        along = delta * sign
+        divisor.add_(along > 0, alpha=weight)
+        agreeing += along.clamp_(min=0.0)
     divisor[divisor == 0] = 1.0
-    return mixed, divisor
+    return agreeing.mul_(sign), divisor
 
 
 def _magnitude_masks(blocks: BlockSource, densities: list[float]) -> list[_TopKMask | None]:
