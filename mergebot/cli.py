@@ -87,12 +87,12 @@ def _merge_parents(out_dir: Path):
 def _gate(args: argparse.Namespace):
     from mergebot.merge.checkpoint import default_cache_dir
     from mergebot.pipeline import check_merge
+    from mergebot.validate import JsonPerplexityCache
 
     out_dir = Path(args.out_dir)
-    config, models = _merge_parents(out_dir)
-    return check_merge(
-        out_dir, config, models, Path(args.eval_text), args.max_ppl_ratio, default_cache_dir() / "perplexity"
-    )
+    _, models = _merge_parents(out_dir)
+    cache = JsonPerplexityCache(default_cache_dir() / "perplexity")
+    return check_merge(out_dir, models, Path(args.eval_text), args.max_ppl_ratio, cache)
 
 
 def _validate(args: argparse.Namespace) -> int:

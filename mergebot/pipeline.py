@@ -9,15 +9,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mergebot import log
-from mergebot.config import DaemonConfig, MergeConfig, Target
-from mergebot.errors import ValidationFailed
+from mergebot.config import DaemonConfig, Target
+from mergebot.errors import StateError, ValidationFailed
 from mergebot.hub.client import HubClient
 from mergebot.inputs import resolve_inputs
 from mergebot.merge.engine import run_merge
 from mergebot.merge.source import InputModel
 from mergebot.progress import ShardProgress
 from mergebot.publish import publish
-from mergebot.validate import ValidationReport, format_report, validate
+from mergebot.state import State
+from mergebot.validate import PerplexityCache, ValidationReport, format_report, validate
 
 
 @dataclass
@@ -50,8 +51,33 @@ def input_revisions(models: dict[str, InputModel]) -> dict[str, str]:
     return {name: model.revision or ":".join(sorted(model.file_sha256.values()))[:64] for name, model in models.items()}
 
 
+@dataclass(frozen=True)
+class StatePerplexityCache:
+    """validate's PerplexityCache in the state database's parent_perplexity table. The cache is an optimisation,
+    so a database error is logged and counts as a miss (get) or is dropped (put), never failing the run."""
+
+    state: State
+
+    def get(self, name: str, revision: str, measure: str) -> float | None:
+        try:
+            return self.state.parent_perplexity(name, revision, measure)
+        except StateError as error:
+            log.get("pipeline").warning("parent perplexity cache unreadable", error=str(error))
+            return None
+
+    def put(self, name: str, revision: str, measure: str, ppl: float) -> None:
+        try:
+            self.state.record_parent_perplexity(name, revision, measure, ppl)
+        except StateError as error:
+            log.get("pipeline").warning("parent perplexity not cached", error=str(error))
+
+
 def check_merge(
-    out_dir: Path, merge: MergeConfig, models: dict[str, InputModel], eval_text: Path, max_ppl_ratio: float, cache: Path
+    out_dir: Path,
+    models: dict[str, InputModel],
+    eval_text: Path,
+    max_ppl_ratio: float,
+    cache: PerplexityCache | None,
 ) -> ValidationReport:
     """The gate, with every input model as a parent to compare against."""
     return validate(
@@ -60,7 +86,7 @@ def check_merge(
         parents={name: model.path for name, model in models.items()},
         parent_revisions={name: model.revision for name, model in models.items() if model.revision},
         max_ppl_ratio=max_ppl_ratio,
-        cache_dir=cache,
+        cache=cache,
     )
 
 
@@ -78,14 +104,15 @@ def run_target(config: DaemonConfig, target: Target) -> TargetRun:
     merge = run_merge(target.merge, models, out_dir, ShardProgress())
     run.computed, run.reused, run.fingerprints = merge.computed, merge.reused, merge.fingerprints
     logger.info("merged", computed=len(merge.computed), reused=len(merge.reused))
-    report = check_merge(
-        out_dir,
-        target.merge,
-        models,
-        target.validate.eval_text,
-        target.validate.max_ppl_ratio,
-        config.daemon.state_dir / "cache",
-    )
+    # Beside the running daemon: WAL lets it read meanwhile, and the busy timeout waits out its short writes.
+    with State.open(config.daemon.state_dir) as state:
+        report = check_merge(
+            out_dir,
+            models,
+            target.validate.eval_text,
+            target.validate.max_ppl_ratio,
+            StatePerplexityCache(state),
+        )
     run.merge_ppl = report.merge_ppl
     run.parent_ppl = {parent.name: parent.ppl for parent in report.parents}
     if not report.passed:

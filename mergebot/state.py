@@ -82,6 +82,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 2: caches and status — parent perplexities, why each target waits and when it is next checked.
     (
         # ppl NULL means NaN: SQLite stores a NaN as NULL, and a parent that scores NaN is a cacheable result too.
+        # eval_hash is how the perplexity was measured: mergebot.validate.perplexity_measure (text and windows).
         """CREATE TABLE parent_perplexity (
             repo TEXT NOT NULL, sha TEXT NOT NULL, eval_hash TEXT NOT NULL, ppl REAL, recorded REAL NOT NULL,
             PRIMARY KEY (repo, sha, eval_hash)
@@ -415,15 +416,11 @@ class State:
             rows = db.execute("SELECT name, fingerprint FROM shards WHERE target = ? ORDER BY name", (target,))
             return dict(rows.fetchall())
 
-    def forget_shards(self, target: str) -> None:
-        """Drop the target's fingerprints, e.g. when its output directory was lost and nothing can be reused."""
-        with self._write() as db:
-            db.execute("DELETE FROM shards WHERE target = ?", (target,))
-
-    # --- parent perplexity cache --------------------------------------------------------------------------------
+    # --- parent perplexity cache (mergebot.pipeline adapts it to validate's PerplexityCache) --------------------
 
     def parent_perplexity(self, repo: str, sha: str, eval_hash: str) -> float | None:
-        """The cached perplexity of a parent revision on an eval text, or None if never measured (NaN is kept)."""
+        """The cached perplexity of a parent revision measured as `eval_hash` says, or None if never measured (NaN
+        is kept)."""
         with self._reading() as db:
             row = db.execute(
                 "SELECT ppl FROM parent_perplexity WHERE repo = ? AND sha = ? AND eval_hash = ?", (repo, sha, eval_hash)
@@ -433,7 +430,8 @@ class State:
         return math.nan if row[0] is None else row[0]
 
     def record_parent_perplexity(self, repo: str, sha: str, eval_hash: str, ppl: float) -> None:
-        """Cache a parent's perplexity: a revision's weights never change, so it is measured once per eval text."""
+        """Cache a parent's perplexity: a revision's weights never change, so it is measured once per eval text and
+        window settings (`eval_hash`)."""
         with self._write() as db:
             db.execute(
                 "INSERT INTO parent_perplexity (repo, sha, eval_hash, ppl, recorded) VALUES (?, ?, ?, ?, ?) "

@@ -5,8 +5,8 @@ a missing tensor → loading would silently fill it with random values). A faile
 exception: `validate` returns a report and the caller turns `report.passed` into exit code 0 or 1. Exceptions
 (exit 2) are kept for inputs that are not the candidate's fault: a missing eval text, an unusable parent.
 
-Only headers are read before loading: safetensors headers are parsed here with size checks, and pickle files are
-never opened.
+Only headers are read before loading: safetensors headers are checked by `mergebot.merge.io.read_header`, and
+pickle files are never opened.
 """
 
 import contextlib
@@ -16,15 +16,16 @@ import math
 import os
 import re
 import resource
-import struct
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from mergebot.errors import ConfigError, ModelError, ValidationFailed
+from mergebot.merge.io import TensorInfo, read_header
 
 # A merge may be somewhat worse than its weakest parent (interpolating two fine-tunes often costs a little), but a
 # broken merge — wrong tokenizer rows, mis-scaled tensors, a layer from the wrong model — lands at several times
@@ -36,39 +37,7 @@ PPL_CACHE_FILE = "parent_perplexity.json"
 
 # More unknown tokens than this and the perplexity says nothing about the model: the text is mostly <unk>.
 _MAX_UNKNOWN_FRACTION = 0.5
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 _MAX_LISTED = 8
-_DTYPE_SIZES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-}
-_TORCH_TO_SAFETENSORS = {
-    torch.bool: "BOOL",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.int16: "I16",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int32: "I32",
-    torch.float32: "F32",
-    torch.int64: "I64",
-    torch.float64: "F64",
-}
 
 
 @dataclass(frozen=True)
@@ -122,23 +91,15 @@ class ValidationReport:
             raise ValidationFailed(f"validation of {self.out_dir} failed: {reasons}")
 
 
-@dataclass(frozen=True)
-class TensorHeader:
-    """A tensor as a safetensors header declares it (dtype as safetensors spells it, e.g. "BF16")."""
+class PerplexityCache(Protocol):
+    """Where parent perplexities are remembered, per model name, revision and `measure` (how it was measured: a
+    digest from `perplexity_measure`). `get` is None on a miss; `put` must not raise for a cache that cannot be
+    written, since a lost entry only costs a recomputation. `JsonPerplexityCache` (CLI) and the daemon's state
+    database (`mergebot.pipeline`) implement it."""
 
-    dtype: str
-    shape: tuple[int, ...]
+    def get(self, name: str, revision: str, measure: str) -> float | None: ...
 
-
-@dataclass(frozen=True)
-class PplCacheKey:
-    """What a cached perplexity depends on: the model revision and exactly how it was measured."""
-
-    model: str
-    revision: str
-    eval_sha256: str
-    window: int
-    max_windows: int
+    def put(self, name: str, revision: str, measure: str, ppl: float) -> None: ...
 
 
 def validate(
@@ -147,7 +108,7 @@ def validate(
     eval_text_path: Path,
     parents: dict[str, Path] | None = None,
     max_ppl_ratio: float = DEFAULT_MAX_PPL_RATIO,
-    cache_dir: Path | None = None,
+    cache: PerplexityCache | None = None,
     parent_revisions: dict[str, str] | None = None,
     window: int = DEFAULT_WINDOW,
     max_windows: int = DEFAULT_MAX_WINDOWS,
@@ -156,7 +117,7 @@ def validate(
 
     `parents` maps a name (repo id or path) to its local checkpoint directory; its revision comes from
     `parent_revisions`, else the Hub cache snapshot directory name, else a sha256 of the directory's files. Parent
-    perplexities are cached in `cache_dir` (if given) per (name, revision, eval text, window, max_windows).
+    perplexities are kept in `cache` (if given) per (name, revision, eval text, window, max_windows).
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -228,8 +189,9 @@ def validate(
     if bad_window is not None:
         return _finish(report)
 
+    measure = perplexity_measure(text, window, max_windows)
     results = [
-        _parent_result(name, Path(path), text, window, max_windows, cache_dir, (parent_revisions or {}).get(name))
+        _parent_result(name, Path(path), text, measure, window, max_windows, cache, (parent_revisions or {}).get(name))
         for name, path in (parents or {}).items()
     ]
     finite = [p.ppl for p in results if math.isfinite(p.ppl)]
@@ -276,62 +238,47 @@ def format_report(report: ValidationReport) -> str:
     return "\n".join(lines)
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorHeader]:
-    """Tensor name → dtype and shape from a safetensors header, after checking every offset fits in the file.
+def perplexity_measure(text: str, window: int, max_windows: int) -> str:
+    """How a perplexity is measured, as one digest: the eval text's sha256, the window length and the window cap."""
+    text_sha256 = hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(f"{text_sha256}\0{window}\0{max_windows}".encode()).hexdigest()
 
-    Reads the header bytes only; a truncated file or a header length past the end is a ModelError naming the file.
-    """
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ModelError(f"{path}: too short for a safetensors file ({size} bytes)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > size - 8 or header_len > _MAX_HEADER_BYTES:
-            raise ModelError(f"{path}: header length {header_len} is larger than the file ({size} bytes)")
-        raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ModelError(f"{path}: header is not a JSON object")
-    data_len = size - 8 - header_len
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+
+class JsonPerplexityCache:
+    """A PerplexityCache in one JSON file, `directory/parent_perplexity.json`, for the CLI (which has no state
+    database). An unreadable file counts as empty; a write replaces the file atomically, so a crash never leaves it
+    half-written, and a write that fails is dropped."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def get(self, name: str, revision: str, measure: str) -> float | None:
+        return self._read().get(_cache_key(name, revision, measure))
+
+    def put(self, name: str, revision: str, measure: str, ppl: float) -> None:
+        with contextlib.suppress(OSError):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            entries = self._read()
+            entries[_cache_key(name, revision, measure)] = ppl
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=PPL_CACHE_FILE, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(entries, f, indent=2, sort_keys=True)
+                    f.write("\n")
+                os.replace(tmp, self.directory / PPL_CACHE_FILE)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+
+    def _read(self) -> dict[str, float]:
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            itemsize = _DTYPE_SIZES[dtype]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{path}: bad header entry for tensor {name}") from exc
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ModelError(f"{path}: tensor {name} has an invalid shape {list(shape)}")
-        if not (0 <= begin <= end <= data_len) or end - begin != math.prod(shape) * itemsize:
-            raise ModelError(
-                f"{path}: tensor {name} data [{begin}, {end}) does not fit its shape or the file "
-                f"({data_len} data bytes; truncated?)"
-            )
-        tensors[name] = TensorHeader(dtype, shape)
-    return tensors
-
-
-def cached_perplexity(cache_dir: Path, key: PplCacheKey) -> float | None:
-    """The remembered perplexity for `key`, or None. An unreadable cache file counts as empty."""
-    return _read_cache(cache_dir).get(_cache_key(key))
-
-
-def remember_perplexity(cache_dir: Path, key: PplCacheKey, ppl: float) -> None:
-    """Record a perplexity (atomically replacing the cache file, so a crash never leaves it half-written)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    entries = _read_cache(cache_dir)
-    entries[_cache_key(key)] = ppl
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=PPL_CACHE_FILE, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(entries, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, cache_dir / PPL_CACHE_FILE)
+            entries = json.loads((self.directory / PPL_CACHE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(entries, dict):
+            return {}
+        return {k: float(v) for k, v in entries.items() if isinstance(v, int | float)}
 
 
 def parent_revision(path: Path) -> str:
@@ -351,18 +298,8 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def _cache_key(key: PplCacheKey) -> str:
-    return f"{key.model}@{key.revision} eval={key.eval_sha256} window={key.window}x{key.max_windows}"
-
-
-def _read_cache(cache_dir: Path) -> dict[str, float]:
-    try:
-        entries = json.loads((cache_dir / PPL_CACHE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(entries, dict):
-        return {}
-    return {k: float(v) for k, v in entries.items() if isinstance(v, int | float)}
+def _cache_key(name: str, revision: str, measure: str) -> str:
+    return f"{name}@{revision} {measure}"
 
 
 def _read_eval_text(path: Path) -> str:
@@ -415,7 +352,7 @@ def _check_config(out_dir: Path) -> tuple[dict, PretrainedConfig | None, torch.n
     return config_dict, config, model, detail
 
 
-def _declared_tensors(out_dir: Path) -> tuple[dict[str, TensorHeader], list[str], list[str], str]:
+def _declared_tensors(out_dir: Path) -> tuple[dict[str, TensorInfo], list[str], list[str], str]:
     """What the checkpoint declares: tensors the index lists (with their headers), tensors shards hold that the
     index does not list (loaders would not see them), problems with the files themselves, and a summary."""
     index_path = out_dir / "model.safetensors.index.json"
@@ -435,15 +372,17 @@ def _declared_tensors(out_dir: Path) -> tuple[dict[str, TensorHeader], list[str]
 
     files = sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]
     problems: list[str] = []
-    headers: dict[str, dict[str, TensorHeader]] = {}
+    headers: dict[str, dict[str, TensorInfo]] = {}
     for file in files:
         if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
             problems.append(f"{index_path}: bad shard name {file!r}")
             continue
+        path = out_dir / file
+        if not path.is_file():
+            problems.append(f"{path}: listed in the index but missing")
+            continue
         try:
-            headers[file] = read_safetensors_header(out_dir / file)
-        except FileNotFoundError:
-            problems.append(f"{out_dir / file}: listed in the index but missing")
+            headers[file] = read_header(path)[0]
         except ModelError as exc:
             problems.append(str(exc))
     if problems:
@@ -452,7 +391,7 @@ def _declared_tensors(out_dir: Path) -> tuple[dict[str, TensorHeader], list[str]
         declared = headers["model.safetensors"]
         return declared, [], [], f"1 file, {len(declared)} tensors"
 
-    declared: dict[str, TensorHeader] = {}
+    declared: dict[str, TensorInfo] = {}
     for name, file in weight_map.items():
         if name in headers[file]:
             declared[name] = headers[file][name]
@@ -463,7 +402,7 @@ def _declared_tensors(out_dir: Path) -> tuple[dict[str, TensorHeader], list[str]
 
 
 def _compare_tensors(
-    meta_model: torch.nn.Module, declared: dict[str, TensorHeader], dtype: torch.dtype | None
+    meta_model: torch.nn.Module, declared: dict[str, TensorInfo], dtype: torch.dtype | None
 ) -> list[str]:
     """Missing, extra, wrong-shape and wrong-dtype tensors. Tied parameters (lm_head tied to embed_tokens) are one
     group: any name of the group present covers them all."""
@@ -481,8 +420,8 @@ def _compare_tensors(
         got = declared[name]
         if got.shape != tuple(tensor.shape):
             shape_bad.append(f"{name} {list(got.shape)} (config implies {list(tensor.shape)})")
-        if dtype is not None and got.dtype != _TORCH_TO_SAFETENSORS.get(tensor.dtype):
-            dtype_bad.append(f"{name} {got.dtype}")
+        if dtype is not None and got.dtype != tensor.dtype:
+            dtype_bad.append(f"{name} {str(got.dtype).removeprefix('torch.')}")
     problems = []
     if missing:
         problems.append(f"missing: {_listing(missing)}")
@@ -579,19 +518,18 @@ def _parent_result(
     name: str,
     path: Path,
     text: str,
+    measure: str,
     window: int,
     max_windows: int,
-    cache_dir: Path | None,
+    cache: PerplexityCache | None,
     revision: str | None,
 ) -> ParentResult:
     if not path.is_dir():
         raise ModelError(f"parent {name}: {path} is not a directory")
     revision = revision or parent_revision(path)
-    key = PplCacheKey(name, revision, hashlib.sha256(text.encode()).hexdigest(), window, max_windows)
-    if cache_dir is not None and (ppl := cached_perplexity(cache_dir, key)) is not None:
+    if cache is not None and (ppl := cache.get(name, revision, measure)) is not None:
         return ParentResult(name, path, revision, ppl, cached=True)
     ppl = parent_perplexity(path, text, window, max_windows)
-    if cache_dir is not None and math.isfinite(ppl):
-        with contextlib.suppress(OSError):  # a cache that cannot be written only costs a recomputation
-            remember_perplexity(cache_dir, key, ppl)
+    if cache is not None and math.isfinite(ppl):
+        cache.put(name, revision, measure, ppl)
     return ParentResult(name, path, revision, ppl, cached=False)

@@ -52,7 +52,12 @@ def test_merge_from_hub_ids_equals_merge_of_local_copies(hub_env, uploaded, tmp_
     assert run_cli("merge", *common, "--base-model", uploaded["base"], uploaded["ft"], local) == 0
     assert run_cli("merge", *common, "--base-model", "org/base", "org/ft", remote) == 0
     local_files, remote_files = tree_digest(local), tree_digest(remote)
+    assert local_files.pop("mergebot_config.yml") != remote_files.pop("mergebot_config.yml")  # names differ
     assert local_files == remote_files
+    assert (
+        "org/ft@" in (remote / "mergebot_config.yml").read_text()
+        or "revision:" in (remote / "mergebot_config.yml").read_text()
+    )
 
 
 def test_new_revision_downloads_only_the_changed_shard(hub_env, uploaded, devhub, tmp_path):
@@ -80,7 +85,9 @@ def test_readme_only_revision_downloads_nothing(hub_env, uploaded, devhub, tmp_p
     devhub.commit_files("org/ft", {"README.md": b"# a new card\n"}, message="docs")
     assert run_cli(*args, "--out-shard-size", "40KB") == 0
     assert devhub.stats()["bytes_served_total"] == 0
-    assert tree_digest(out) == before
+    after = tree_digest(out)
+    assert after.pop("mergebot_config.yml") != before.pop("mergebot_config.yml")  # pins the new revision
+    assert after == before
 
 
 def test_incremental_remerge_recomputes_only_affected_shards(hub_env, uploaded, devhub, tmp_path, capsys):

@@ -3,6 +3,8 @@
 import json
 import math
 import shutil
+import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,12 +12,18 @@ import torch
 
 from mergebot import validate as validate_module
 from mergebot.errors import ConfigError, ModelError, ValidationFailed
+from mergebot.merge.io import read_header
+from mergebot.pipeline import StatePerplexityCache
+from mergebot.state import State
 from mergebot.synthetic import make_model
 from mergebot.validate import (
     DEFAULT_MAX_PPL_RATIO,
+    PPL_CACHE_FILE,
+    JsonPerplexityCache,
+    PerplexityCache,
     format_report,
     parent_revision,
-    read_safetensors_header,
+    perplexity_measure,
     validate,
 )
 from tests.synth_faults import (
@@ -58,9 +66,20 @@ def merge(family: dict[str, Path], tmp_path: Path) -> Path:
     return Path(shutil.copytree(family["merge"], tmp_path / "merge"))
 
 
+@pytest.fixture(params=["json", "state"])
+def cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PerplexityCache]:
+    """Both parent-perplexity caches: the CLI's JSON file and the daemon's state database."""
+    if request.param == "json":
+        yield JsonPerplexityCache(tmp_path / "cache")
+    else:
+        with State.open(tmp_path / "state") as state:
+            yield StatePerplexityCache(state)
+
+
 def run(out: Path, family: dict[str, Path], tmp_path: Path, **kwargs: object) -> validate_module.ValidationReport:
     parents = {"org/a": family["a"], "org/b": family["b"]}
-    return validate(out, eval_text_path=EVAL, parents=parents, cache_dir=tmp_path / "cache", **kwargs)
+    kwargs.setdefault("cache", JsonPerplexityCache(tmp_path / "cache"))
+    return validate(out, eval_text_path=EVAL, parents=parents, **kwargs)
 
 
 def failed(report: validate_module.ValidationReport) -> dict[str, str]:
@@ -82,23 +101,52 @@ def test_clean_merge_passes_with_numbers(family: dict[str, Path], tmp_path: Path
 
 
 def test_parent_perplexity_is_computed_once_per_revision(
-    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: PerplexityCache
 ) -> None:
-    first = run(family["merge"], family, tmp_path)
+    first = run(family["merge"], family, tmp_path, cache=cache)
     assert [p.cached for p in first.parents] == [False, False]
 
     def must_not_run(*args: object) -> float:
         raise AssertionError("parent perplexity recomputed despite the cache")
 
     monkeypatch.setattr(validate_module, "parent_perplexity", must_not_run)
-    second = run(family["merge"], family, tmp_path)
+    second = run(family["merge"], family, tmp_path, cache=cache)
     assert [p.cached for p in second.parents] == [True, True]
     assert [p.ppl for p in second.parents] == [p.ppl for p in first.parents]
     monkeypatch.undo()
     # Measured differently (window) or at another revision: not the same entry.
-    assert not any(p.cached for p in run(family["merge"], family, tmp_path, window=64).parents)
-    other = run(family["merge"], family, tmp_path, parent_revisions={"org/a": "f" * 40})
+    assert not any(p.cached for p in run(family["merge"], family, tmp_path, cache=cache, window=64).parents)
+    other = run(family["merge"], family, tmp_path, cache=cache, parent_revisions={"org/a": "f" * 40})
     assert [p.cached for p in other.parents] == [False, True]
+
+
+def test_perplexity_measure_covers_text_and_windows() -> None:
+    measure = perplexity_measure("some text", 128, 32)
+    assert measure == perplexity_measure("some text", 128, 32)
+    others = {perplexity_measure("other text", 128, 32), perplexity_measure("some text", 64, 32)}
+    others.add(perplexity_measure("some text", 128, 16))
+    assert len(others | {measure}) == 4
+
+
+def test_a_broken_cache_only_costs_a_recomputation(tmp_path: Path) -> None:
+    json_cache = JsonPerplexityCache(tmp_path / "cache")
+    json_cache.put("org/a", "a1", "m", 7.5)
+    assert json_cache.get("org/a", "a1", "m") == 7.5 and json_cache.get("org/a", "a1", "other") is None
+    (tmp_path / "cache" / PPL_CACHE_FILE).write_text("{not json")
+    assert json_cache.get("org/a", "a1", "m") is None
+    (tmp_path / "file").write_text("")
+    JsonPerplexityCache(tmp_path / "file" / "cache").put("org/a", "a1", "m", 7.5)  # no directory: nothing kept
+    (tmp_path / "blocked" / PPL_CACHE_FILE).mkdir(parents=True)  # the rename onto it fails
+    JsonPerplexityCache(tmp_path / "blocked").put("org/a", "a1", "m", 7.5)
+    assert list((tmp_path / "blocked").iterdir()) == [tmp_path / "blocked" / PPL_CACHE_FILE]  # no temp file left
+
+    state = State.open(tmp_path / "state")
+    state_cache = StatePerplexityCache(state)
+    state_cache.put("org/a", "a1", "m", 7.5)
+    assert state_cache.get("org/a", "a1", "m") == 7.5 and state.parent_perplexity("org/a", "a1", "m") == 7.5
+    state.close()
+    assert state_cache.get("org/a", "a1", "m") is None  # a database error is logged, not raised
+    state_cache.put("org/a", "a1", "m", 8.0)
 
 
 def test_index_dropping_a_tensor_fails_naming_it(merge: Path, family: dict[str, Path], tmp_path: Path) -> None:
@@ -135,7 +183,7 @@ def test_config_disagreeing_with_weights_fails(
 
 def test_tied_lm_head_counts_as_present(tmp_path: Path) -> None:
     tied = make_model(tmp_path / "tied", tie_embeddings=True)
-    report = validate(tied, eval_text_path=EVAL, parents=None, cache_dir=None)
+    report = validate(tied, eval_text_path=EVAL, parents=None, cache=None)
     assert report.passed, format_report(report)
     assert report.checks[-1].detail.endswith("(no parents to compare with)") and report.limit is None
 
@@ -169,7 +217,53 @@ def test_corrupt_shard_fails_naming_the_file(
     detail = failed(run(merge, family, tmp_path))["weight files"]
     assert str(shard) in detail and message in detail
     with pytest.raises(ModelError, match=message):
-        read_safetensors_header(shard)
+        read_header(shard)
+
+
+def rewrite_header(file: Path, edit: Callable[[dict], object]) -> None:
+    """Replace a safetensors file's header with `edit(header)` (JSON-encoded, or bytes written as they are)."""
+    data = file.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = edit(json.loads(data[8 : 8 + length]))
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
+
+
+def set_first(key: str, value: object) -> Callable[[dict], dict]:
+    """An edit setting `key` of the header's first tensor entry."""
+
+    def edit(header: dict) -> dict:
+        header[min(k for k in header if k != "__metadata__")][key] = value
+        return header
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda header: b"{not json", "not valid JSON"),
+        (lambda header: [header], "not a JSON object"),
+        (set_first("dtype", "F8_E4M3"), "unsupported dtype 'F8_E4M3'"),
+        (set_first("shape", [1, 2, 3]), "inconsistent data offsets"),
+        (set_first("data_offsets", [0]), "no valid data_offsets"),
+        (set_first("shape", 5), "has an invalid shape 5"),
+    ],
+)
+def test_malformed_header_fails_naming_the_file(
+    merge: Path, family: dict[str, Path], tmp_path: Path, edit: Callable[[dict], object], message: str
+) -> None:
+    shard = merge / "model-00002-of-00005.safetensors"
+    rewrite_header(shard, edit)
+    problems = failed(run(merge, family, tmp_path))
+    assert list(problems) == ["weight files"]
+    assert problems["weight files"].startswith(f"{shard}: ") and message in problems["weight files"]
+
+
+def test_shard_listed_in_the_index_but_missing_fails(merge: Path, family: dict[str, Path], tmp_path: Path) -> None:
+    shard = merge / "model-00003-of-00005.safetensors"
+    shard.unlink()
+    assert failed(run(merge, family, tmp_path)) == {"weight files": f"{shard}: listed in the index but missing"}
 
 
 def test_pickle_only_weights_are_refused_unopened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,25 +273,25 @@ def test_pickle_only_weights_are_refused_unopened(tmp_path: Path, monkeypatch: p
         raise AssertionError("a pickle file was loaded")
 
     monkeypatch.setattr(torch, "load", no_unpickling)
-    report = validate(pickled, eval_text_path=EVAL, parents=None, cache_dir=None)
+    report = validate(pickled, eval_text_path=EVAL, parents=None, cache=None)
     assert "pytorch_model.bin are refused" in failed(report)["weight files"]
 
 
 def test_windows_follow_the_parameters(family: dict[str, Path]) -> None:
-    report = validate(family["merge"], eval_text_path=EVAL, parents=None, cache_dir=None, window=64, max_windows=3)
+    report = validate(family["merge"], eval_text_path=EVAL, parents=None, cache=None, window=64, max_windows=3)
     assert report.windows == 3 and "3 window(s) of up to 64" in report.checks[3].detail
 
 
 def test_inputs_that_are_not_the_candidates_fault_raise(family: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"missing\.txt"):
-        validate(family["merge"], eval_text_path=tmp_path / "missing.txt", parents=None, cache_dir=None)
+        validate(family["merge"], eval_text_path=tmp_path / "missing.txt", parents=None, cache=None)
     with pytest.raises(ModelError, match="not a directory"):
-        validate(tmp_path / "nope", eval_text_path=EVAL, parents=None, cache_dir=None)
+        validate(tmp_path / "nope", eval_text_path=EVAL, parents=None, cache=None)
     with pytest.raises(ModelError, match="org/gone"):
-        validate(family["merge"], eval_text_path=EVAL, parents={"org/gone": tmp_path / "gone"}, cache_dir=None)
+        validate(family["merge"], eval_text_path=EVAL, parents={"org/gone": tmp_path / "gone"}, cache=None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="parent"):
-        validate(family["merge"], eval_text_path=EVAL, parents={"x": tmp_path / "empty"}, cache_dir=None)
+        validate(family["merge"], eval_text_path=EVAL, parents={"x": tmp_path / "empty"}, cache=None)
 
 
 def test_parent_revision_prefers_the_hub_snapshot_sha(family: dict[str, Path], tmp_path: Path) -> None:

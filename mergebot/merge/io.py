@@ -89,17 +89,23 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise ModelError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{path}: safetensors __metadata__ is not a JSON object")
     data_start = 8 + header_len
     tensors: dict[str, TensorInfo] = {}
     end_of_data = 0
     for name, entry in sorted(header.items(), key=lambda item: _offsets(path, item)[0]):
         begin, end = _offsets(path, (name, entry))
-        dtype = DTYPES.get(entry.get("dtype"))
+        dtype_name = entry.get("dtype")
+        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
-            raise ModelError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
-        shape = tuple(entry.get("shape", ()))
-        if not all(isinstance(dim, int) and dim >= 0 for dim in shape):
-            raise ModelError(f"{path}: tensor {name} has an invalid shape {list(shape)}")
+            raise ModelError(f"{path}: tensor {name} has unsupported dtype {dtype_name!r}")
+        shape = entry.get("shape", [])
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise ModelError(f"{path}: tensor {name} has an invalid shape {shape!r}")
+        shape = tuple(shape)
         if end - begin != _numel(shape) * dtype.itemsize or begin != end_of_data:
             raise ModelError(f"{path}: tensor {name} has inconsistent data offsets [{begin}, {end}]")
         if data_start + end > size:
