@@ -153,34 +153,51 @@ class HubClient:
         for attempt in range(self.retry.attempts):
             try:
                 return action()
-            except RevisionNotFoundError as error:
-                raise HubNotFoundError(f"repo {repo}: revision {revision!r} not found") from error
-            except RemoteEntryNotFoundError as error:
-                raise HubNotFoundError(f"repo {where}: file not found ({what})") from error
-            except RepositoryNotFoundError as error:
-                raise HubNotFoundError(
-                    f"repo {repo}: not found on {self.endpoint}, or not visible with this token "
-                    "(check the repo id, HF_ENDPOINT and HF_TOKEN)"
-                ) from error
-            except HfHubHTTPError as error:
-                status = error.response.status_code if error.response is not None else None
-                if status in (401, 403):
-                    raise HubAuthError(
-                        f"repo {repo}: access denied (HTTP {status}); set HF_TOKEN to a token that can read it"
-                    ) from error
-                if status not in TRANSIENT_STATUS:
-                    raise HubError(f"repo {where}: {what} failed with HTTP {status}") from error
-                retry_after = _retry_after(error)
-                failure = f"HTTP {status}"
-            except TRANSIENT_ERRORS as error:
-                retry_after = None
-                failure = type(error).__name__
+            except (HfHubHTTPError, *TRANSIENT_ERRORS, RuntimeError) as raised:
+                error = _underlying(raised)
+                retry_after = self._classify(error, repo, revision, where, what)
+                failure = f"HTTP {error.response.status_code}" if _status(error) else type(error).__name__
             if attempt + 1 == self.retry.attempts:
                 break
             delay = self.retry.delay(attempt, retry_after)
             self._log.warning("hub retry", repo=repo, what=what, failure=failure, wait=round(delay, 2))
             time.sleep(delay)
         raise HubError(f"repo {where}: {what} failed after {self.retry.attempts} attempts ({failure})")
+
+    def _classify(self, error: Exception, repo: str, revision: str | None, where: str, what: str) -> float | None:
+        """Raise the clear error for what is not worth retrying; return the server's Retry-After otherwise."""
+        if isinstance(error, RevisionNotFoundError):
+            raise HubNotFoundError(f"repo {repo}: revision {revision!r} not found") from error
+        if isinstance(error, RemoteEntryNotFoundError):
+            raise HubNotFoundError(f"repo {where}: file not found ({what})") from error
+        if isinstance(error, RepositoryNotFoundError):
+            raise HubNotFoundError(
+                f"repo {repo}: not found on {self.endpoint}, or not visible with this token "
+                "(check the repo id, HF_ENDPOINT and HF_TOKEN)"
+            ) from error
+        status = _status(error)
+        if status in (401, 403):
+            raise HubAuthError(
+                f"repo {repo}: access denied (HTTP {status}); set HF_TOKEN to a token that can read it"
+            ) from error
+        if isinstance(error, HfHubHTTPError) and status not in TRANSIENT_STATUS:
+            raise HubError(f"repo {where}: {what} failed with HTTP {status}") from error
+        if not isinstance(error, (HfHubHTTPError, *TRANSIENT_ERRORS)):
+            raise error
+        return _retry_after(error) if isinstance(error, HfHubHTTPError) else None
+
+
+def _underlying(error: Exception) -> Exception:
+    """huggingface_hub wraps a failed LFS upload in a RuntimeError; what failed is its cause."""
+    cause = error.__cause__
+    if isinstance(error, RuntimeError) and isinstance(cause, (HfHubHTTPError, *TRANSIENT_ERRORS)):
+        return cause
+    return error
+
+
+def _status(error: Exception) -> int | None:
+    response = getattr(error, "response", None)
+    return response.status_code if isinstance(error, HfHubHTTPError) and response is not None else None
 
 
 def _retry_after(error: HfHubHTTPError) -> float | None:
