@@ -184,21 +184,12 @@ def _status(args: argparse.Namespace) -> int:
 
 def _cache_clean(args: argparse.Namespace) -> int:
     from mergebot.config import load_daemon_config
-    from mergebot.hub.client import HubClient, clean_cache
+    from mergebot.daemon import clean_unused_revisions
     from mergebot.state import State
 
     config = load_daemon_config(Path(args.config))
-    hub = HubClient(endpoint=config.daemon.hub_endpoint)
-    repos = {m.model for t in config.targets.values() for m in t.merge.models if not Path(m.model).is_dir()}
-    keep = {
-        (m.model, hub.resolve(m.model, m.revision))
-        for t in config.targets.values()
-        for m in t.merge.models
-        if m.model in repos
-    }
     with State.open(config.daemon.state_dir) as state:
-        keep |= state.published_inputs()
-    removed, freed = clean_cache(hub.cache_dir, repos, keep)
+        removed, freed = clean_unused_revisions(config, state)
     print(f"removed {removed} cached revision(s), freed {freed / 1e6:.1f} MB")
     return 0
 

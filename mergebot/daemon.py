@@ -30,7 +30,7 @@ from mergebot import log
 from mergebot.config import DaemonConfig, Target, check_daemon_config, load_daemon_config
 from mergebot.errors import MergebotError
 from mergebot.files import METADATA_FILES
-from mergebot.hub.client import HubClient
+from mergebot.hub.client import HubClient, clean_cache
 from mergebot.state import State, acquire_lock
 from mergebot.status import metrics_text
 
@@ -85,6 +85,21 @@ def due_reason(target: Target, digests: dict[str, str], state: State) -> str | N
     if changed:
         return "new upstream content in " + ", ".join(changed)
     return None
+
+
+def clean_unused_revisions(config: DaemonConfig, state: State) -> tuple[int, int]:
+    """Drop cached upstream revisions that no target reads now and no last published merge used.
+
+    Returns (revisions removed, bytes freed); repos that no target reads are left alone."""
+    hub = HubClient(endpoint=config.daemon.hub_endpoint)
+    models = {(m.model, m.revision) for t in config.targets.values() for m in t.merge.models}
+    repos = {model for model, _ in models if not Path(model).expanduser().is_dir()}
+    keep = state.published_inputs() | {
+        (model, sha)
+        for model, revision in models
+        if model in repos and (sha := state.latest_revision(model, revision or "main"))
+    }
+    return clean_cache(hub.cache_dir, repos, keep)
 
 
 def notify(message: str) -> None:
@@ -386,6 +401,7 @@ class Daemon:
                 self.state.record_shard(target.name, shard, fingerprint)
             self.state.set_target_status(target.name, None, None)
             self.log.info("run finished", target=target.name, outcome=outcome, sha=result.get("published_sha"))
+            self.clean_cache()
             return
         if code in (EXIT_VALIDATION_FAILED, EXIT_PERMANENT):
             self.state.finish_run(run_id, "failed", reason or f"exit code {code}", details=result)
@@ -397,6 +413,11 @@ class Daemon:
         why = reason or (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
         self.state.finish_run(run_id, "failed", why, transient=True, details=result)
         self._retry_later(target, why)
+
+    def clean_cache(self) -> None:
+        removed, freed = clean_unused_revisions(self.config, self.state)
+        if removed:
+            self.log.info("cache cleaned", revisions=removed, freed_bytes=freed)
 
     def _retry_later(self, target: Target, why: str) -> None:
         attempt = self.failures.get(target.name, 0)

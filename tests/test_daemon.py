@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -147,6 +148,8 @@ def test_new_upstream_revision_is_merged_and_published(setup):
     assert {"merge", "mergebot"} <= set(card.data.tags)
     merged = [e for e in setup.events() if e.get("event") == "merged"]
     assert merged[-1]["computed"] < merged[-1]["computed"] + merged[-1]["reused"]
+    snapshots = setup.root / "hf-home" / "hub" / "models--org--ft1" / "snapshots"
+    assert [p.name for p in snapshots.iterdir()] == [new_sha], "the replaced revision leaves the cache"
     status = setup.status()["targets"]["slerpy"]
     assert status["inputs"]["org/ft1"] == new_sha
     assert status["last_run"]["outcome"] == "published"
@@ -307,6 +310,12 @@ def test_once_runs_due_targets_and_check_config_names_lines(setup):
     assert setup.head("me/cron")
     again = run_cli_process("once", "--config", setup.config, env=setup.env, cwd=setup.root, timeout=300)
     assert again.returncode == 0 and "up to date" in again.stderr
+    snapshots = setup.root / "hf-home" / "hub" / "models--org--ft1" / "snapshots"
+    stale = snapshots / ("0" * 40)
+    shutil.copytree(next(snapshots.iterdir()), stale, symlinks=True)
+    cleaned = run_cli_process("cache-clean", "--config", setup.config, env=setup.env, cwd=setup.root)
+    assert cleaned.returncode == 0 and "removed 1 cached revision" in cleaned.stdout
+    assert not stale.exists() and len(list(snapshots.iterdir())) == 1
     setup.config.write_text(
         setup.config.read_text() + '\n[[targets]]\nname = "x"\nrepo = "bad"\nmerge_method = "slerp"\n'
     )
