@@ -160,12 +160,6 @@ def _histogram_pick(histogram: torch.Tensor, k: int) -> tuple[int, int]:
     return bucket, int(above[bucket])
 
 
-def _kth_largest_in_memory(bits: torch.Tensor, k: int) -> tuple[int, int]:
-    flat = bits.reshape(-1)
-    threshold = int(torch.kthvalue(flat, flat.numel() - k + 1).values)
-    return threshold, int((flat > threshold).sum())
-
-
 def kth_largest_bits(streams: Callable[[], Iterable[list[torch.Tensor]]], ks: list[int]) -> list[tuple[int, int]]:
     """Exact k-th largest of several streams of non-negative float32 bit patterns, in two histogram passes.
 
@@ -179,16 +173,8 @@ def _top_cuts(
 ) -> list[tuple[int, int, int]]:
     """(threshold bits, entries above it, k) per stream, with k chosen once the element count is known.
 
-    One block: sorted in memory. More: a histogram of the high 16 bits finds the bucket of the k-th largest, a
-    second pass over that bucket's low 16 bits finds the exact value."""
-    blocks = iter(streams())
-    first = next(blocks)
-    single = next(blocks, None) is None
-    del blocks
-    if single:
-        ks = choose_ks(first[0].numel())
-        return [(*_kth_largest_in_memory(bits, k), k) for bits, k in zip(first, ks, strict=True)]
-    del first
+    A histogram of the high 16 bits finds the bucket of the k-th largest, a second pass over that bucket's low 16
+    bits finds the exact value (faster than sorting even when the tensor is one block)."""
     buckets = 1 << 16
     high: torch.Tensor | None = None
     for bits in streams():
@@ -235,8 +221,10 @@ def _make_task_arithmetic(sparsify: str | None, consensus: bool) -> Callable[...
             for model, weight, pruner, scale in zip(models, weights, pruners, scales, strict=True):
                 delta = model - base
                 if pruner is not None:
-                    delta = delta * pruner.keep(row_start, delta) * scale
-                weighted.append(delta * weight)
+                    delta.mul_(pruner.keep(row_start, delta))
+                    if scale != 1.0:
+                        delta.mul_(scale)
+                weighted.append(delta.mul_(weight))
             if consensus:
                 mixed, divisor = _elect_signs(weighted, weights)
             else:
