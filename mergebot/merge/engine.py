@@ -27,9 +27,9 @@ from mergebot.progress import ShardProgress
 MERGE_CONFIG_FILE = "mergebot_config.yml"
 """The merge as run, each model pinned to the revision merged: enough to reproduce it."""
 BLOCK_ELEMENTS = 1 << 20
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 """Rows are read in blocks of about this many elements per input (4 MiB in float32): small enough that a
 method's temporaries stay near the cache and peak memory stays flat."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 @dataclass
