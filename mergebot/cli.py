@@ -131,7 +131,7 @@ def _run_target(args: argparse.Namespace) -> int:
     """The daemon's child: one target's pipeline, from the config text the daemon runs (on stdin); the outcome
     goes to --result as JSON."""
     from mergebot.config import load_daemon_config
-    from mergebot.merge.io import write_json_atomic
+    from mergebot.files import write_json_atomic
     from mergebot.pipeline import TargetRun, run_target
 
     _die_with_parent()

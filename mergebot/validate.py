@@ -13,10 +13,8 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
 import resource
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from mergebot.errors import ConfigError, ModelError, ValidationFailed
+from mergebot.files import write_json_atomic
 from mergebot.merge.io import TensorInfo, read_header
 
 # A merge may be somewhat worse than its weakest parent (interpolating two fine-tunes often costs a little), but a
@@ -260,16 +259,7 @@ class JsonPerplexityCache:
             self.directory.mkdir(parents=True, exist_ok=True)
             entries = self._read()
             entries[_cache_key(name, revision, measure)] = ppl
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=PPL_CACHE_FILE, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(entries, f, indent=2, sort_keys=True)
-                    f.write("\n")
-                os.replace(tmp, self.directory / PPL_CACHE_FILE)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_json_atomic(self.directory / PPL_CACHE_FILE, entries)
 
     def _read(self) -> dict[str, float]:
         try:

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from mergebot.files import fsync_dir, write_atomic
+
 RepoType = Literal["model", "dataset", "space"]
 REPO_TYPES: tuple[RepoType, ...] = ("model", "dataset", "space")
 DEFAULT_BRANCH = "main"
@@ -152,30 +154,6 @@ def folder_oid(tree: Mapping[str, Entry], folder: str) -> str:
     return hashlib.sha1(f"tree {folder}\n{listing}".encode()).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write so that a crash leaves either the old or the new file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _dump(data: object) -> bytes:
     return json.dumps(data, indent=1, sort_keys=True).encode()
 
@@ -229,7 +207,7 @@ class Store:
             target = self._lfs_path(sha256)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         finally:
             Path(tmp).unlink(missing_ok=True)
         return size
@@ -238,7 +216,7 @@ class Store:
         oid = git_blob_oid(content)
         path = self._git_path(oid)
         if not path.exists():
-            _write_atomic(path, content)
+            write_atomic(path, content)
         return oid
 
     # Repos
@@ -247,7 +225,7 @@ class Store:
         return self.root / "repos" / f"{repo_type}s" / repo_id
 
     def _save(self, repo: Repo) -> None:
-        _write_atomic(self._repo_dir(repo.type, repo.id) / "repo.json", _dump(repo.__dict__))
+        write_atomic(self._repo_dir(repo.type, repo.id) / "repo.json", _dump(repo.__dict__))
 
     def repo(self, repo_type: RepoType, repo_id: str) -> Repo | None:
         with self._lock:
@@ -304,7 +282,7 @@ class Store:
         commit_id = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         commit = Commit(commit_id, parents, title, message, _now(), dict(tree))
         record = commit.__dict__ | {"tree": {path: entry.to_json() for path, entry in sorted(tree.items())}}
-        _write_atomic(self._repo_dir(repo.type, repo.id) / "commits" / f"{commit_id}.json", _dump(record))
+        write_atomic(self._repo_dir(repo.type, repo.id) / "commits" / f"{commit_id}.json", _dump(record))
         self._commits[(f"{repo.type}/{repo.id}", commit_id)] = commit
         return commit
 

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 
 from mergebot.errors import ModelError
-from mergebot.merge.io import DTYPE_NAMES, read_header, write_json_atomic
+from mergebot.files import write_json_atomic
+from mergebot.merge.io import DTYPE_NAMES, read_header
 from mergebot.merge.plan import Plan, ShardPlan
 from mergebot.merge.source import InputModel
 

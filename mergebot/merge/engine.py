@@ -16,9 +16,9 @@ import yaml
 
 from mergebot.config import MergeConfig
 from mergebot.errors import ConfigError
-from mergebot.files import INDEX_FILE, TOKENIZER_FILES
+from mergebot.files import INDEX_FILE, TOKENIZER_FILES, fsync_dir, write_atomic, write_json_atomic
 from mergebot.merge.checkpoint import FINGERPRINT_KEY, finished_with, shard_fingerprint
-from mergebot.merge.io import ShardWriter, TensorInfo, TensorReader, fsync_dir, write_atomic, write_json_atomic
+from mergebot.merge.io import ShardWriter, TensorInfo, TensorReader
 from mergebot.merge.methods import MergeMethod, available_methods
 from mergebot.merge.plan import Plan, ShardPlan, TensorPlan, build_plan
 from mergebot.merge.source import InputModel
@@ -245,21 +245,13 @@ def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputMode
             model_config[key] = dtype_name
     write_json_atomic(work / "config.json", model_config)
     if (template.path / "generation_config.json").exists():
-        _copy_atomic(template.path / "generation_config.json", work / "generation_config.json")
+        write_atomic(work / "generation_config.json", (template.path / "generation_config.json").read_bytes())
     pinned = config.pinned({name: model.revision for name, model in models.items()})
     write_atomic(work / MERGE_CONFIG_FILE, yaml.safe_dump(pinned.as_dict(), sort_keys=False).encode())
     tokenizer_dir = models[config.tokenizer_source].path
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
-            _copy_atomic(tokenizer_dir / name, work / name)
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    temp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, temp)
-    with temp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temp, target)
+            write_atomic(work / name, (tokenizer_dir / name).read_bytes())
 
 
 def _move_into_place(work: Path, out_dir: Path) -> None:

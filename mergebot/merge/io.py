@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mergebot.errors import ModelError
+from mergebot.files import fsync_dir
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -239,26 +240,3 @@ class ShardWriter:
     def abort(self) -> None:
         self._handle.close()
         self.temp_path.unlink(missing_ok=True)
-
-
-def fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename, so a reader sees the old file or the new one, never a part."""
-    temp = path.with_name(f".{path.name}.tmp")
-    with temp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, value: object) -> None:
-    write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
