@@ -7,13 +7,16 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from mergebot import log
 from mergebot.config import DEFAULT_EVAL_TEXT, Located, MergeConfig, load_merge_config, parse_merge
 from mergebot.errors import ConfigError, MergebotError
+
+if TYPE_CHECKING:
+    from mergebot.validate import ValidationReport
 
 PR_SET_PDEATHSIG = 1
 EXIT_PARENT_GONE = 75
@@ -70,8 +73,8 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _merge_parents(out_dir: Path):
-    """The merge config an output was made from (mergebot_config.yml) and its input models, as parents."""
+def _merge_parents(out_dir: Path) -> dict:
+    """The input models an output was made from (its mergebot_config.yml), to compare it with."""
     from mergebot.config import read_document
     from mergebot.inputs import resolve_inputs
     from mergebot.merge.engine import MERGE_CONFIG_FILE
@@ -80,17 +83,16 @@ def _merge_parents(out_dir: Path):
     if not path.exists():
         raise ConfigError(f"{out_dir}: no {MERGE_CONFIG_FILE}; was it made by `mergebot merge`?")
     document, located = read_document(path)
-    config = parse_merge(document, located)
-    return config, resolve_inputs(config)
+    return resolve_inputs(parse_merge(document, located))
 
 
-def _gate(args: argparse.Namespace):
+def _gate(args: argparse.Namespace) -> "ValidationReport":
     from mergebot.merge.checkpoint import default_cache_dir
     from mergebot.pipeline import check_merge
     from mergebot.validate import JsonPerplexityCache
 
     out_dir = Path(args.out_dir)
-    _, models = _merge_parents(out_dir)
+    models = _merge_parents(out_dir)
     cache = JsonPerplexityCache(default_cache_dir() / "perplexity")
     return check_merge(out_dir, models, Path(args.eval_text), args.max_ppl_ratio, cache)
 
