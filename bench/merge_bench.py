@@ -80,6 +80,15 @@ def timed(command: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
+def warm_up(files: list[str]) -> None:
+    """Read the inputs once so both sides start from the page cache, not from whichever ran first."""
+    buffer = bytearray(64 << 20)
+    for name in files:
+        with open(name, "rb") as source:
+            while source.readinto(buffer):
+                pass
+
+
 def method_args(method: str, models: dict[str, Path]) -> tuple[list[str], list[Path]]:
     base, fts = str(models["base"]), [str(models[f"ft{i}"]) for i in (1, 2, 3)]
     if method == "linear":
@@ -120,6 +129,7 @@ def main() -> None:
     for method in args.methods.split(","):
         extra, inputs = method_args(method, models)
         files = [str(f) for model in inputs for f in sorted(model.glob("*.safetensors"))]
+        warm_up(files)
         yard_times, merge_times, yard_rss, merge_rss = [], [], [], []
         for _ in range(args.repeat):
             out = root / f"out-{method}"

@@ -144,3 +144,12 @@ def test_density_outside_unit_interval(base, tmp_path, capsys):
     args = ("--method", "ties", "--base-model", base, f"{other}:1", "--set", "density=0", tmp_path / "out")
     line = merge_error(capsys, *args)
     assert "parameters.density" in line
+
+
+def test_existing_directory_that_is_not_a_merge_is_never_replaced(base, tmp_path, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert run_cli("merge", "--method", "linear", f"{base}:1", out) == 2
+    assert "not a mergebot output" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"

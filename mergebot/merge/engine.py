@@ -67,6 +67,8 @@ def run_merge(
     _keep_freed_memory()
     progress = progress or ShardProgress(enabled_bar=False)
     out_dir = out_dir.absolute()
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MERGE_CONFIG_FILE).exists():
+        raise ConfigError(f"{out_dir}: exists and is not a mergebot output; refusing to replace it")
     work = out_dir.parent / f".{out_dir.name}.partial"
     work.mkdir(parents=True, exist_ok=True)
     for leftover in work.glob("*.tmp"):
