@@ -24,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from mergebot.processes import stop_process
+
 REPOS = ("org/base", "org/ft1", "org/ft2")
 TARGETS = 10
 QUIET = {
@@ -95,16 +97,6 @@ def wait_until(predicate, timeout: float, what: str, process: subprocess.Popen, 
             why = "exited" if process.poll() is not None else "timed out"
             raise SystemExit(f"{what}: {why}\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-
-
-def stop(process: subprocess.Popen | None, grace: float = 15) -> None:
-    if process is not None and process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def main() -> None:
@@ -190,8 +182,8 @@ def main() -> None:
         print(f"RSS {max(peak, rss, hwm):.1f} MB <= 100 MB: {'PASS' if max(peak, rss, hwm) <= 100 else 'MISS'}")
         print(f"calls per repo per poll {per:.2f} <= 1: {'PASS' if per <= 1 and polls else 'MISS'}")
     finally:
-        stop(daemon, 30)
-        stop(devhub)
+        stop_process(daemon, 30)
+        stop_process(devhub, 15)
         shutil.rmtree(root, ignore_errors=True)
 
 

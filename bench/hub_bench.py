@@ -28,6 +28,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from mergebot.processes import stop_process
+
 SHAPE = {"hidden": 1024, "intermediate": 4096, "heads": 16, "kv_heads": 16, "vocab": 32000}
 INDEX = "model.safetensors.index.json"
 COLUMNS = {"s": (7, 2), "shard s": (7, 2), "weights MB": (10, 1), "other KB": (9, 1), "calls": (6, 0)}
@@ -133,20 +135,10 @@ def start_devhub(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str
     deadline = time.monotonic() + 60
     while not log.read_text().startswith("devhub serving"):
         if process.poll() is not None or time.monotonic() > deadline:
-            stop(process)
+            stop_process(process, 15)
             raise SystemExit(f"devhub did not start:\n{log.read_text()[-2000:]}")
         time.sleep(0.2)
     return process, f"http://127.0.0.1:{port}"
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def main() -> None:
@@ -211,7 +203,7 @@ def main() -> None:
         print(f"load average at the end {os.getloadavg()[0]:.2f}")
     finally:
         if devhub is not None:
-            stop(devhub)
+            stop_process(devhub, 15)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -31,6 +31,7 @@ from mergebot.config import DaemonConfig, Target, check_daemon_config, load_daem
 from mergebot.errors import MergebotError
 from mergebot.files import METADATA_FILES
 from mergebot.hub.client import HubClient, clean_cache
+from mergebot.processes import stop_process
 from mergebot.state import State, acquire_lock
 from mergebot.status import metrics_text
 
@@ -181,11 +182,7 @@ class Daemon:
         for child in children:
             child.send_signal(signal.SIGTERM)
         for child in children:
-            try:
-                child.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            stop_process(child, max(0.0, deadline - time.monotonic()))
         self.state.mark_interrupted_runs("the daemon stopped during the run; it resumes from its finished shards")
         self.state.close()
         self.lock.close()

@@ -7,7 +7,6 @@ daemon re-merges only what that shard feeds and publishes again.
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from mergebot.processes import stop_process
 
 SHARD_BYTES = 400_000
 TIMEOUT = 300.0
@@ -171,13 +172,7 @@ def run_demo(keep: bool) -> int:
         _say(f"  finished in {time.monotonic() - started:.0f} s")
         return 0
     finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+        stop_process(daemon, 30)
         hub.stop()
         if keep:
             _say(f"  kept {root}: mergebot.toml, daemon.log, state/, hub/ (browse: mergebot devhub --root {root}/hub)")
