@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mergebot import log
 from mergebot.config import DaemonConfig, Target
-from mergebot.errors import StateError, ValidationFailed
+from mergebot.errors import StateError
 from mergebot.hub.client import HubClient
 from mergebot.inputs import resolve_inputs
 from mergebot.merge.engine import run_merge
@@ -117,10 +117,7 @@ def run_target(config: DaemonConfig, target: Target) -> TargetRun:
     run.parent_ppl = {parent.name: parent.ppl for parent in report.parents}
     if not report.passed:
         logger.warning("validation failed", report=format_report(report))
-        raise ValidationFailed(
-            f"target {target.name}: validation failed: "
-            + "; ".join(f"{check.name}: {check.detail}" for check in report.failed_checks)
-        )
+    report.raise_if_failed()
     result = publish(out_dir, target.repo, hub, report, private=target.private)
     run.published_sha = result.commit
     run.uploaded = result.uploaded

@@ -105,8 +105,9 @@ def publish(
 ) -> PublishResult:
     """One commit with changed shards, index, config, tokenizer and card; refused when validation failed."""
     if not report.passed and not force:
-        reasons = "; ".join(f"{c.name}: {c.detail}" for c in report.failed_checks)
-        raise PublishError(f"refusing to publish {out_dir} to {repo}: validation failed ({reasons}); --force overrides")
+        raise PublishError(
+            f"refusing to publish {out_dir} to {repo}: validation failed ({report.failure_summary}); --force overrides"
+        )
     if not (out_dir / INDEX_FILE).exists():
         raise PublishError(f"{out_dir}: no {INDEX_FILE}; not a finished merge")
     client.call(repo, None, lambda: client.api.create_repo(repo, private=private, exist_ok=True), "create_repo")

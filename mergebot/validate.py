@@ -83,11 +83,15 @@ class ValidationReport:
     def failed_checks(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
 
+    @property
+    def failure_summary(self) -> str:
+        """One line naming every failed check and why."""
+        return "; ".join(f"{c.name}: {c.detail}" for c in self.failed_checks)
+
     def raise_if_failed(self) -> None:
-        """For pipeline code that must stop before publishing: one line naming every failed check."""
+        """For pipeline code that must stop before publishing."""
         if not self.passed:
-            reasons = "; ".join(f"{c.name}: {c.detail}" for c in self.failed_checks)
-            raise ValidationFailed(f"validation of {self.out_dir} failed: {reasons}")
+            raise ValidationFailed(f"validation of {self.out_dir} failed: {self.failure_summary}")
 
 
 class PerplexityCache(Protocol):
