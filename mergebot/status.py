@@ -58,6 +58,7 @@ def collect_status(config: DaemonConfig) -> dict:
                     "inputs": last.inputs,
                 },
                 "published_sha": success.published_sha if success else None,
+                "shards": len(state.shard_fingerprints(name)),
                 "next_check": _when(status.next_check) if status else None,
                 "waiting": (status.waiting_reason if status else "never checked") or "up to date",
             }
@@ -78,6 +79,8 @@ def format_status(status: dict) -> str:
                 f"  last   run #{last['id']} {last['outcome']} at {last['finished'] or last['started']}{reason}"
             )
         lines.append(f"  head   {target.get('published_sha') or 'nothing published yet'}")
+        if target.get("shards"):
+            lines.append(f"  shards {target['shards']} with recorded fingerprints")
         lines.append(f"  next   {target.get('next_check') or 'not scheduled'}")
         lines.append(f"  status {target['waiting']}")
     lines.append(f"\n(as of {_when(time.time())})")

@@ -153,6 +153,7 @@ def test_new_upstream_revision_is_merged_and_published(setup):
     status = setup.status()["targets"]["slerpy"]
     assert status["inputs"]["org/ft1"] == new_sha
     assert status["last_run"]["outcome"] == "published"
+    assert status["shards"] == merged[-1]["computed"] + merged[-1]["reused"]
     assert setup.stop() == 0
 
 
