@@ -1,10 +1,8 @@
 """The `mergebot` command. Errors are caught here, reported once as one line, and become the exit code."""
 
 import argparse
-import ctypes
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,9 +15,6 @@ from mergebot.errors import ConfigError, MergebotError
 
 if TYPE_CHECKING:
     from mergebot.validate import ValidationReport
-
-PR_SET_PDEATHSIG = 1
-EXIT_PARENT_GONE = 75
 
 
 def _quick_config(args: argparse.Namespace) -> MergeConfig:
@@ -119,24 +114,15 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """A merge child must not outlive its daemon (a SIGKILLed daemon's child would race the next daemon's run)."""
-    daemon = os.environ.get("MERGEBOT_DAEMON_PID")
-    if sys.platform == "linux" and daemon:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != int(daemon):
-            sys.exit(EXIT_PARENT_GONE)
-
-
 def _run_target(args: argparse.Namespace) -> int:
     """The daemon's child: one target's pipeline, from the config text the daemon runs (on stdin); the outcome
     goes to --result as JSON."""
     from mergebot.config import load_daemon_config
+    from mergebot.daemon import die_with_daemon
     from mergebot.files import write_json_atomic
     from mergebot.pipeline import TargetRun, run_target
 
-    _die_with_parent()
+    die_with_daemon()
     try:
         config = load_daemon_config(Path(args.config), sys.stdin.read())
         if args.target not in config.targets:

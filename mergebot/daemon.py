@@ -6,6 +6,7 @@ moves that check forward. A target is due when an input sha or its config differ
 while the daemon was down). One run per target at a time; at most `max_concurrent_merges` at once.
 """
 
+import ctypes
 import hashlib
 import hmac
 import json
@@ -39,6 +40,8 @@ EXIT_VALIDATION_FAILED = 1
 EXIT_PERMANENT = 2
 RELOAD_CHECK_SECONDS = 2.0
 DAEMON_PID = "MERGEBOT_DAEMON_PID"
+PR_SET_PDEATHSIG = 1
+EXIT_PARENT_GONE = 75
 """Tells a merge child which process it must not outlive (the daemon may itself be pid 1 in a container)."""
 
 
@@ -86,6 +89,17 @@ def due_reason(target: Target, digests: dict[str, str], state: State) -> str | N
     if changed:
         return "new upstream content in " + ", ".join(changed)
     return None
+
+
+def die_with_daemon() -> None:
+    """Called in a merge child: it must not outlive its daemon (a SIGKILLed daemon's child would race the next
+    daemon's run of the same target)."""
+    daemon = os.environ.get(DAEMON_PID)
+    if sys.platform == "linux" and daemon:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != int(daemon):
+            sys.exit(EXIT_PARENT_GONE)
 
 
 def clean_unused_revisions(config: DaemonConfig, state: State) -> tuple[int, int]:
