@@ -24,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from mergebot.processes import stop_process
+from mergebot.daemon.children import stop_process
 
 REPOS = ("org/base", "org/ft1", "org/ft2")
 TARGETS = 10
@@ -41,7 +41,7 @@ def prepare(root: Path) -> None:
     """Runs in its own process, so torch stays out of the measuring process (see merge_bench)."""
     from huggingface_hub import HfApi
 
-    from mergebot.synthetic import make_model
+    from mergebot.dev.synthetic import make_model
 
     api = HfApi(endpoint=os.environ["HF_ENDPOINT"], token="x")
     base = make_model(root / "upstream" / "base", shard_size=60_000)

@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from mergebot.processes import stop_process
+from mergebot.daemon.children import stop_process
 
 SHAPE = {"hidden": 1024, "intermediate": 4096, "heads": 16, "kv_heads": 16, "vocab": 32000}
 INDEX = "model.safetensors.index.json"
@@ -50,7 +50,7 @@ def prepare(root: Path, step: str, layers: int, shard: int, change: int) -> None
     api = HfApi(endpoint=os.environ["HF_ENDPOINT"], token="x")
     upstream = root / "upstream"
     if step == "generate":
-        from mergebot.synthetic import make_model
+        from mergebot.dev.synthetic import make_model
 
         make_model(upstream / "base", layers=layers, shard_size=shard, **SHAPE)
         make_model(upstream / "ft", base=upstream / "base", seed=1, shard_size=shard)

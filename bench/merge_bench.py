@@ -46,8 +46,8 @@ with out.open("wb") as sink:
 def generate(root: Path, size: str) -> dict[str, Path]:
     """Runs in its own process (see --prepare), so the measuring process never imports torch: a child forked from a
     process holding torch would count that memory in its own peak RSS."""
-    from mergebot.merge.checkpoint import FileHashes
-    from mergebot.synthetic import make_model
+    from mergebot.dev.synthetic import make_model
+    from mergebot.files import FileHashes
 
     shape = SIZES[size]
     models = {}

@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from mergebot import log
-from mergebot.config import DEFAULT_EVAL_TEXT, Located, MergeConfig, load_merge_config, parse_merge
+from mergebot.config.daemon import DEFAULT_EVAL_TEXT
+from mergebot.config.document import Located
+from mergebot.config.merge import MergeConfig, load_merge_config, parse_merge
 from mergebot.errors import ConfigError, MergebotError
 
 if TYPE_CHECKING:
-    from mergebot.validate import ValidationReport
+    from mergebot.pipeline.gate import ValidationReport
 
 
 def _quick_config(args: argparse.Namespace) -> MergeConfig:
@@ -42,8 +44,8 @@ def _quick_config(args: argparse.Namespace) -> MergeConfig:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from mergebot.inputs import resolve_inputs
     from mergebot.merge.engine import run_merge
+    from mergebot.pipeline.inputs import resolve_inputs
     from mergebot.progress import ShardProgress
 
     if args.method:
@@ -70,9 +72,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _merge_parents(out_dir: Path) -> dict:
     """The input models an output was made from (its mergebot_config.yml), to compare it with."""
-    from mergebot.config import read_document
-    from mergebot.inputs import resolve_inputs
+    from mergebot.config.document import read_document
     from mergebot.merge.engine import MERGE_CONFIG_FILE
+    from mergebot.pipeline.inputs import resolve_inputs
 
     path = out_dir / MERGE_CONFIG_FILE
     if not path.exists():
@@ -82,9 +84,9 @@ def _merge_parents(out_dir: Path) -> dict:
 
 
 def _gate(args: argparse.Namespace) -> "ValidationReport":
-    from mergebot.merge.checkpoint import default_cache_dir
-    from mergebot.pipeline import check_merge
-    from mergebot.validate import JsonPerplexityCache
+    from mergebot.files import default_cache_dir
+    from mergebot.pipeline.gate import JsonPerplexityCache
+    from mergebot.pipeline.run import check_merge
 
     out_dir = Path(args.out_dir)
     models = _merge_parents(out_dir)
@@ -93,7 +95,7 @@ def _gate(args: argparse.Namespace) -> "ValidationReport":
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from mergebot.validate import format_report
+    from mergebot.pipeline.gate import format_report
 
     report = _gate(args)
     print(format_report(report))
@@ -102,8 +104,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _publish(args: argparse.Namespace) -> int:
     from mergebot.hub.client import HubClient
-    from mergebot.publish import publish
-    from mergebot.validate import format_report
+    from mergebot.pipeline.gate import format_report
+    from mergebot.pipeline.publish import publish
 
     report = _gate(args)
     print(format_report(report))
@@ -117,10 +119,10 @@ def _publish(args: argparse.Namespace) -> int:
 def _run_target(args: argparse.Namespace) -> int:
     """The daemon's child: one target's pipeline, from the config text the daemon runs (on stdin); the outcome
     goes to --result as JSON."""
-    from mergebot.config import load_daemon_config
-    from mergebot.daemon import die_with_daemon
+    from mergebot.config.daemon import load_daemon_config
+    from mergebot.daemon.scheduler import die_with_daemon
     from mergebot.files import write_json_atomic
-    from mergebot.pipeline import TargetRun, run_target
+    from mergebot.pipeline.run import TargetRun, run_target
 
     die_with_daemon()
     try:
@@ -136,14 +138,14 @@ def _run_target(args: argparse.Namespace) -> int:
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    from mergebot.daemon import Daemon
+    from mergebot.daemon.scheduler import Daemon
 
     daemon = Daemon(Path(args.config))
     return daemon.run_once() if args.command == "once" else daemon.run()
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from mergebot.config import check_daemon_config
+    from mergebot.config.daemon import check_daemon_config
 
     config, problems = check_daemon_config(Path(args.config))
     for problem in problems:
@@ -156,8 +158,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from mergebot.config import load_daemon_config
-    from mergebot.status import collect_status, daemon_pid, format_status
+    from mergebot.config.daemon import load_daemon_config
+    from mergebot.daemon.status import collect_status, daemon_pid, format_status
 
     config = load_daemon_config(Path(args.config))
     if args.health:
@@ -171,9 +173,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _cache_clean(args: argparse.Namespace) -> int:
-    from mergebot.config import load_daemon_config
-    from mergebot.daemon import clean_unused_revisions
-    from mergebot.state import State
+    from mergebot.config.daemon import load_daemon_config
+    from mergebot.daemon.scheduler import clean_unused_revisions
+    from mergebot.daemon.state import State
 
     config = load_daemon_config(Path(args.config))
     with State.open(config.daemon.state_dir) as state:
@@ -183,13 +185,13 @@ def _cache_clean(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mergebot.demo import run_demo
+    from mergebot.dev.demo import run_demo
 
     return run_demo(keep=args.keep)
 
 
 def _devhub(args: argparse.Namespace) -> int:
-    from mergebot.hub.devhub import serve
+    from mergebot.dev.devhub.server import serve
 
     serve(Path(args.root), args.host, args.port)
     return 0

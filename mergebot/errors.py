@@ -3,11 +3,28 @@
 Every message is one line that names the file, repo or config key at fault.
 """
 
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What a mergebot process exits with; the daemon decides on a merge child's code alone."""
+
+    OK = 0
+    VALIDATION_FAILED = 1
+    """The gate refused the merge: nothing was published."""
+    PERMANENT = 2
+    """Bad config or input: running again changes nothing until the input or the config changes."""
+    RETRY_LATER = 3
+    """The Hub or the machine had trouble (network, disk full): the same run may succeed later."""
+    PARENT_GONE = 75
+    """A merge child found its daemon gone before it started."""
+    INTERRUPTED = 130
+
 
 class MergebotError(Exception):
     """Base class; `exit_code` is what the CLI exits with."""
 
-    exit_code = 2
+    exit_code = ExitCode.PERMANENT
 
 
 class ConfigError(MergebotError):
@@ -23,27 +40,27 @@ class UnsafePathError(ModelError):
 
 
 class HubError(MergebotError):
-    """A Hub call that still failed after its retries; worth trying again later (exit code 3)."""
+    """A Hub call that still failed after its retries; worth trying again later."""
 
-    exit_code = 3
+    exit_code = ExitCode.RETRY_LATER
 
 
 class HubNotFoundError(HubError):
     """Repo, revision or file does not exist (or is not visible with this token)."""
 
-    exit_code = 2
+    exit_code = ExitCode.PERMANENT
 
 
 class HubAuthError(HubError):
     """401/403: the token is missing, revoked or lacks access."""
 
-    exit_code = 2
+    exit_code = ExitCode.PERMANENT
 
 
 class ValidationFailed(MergebotError):
     """The merged model did not pass the gate; nothing may be published."""
 
-    exit_code = 1
+    exit_code = ExitCode.VALIDATION_FAILED
 
 
 class PublishError(MergebotError):
@@ -52,3 +69,9 @@ class PublishError(MergebotError):
 
 class StateError(MergebotError):
     """The state directory is locked by another daemon or its database is unusable."""
+
+
+class DiskFullError(MergebotError):
+    """The disk filled up while writing; finished work is kept and a later run resumes from it."""
+
+    exit_code = ExitCode.RETRY_LATER

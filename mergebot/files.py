@@ -1,6 +1,7 @@
 """Files on disk: the names a Hugging Face checkpoint is made of, reading its small JSON files, and writing
 files atomically (temp file + fsync + rename). No torch here: the daemon imports this."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +23,17 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 METADATA_FILES = ("config.json", "generation_config.json", INDEX_FILE, *TOKENIZER_FILES)
+
+
+def is_merge_input(name: str) -> bool:
+    """The files of a checkpoint a merge reads: top-level safetensors, the index, config and tokenizer files.
+    Anything else (README.md, pickles, subfolders) never changes a merge and is never downloaded."""
+    return name in METADATA_FILES or ("/" not in name and name.endswith(".safetensors"))
+
+
+def git_blob_id(data: bytes) -> str:
+    """The id git (and so the Hub) gives a file's content: sha1 of a "blob" header and the bytes."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def read_json(path: Path, label: str, *, required: bool) -> dict:
@@ -65,3 +77,47 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, value: object) -> None:
     write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+class FileHashes:
+    """sha256 of local input files, remembered by (path, size, mtime, inode) so each file is hashed once."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self._path = cache_dir / "file-hashes.json"
+        try:
+            self._known: dict[str, str] = json.loads(self._path.read_text())
+        except (OSError, ValueError):
+            self._known = {}
+
+    def sha256(self, path: Path) -> str:
+        real = path.resolve()
+        if real.parent.name == "blobs" and len(real.name) == 64:
+            return real.name
+        stat = real.stat()
+        key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+        if key not in self._known:
+            digest = hashlib.sha256()
+            with real.open("rb") as handle:
+                while chunk := handle.read(8 << 20):
+                    digest.update(chunk)
+            self._known[key] = digest.hexdigest()
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self._path, self._known)
+        return self._known[key]
+
+
+def default_cache_dir() -> Path:
+    """Where mergebot keeps its own small caches: $MERGEBOT_CACHE_DIR, else ~/.cache/mergebot."""
+    configured = os.environ.get("MERGEBOT_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergebot"
+
+
+def local_identity(path: Path) -> str:
+    """A local checkpoint directory's identity: a digest of the sha256 of every file a merge reads, so it changes
+    exactly when the merge's inputs change (hashes are remembered by file stat, so only changed files are read)."""
+    hashes = FileHashes(default_cache_dir())
+    files = sorted(p for p in path.iterdir() if p.is_file() and is_merge_input(p.name))
+    listing = [(file.name, hashes.sha256(file)) for file in files]
+    return "local:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergebot.synthetic import make_model
+from mergebot.dev.synthetic import make_model
 
 INDEX = "model.safetensors.index.json"
 

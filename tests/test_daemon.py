@@ -16,7 +16,7 @@ import requests
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from safetensors.torch import load_file, save_file
 
-from mergebot.synthetic import make_model
+from mergebot.dev.synthetic import make_model
 from tests.helpers import run_cli, run_cli_process
 
 TOKEN = "test-token"

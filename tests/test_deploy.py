@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 
-from mergebot.synthetic import make_model
+from mergebot.dev.synthetic import make_model
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "mergebot.service"

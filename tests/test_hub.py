@@ -9,11 +9,11 @@ import pytest
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
-from mergebot.config import ModelSpec
+from mergebot.config.merge import ModelSpec
+from mergebot.dev.synthetic import make_model
 from mergebot.errors import HubAuthError, HubError, HubNotFoundError, ModelError, UnsafePathError
 from mergebot.hub.client import HubClient, RetryPolicy, clean_cache
-from mergebot.inputs import open_hub_model
-from mergebot.synthetic import make_model
+from mergebot.pipeline.inputs import open_hub_model
 from tests.helpers import run_cli, tree_digest
 
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from mergebot.synthetic import make_model
+from mergebot.dev.synthetic import make_model
 from tests.helpers import load_tensors, read_json, run_cli, run_cli_process, tree_digest
 
 SHARD = "40KB"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergebot.synthetic import make_model
+from mergebot.dev.synthetic import make_model
 from tests.helpers import run_cli, run_cli_process
 
 

@@ -9,11 +9,11 @@ from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
+from mergebot.dev.synthetic import make_model
 from mergebot.errors import HubError, PublishError
 from mergebot.hub.client import HubClient, RetryPolicy
-from mergebot.publish import publish
-from mergebot.synthetic import make_model
-from mergebot.validate import JsonPerplexityCache, validate
+from mergebot.pipeline.gate import JsonPerplexityCache, validate
+from mergebot.pipeline.publish import publish
 from tests.helpers import run_cli
 
 TOKEN = "test-token"

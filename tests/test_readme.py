@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from mergebot.cli import build_parser
-from mergebot.config import DAEMON_KEYS, MERGE_KEYS, TARGET_KEYS
+from mergebot.config.daemon import DAEMON_KEYS, TARGET_KEYS
+from mergebot.config.merge import MERGE_KEYS
 from mergebot.merge.methods import BUILTIN_METHODS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mergebot.daemon.state import LOCK_FILE, SCHEMA_VERSION, STATE_FILE, State, acquire_lock
 from mergebot.errors import StateError
-from mergebot.state import LOCK_FILE, SCHEMA_VERSION, STATE_FILE, State, acquire_lock
 
 # Version 1 of the schema written out by hand, as a file from the first release would hold it: migrating it must
 # keep working even if someone edits the migration list by mistake.
@@ -229,7 +229,7 @@ def test_exception_inside_a_transaction_leaves_no_partial_writes(tmp_path):
 def test_killed_process_mid_transaction_leaves_no_partial_writes(tmp_path):
     child = start_python(f"""
         import time
-        from mergebot.state import State
+        from mergebot.daemon.state import State
         s = State.open({str(tmp_path)!r})
         with s.transaction():
             s.start_run("t", "cfg", {{"org/a": "a1"}})
@@ -329,7 +329,7 @@ def test_run_left_running_by_a_killed_daemon_is_marked_interrupted(tmp_path):
         s.finish_run(done, "published", published_sha="p1")
     child = start_python(f"""
         import time
-        from mergebot.state import State
+        from mergebot.daemon.state import State
         s = State.open({str(tmp_path)!r})
         print(s.start_run("t", "cfg", {{"org/a": "a2"}}), flush=True)
         time.sleep(60)
@@ -413,7 +413,7 @@ def test_lock_is_exclusive_and_released_on_close(tmp_path):
 def test_lock_held_by_another_process_is_refused_until_that_process_is_killed(tmp_path):
     child = start_python(f"""
         import time
-        from mergebot.state import acquire_lock
+        from mergebot.daemon.state import acquire_lock
         lock = acquire_lock({str(tmp_path)!r})
         print("locked", flush=True)
         time.sleep(60)

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from mergebot.synthetic import DEFAULT_VOCAB, base_vocabulary, llama_tensor_shapes, make_model
+from mergebot.dev.synthetic import DEFAULT_VOCAB, base_vocabulary, llama_tensor_shapes, make_model
 from tests.helpers import load_tensors
 from tests.synth_faults import inflate_header_length, make_pickle_model, truncate
 
@@ -53,7 +53,7 @@ def test_transformers_loads_model_and_tokenizer_offline(tmp_path: Path) -> None:
 def test_same_arguments_give_byte_identical_files_even_across_processes(tmp_path: Path) -> None:
     a = make_model(tmp_path / "a", seed=7, extra_tokens=["<x>"])
     b = make_model(tmp_path / "b", seed=7, extra_tokens=["<x>"])
-    code = "import sys; from pathlib import Path; from mergebot.synthetic import make_model; "
+    code = "import sys; from pathlib import Path; from mergebot.dev.synthetic import make_model; "
     code += "make_model(Path(sys.argv[1]), seed=7, extra_tokens=['<x>'])"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "123"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], check=True, env=env)

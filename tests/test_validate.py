@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebot import validate as validate_module
+from mergebot.daemon.state import State
+from mergebot.dev.synthetic import make_model
 from mergebot.errors import ConfigError, ModelError, ValidationFailed
 from mergebot.merge.io import read_header
-from mergebot.pipeline import StatePerplexityCache
-from mergebot.state import State
-from mergebot.synthetic import make_model
-from mergebot.validate import (
+from mergebot.pipeline import gate as validate_module
+from mergebot.pipeline.gate import (
     DEFAULT_MAX_PPL_RATIO,
     PPL_CACHE_FILE,
     JsonPerplexityCache,
@@ -26,6 +25,7 @@ from mergebot.validate import (
     perplexity_measure,
     validate,
 )
+from mergebot.pipeline.run import StatePerplexityCache
 from tests.synth_faults import (
     add_tensor,
     drop_from_index,

@@ -6,11 +6,9 @@ is complete and fsynced, so "a file with the final name and the right fingerprin
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from mergebot.errors import ModelError
-from mergebot.files import write_json_atomic
 from mergebot.merge.io import DTYPE_NAMES, read_header
 from mergebot.merge.plan import Plan, ShardPlan
 from mergebot.merge.source import InputModel
@@ -58,38 +56,3 @@ def finished_with(path: Path, fingerprint: str) -> bool:
     except ModelError:
         return False
     return metadata.get(FINGERPRINT_KEY) == fingerprint
-
-
-class FileHashes:
-    """sha256 of local input files, remembered by (path, size, mtime, inode) so each file is hashed once."""
-
-    def __init__(self, cache_dir: Path) -> None:
-        self._path = cache_dir / "file-hashes.json"
-        try:
-            self._known: dict[str, str] = json.loads(self._path.read_text())
-        except (OSError, ValueError):
-            self._known = {}
-
-    def sha256(self, path: Path) -> str:
-        real = path.resolve()
-        if real.parent.name == "blobs" and len(real.name) == 64:
-            return real.name
-        stat = real.stat()
-        key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
-        if key not in self._known:
-            digest = hashlib.sha256()
-            with real.open("rb") as handle:
-                while chunk := handle.read(8 << 20):
-                    digest.update(chunk)
-            self._known[key] = digest.hexdigest()
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self._path, self._known)
-        return self._known[key]
-
-
-def default_cache_dir() -> Path:
-    """Where mergebot keeps its own small caches: $MERGEBOT_CACHE_DIR, else ~/.cache/mergebot."""
-    configured = os.environ.get("MERGEBOT_CACHE_DIR")
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergebot"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mergebot.config import MergeConfig
+from mergebot.config.merge import MergeConfig
 from mergebot.errors import ConfigError
 from mergebot.files import INDEX_FILE, TOKENIZER_FILES, fsync_dir, write_atomic, write_json_atomic
 from mergebot.merge.checkpoint import FINGERPRINT_KEY, finished_with, shard_fingerprint

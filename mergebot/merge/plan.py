@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mergebot.config import MergeConfig, SliceSource
+from mergebot.config.merge import MergeConfig, SliceSource
 from mergebot.errors import ConfigError, ModelError
 from mergebot.merge.io import OutputTensor, TensorInfo
 from mergebot.merge.methods import MergeMethod, TensorParams

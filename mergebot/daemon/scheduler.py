@@ -28,13 +28,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from mergebot import log
-from mergebot.config import DaemonConfig, Target, check_daemon_config, load_daemon_config
+from mergebot.config.daemon import DaemonConfig, Target, check_daemon_config, load_daemon_config
+from mergebot.daemon.children import stop_process
+from mergebot.daemon.state import State, acquire_lock
+from mergebot.daemon.status import metrics_text
 from mergebot.errors import MergebotError
 from mergebot.files import METADATA_FILES
 from mergebot.hub.client import HubClient, clean_cache
-from mergebot.processes import stop_process
-from mergebot.state import State, acquire_lock
-from mergebot.status import metrics_text
 
 EXIT_VALIDATION_FAILED = 1
 EXIT_PERMANENT = 2

@@ -1,22 +1,14 @@
-"""Config files → typed, validated merge configs; every error names the file, the key and, where known, the line.
-
-A merge is written with the field names users know from mergekit YAML (`merge_method`, `base_model`, `models`,
-`parameters`, `slices`, `dtype`, `tokenizer_source`, `out_shard_size`), either in TOML or in a mergekit YAML file.
+"""Merge configs → typed, validated `MergeConfig`s, with the field names users know from mergekit YAML
+(`merge_method`, `base_model`, `models`, `parameters`, `slices`, `dtype`, `tokenizer_source`, `out_shard_size`),
+either in TOML or in a mergekit YAML file. Every error names the file, the key and, where known, the line.
 """
 
-import hashlib
-import json
-import os
-import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-from apscheduler.triggers.cron import CronTrigger
-
+from mergebot.config.document import Located, parse_size, read_document
 from mergebot.errors import ConfigError
 
 MERGE_KEYS = {
@@ -40,7 +32,6 @@ DTYPE_ALIASES = {
     "float": "float32",
 }
 DEFAULT_SHARD_SIZE = 5 * 1000**3
-SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 
 
 @dataclass(frozen=True)
@@ -50,6 +41,11 @@ class ModelSpec:
     model: str
     revision: str | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_local(self) -> bool:
+        """A checkpoint directory on this machine rather than a Hub repo id: the one place this is decided."""
+        return Path(self.model).expanduser().is_dir()
 
 
 @dataclass(frozen=True)
@@ -117,68 +113,6 @@ class MergeConfig:
         result["tokenizer_source"] = self.tokenizer_source
         result["out_shard_size"] = self.out_shard_size
         return result
-
-
-def parse_size(value: Any, where: str) -> int:
-    """'2GB', '500MiB' or a byte count."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-    unit = match.group(2).upper() if match else None
-    if not match or unit not in SIZE_UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(f"{where}: {value!r} is not a size like '2GB' or '500MiB'")
-    return int(float(match.group(1)) * SIZE_UNITS[unit])
-
-
-class Located:
-    """A config file's text, to point an error at the line of a key."""
-
-    def __init__(self, path: Path, text: str) -> None:
-        self.path = path
-        self.lines = text.splitlines()
-
-    def error(self, key_path: str, message: str) -> ConfigError:
-        leaf = re.split(r"[.\[\]]", key_path.rstrip("]"))[-1] or key_path
-        pattern = re.compile(rf"(^|[\s{{,\-])\"?{re.escape(leaf)}\"?\s*[=:]")
-        start = self._table_start(key_path)
-        line = next((n for n, text in enumerate(self.lines[start:], start + 1) if pattern.search(text)), None)
-        where = f"{self.path}:{line}" if line else str(self.path)
-        return ConfigError(f"{where}: {key_path}: {message}")
-
-    def _table_start(self, key_path: str) -> int:
-        """Index of the line where the N-th [[targets]] table starts, for keys under targets[N]."""
-        match = re.match(r"targets\[(\d+)\]", key_path)
-        if not match:
-            return 0
-        headers = [n for n, text in enumerate(self.lines) if re.match(r"\s*\[\[\s*targets\s*\]\]", text)]
-        index = int(match.group(1))
-        return headers[index] if index < len(headers) else 0
-
-
-def read_document(path: Path, text: str | None = None) -> tuple[dict[str, Any], Located]:
-    """Parse TOML or YAML (by suffix), from the file or from `text` standing for it; syntax errors carry the line."""
-    try:
-        text = path.read_text(encoding="utf-8") if text is None else text
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read config ({error.strerror})") from error
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: config is not UTF-8 text") from error
-    if path.suffix.lower() in (".yml", ".yaml"):
-        try:
-            document = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from error
-    else:
-        try:
-            document = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: invalid TOML: {error}") from error
-    if not isinstance(document, dict):
-        raise ConfigError(f"{path}: the config must be a table/mapping at the top level")
-    return document, Located(path, text)
 
 
 def parse_merge(raw: Mapping[str, Any], located: Located, prefix: str = "") -> MergeConfig:
@@ -361,201 +295,3 @@ def target_merge(raw: Mapping[str, Any], located: Located, prefix: str) -> Merge
         document, yaml_located = read_document(yaml_path)
         return parse_merge(document, yaml_located)
     return parse_merge(merge_fields, located, prefix)
-
-
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-DAEMON_KEYS = {
-    "state_dir",
-    "poll_interval",
-    "schedule",
-    "hub_endpoint",
-    "max_concurrent_merges",
-    "merge_timeout",
-    "stop_grace",
-    "debounce",
-    "retry_delay",
-    "max_retries",
-    "webhook",
-    "metrics_listen",
-}
-TARGET_KEYS = {"name", "repo", "when", "private", "validate", "mergekit_config"} | MERGE_KEYS
-DEFAULT_EVAL_TEXT = Path(__file__).parent / "data" / "eval.txt"
-
-
-@dataclass(frozen=True)
-class ValidateSettings:
-    eval_text: Path = DEFAULT_EVAL_TEXT
-    max_ppl_ratio: float = 1.25
-
-
-@dataclass(frozen=True)
-class Target:
-    """One merged model the daemon keeps up to date: where it is published, when it runs, how it is checked."""
-
-    name: str
-    repo: str
-    merge: MergeConfig
-    when: str = "on_change"
-    private: bool = False
-    validate: ValidateSettings = field(default_factory=ValidateSettings)
-    config_hash: str = ""
-    """Changes whenever anything that shapes the published result changes."""
-
-
-@dataclass(frozen=True)
-class DaemonSettings:
-    state_dir: Path
-    poll_interval: float = 900.0
-    schedule: str = "0 3 * * *"
-    hub_endpoint: str | None = None
-    max_concurrent_merges: int = 1
-    merge_timeout: float = 6 * 3600.0
-    stop_grace: float = 30.0
-    debounce: float = 60.0
-    retry_delay: float = 300.0
-    max_retries: int = 5
-    webhook_listen: tuple[str, int] | None = None
-    webhook_secret_env: str = "MERGEBOT_WEBHOOK_SECRET"
-    metrics_listen: tuple[str, int] | None = None
-
-
-@dataclass(frozen=True)
-class DaemonConfig:
-    path: Path
-    daemon: DaemonSettings
-    targets: dict[str, Target]
-
-
-def parse_duration(value: Any, where: str, located: Located) -> float:
-    """'15m', '30s', '6h', '1d' or a number of seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", str(value))
-    if not match:
-        raise located.error(where, f"{value!r} is not a duration like '30s', '15m', '6h' or '1d'")
-    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
-
-
-def _listen(value: Any, where: str, located: Located) -> tuple[str, int]:
-    host, _, port = str(value).rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise located.error(where, f"{value!r} is not host:port")
-    return host, int(port)
-
-
-def load_daemon_config(path: Path, text: str | None = None) -> DaemonConfig:
-    """The whole daemon config; the first problem found is raised with its key and line."""
-    config, problems = check_daemon_config(path, text)
-    if problems:
-        raise problems[0]
-    assert config is not None
-    return config
-
-
-def check_daemon_config(path: Path, text: str | None = None) -> tuple[DaemonConfig | None, list[ConfigError]]:
-    """Everything that can be checked offline; every target is checked, so all problems are reported at once.
-
-    `text`, when given, is the file's content as the daemon accepted it (relative paths still resolve beside
-    `path`), so a merge child works from the running config even after a broken edit on disk."""
-    try:
-        document, located = read_document(path, text)
-        daemon = _daemon_settings(document.get("daemon", {}), located)
-    except ConfigError as error:
-        return None, [error]
-    problems: list[ConfigError] = []
-    unknown = sorted(set(document) - {"daemon", "targets"})
-    problems += [located.error(key, "unknown top-level key (known: daemon, targets)") for key in unknown]
-    raw_targets = document.get("targets", [])
-    if not isinstance(raw_targets, list):
-        return None, [*problems, located.error("targets", "must be a list of [[targets]] tables")]
-    targets: dict[str, Target] = {}
-    for index, raw in enumerate(raw_targets):
-        try:
-            target = _target(raw, located, f"targets[{index}].")
-            if target.name in targets:
-                raise located.error(f"targets[{index}].name", f"{target.name!r} is used by two targets")
-            targets[target.name] = target
-        except ConfigError as error:
-            problems.append(error)
-    return DaemonConfig(path, daemon, targets), problems
-
-
-def _daemon_settings(raw: Any, located: Located) -> DaemonSettings:
-    if not isinstance(raw, dict):
-        raise located.error("daemon", "must be a table")
-    unknown = sorted(set(raw) - DAEMON_KEYS)
-    if unknown:
-        raise located.error(f"daemon.{unknown[0]}", f"unknown key (known: {', '.join(sorted(DAEMON_KEYS))})")
-    state_dir = os.environ.get("MERGEBOT_STATE_DIR") or raw.get("state_dir")
-    if not state_dir:
-        raise located.error("daemon.state_dir", "required (or set MERGEBOT_STATE_DIR)")
-    schedule = str(raw.get("schedule", "0 3 * * *"))
-    try:
-        CronTrigger.from_crontab(schedule)
-    except ValueError as error:
-        raise located.error("daemon.schedule", f"{schedule!r} is not a cron expression ({error})") from error
-    durations = {
-        key: parse_duration(raw[key], f"daemon.{key}", located)
-        for key in ("poll_interval", "merge_timeout", "stop_grace", "debounce", "retry_delay")
-        if key in raw
-    }
-    for key in ("max_concurrent_merges", "max_retries"):
-        if key in raw and not (isinstance(raw[key], int) and raw[key] >= 1):
-            raise located.error(f"daemon.{key}", "must be a whole number >= 1")
-    webhook = raw.get("webhook")
-    if webhook is not None and not isinstance(webhook, dict):
-        raise located.error("daemon.webhook", "must be a table with listen and secret_env")
-    return DaemonSettings(
-        state_dir=(located.path.parent / Path(state_dir).expanduser()).resolve(),
-        schedule=schedule,
-        hub_endpoint=raw.get("hub_endpoint"),
-        max_concurrent_merges=raw.get("max_concurrent_merges", 1),
-        max_retries=raw.get("max_retries", 5),
-        webhook_listen=_listen(webhook["listen"], "daemon.webhook.listen", located) if webhook else None,
-        webhook_secret_env=str((webhook or {}).get("secret_env", "MERGEBOT_WEBHOOK_SECRET")),
-        metrics_listen=_listen(raw["metrics_listen"], "daemon.metrics_listen", located)
-        if "metrics_listen" in raw
-        else None,
-        **durations,
-    )
-
-
-def _target(raw: Any, located: Located, prefix: str) -> Target:
-    if not isinstance(raw, dict):
-        raise located.error(prefix.rstrip("."), "must be a [[targets]] table")
-    unknown = sorted(set(raw) - TARGET_KEYS)
-    if unknown:
-        raise located.error(f"{prefix}{unknown[0]}", f"unknown key (known: {', '.join(sorted(TARGET_KEYS))})")
-    name = raw.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise located.error(f"{prefix}name", "required: letters, digits, '.', '_' or '-'")
-    repo = raw.get("repo")
-    if not isinstance(repo, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo):
-        raise located.error(f"{prefix}repo", "required: the Hub repo to publish to, as org/name")
-    when = raw.get("when", "on_change")
-    if when not in ("on_change", "nightly"):
-        raise located.error(f"{prefix}when", f"{when!r} is not 'on_change' or 'nightly'")
-    validate_raw = raw.get("validate", {})
-    if not isinstance(validate_raw, dict) or set(validate_raw) - {"eval_text", "max_ppl_ratio"}:
-        raise located.error(f"{prefix}validate", "a table with eval_text and max_ppl_ratio")
-    eval_text = DEFAULT_EVAL_TEXT
-    if "eval_text" in validate_raw:
-        eval_text = (located.path.parent / str(validate_raw["eval_text"])).resolve()
-        if not eval_text.is_file():
-            raise located.error(f"{prefix}validate.eval_text", f"{eval_text} does not exist")
-    ratio = validate_raw.get("max_ppl_ratio", 1.25)
-    if not isinstance(ratio, int | float) or isinstance(ratio, bool) or ratio <= 1.0:
-        raise located.error(f"{prefix}validate.max_ppl_ratio", "must be a number above 1")
-    merge = target_merge(raw, located, prefix)
-    digest = hashlib.sha256(
-        json.dumps([merge.as_dict(), repo, bool(raw.get("private", False)), str(eval_text), ratio]).encode()
-    ).hexdigest()
-    return Target(
-        name=name,
-        repo=repo,
-        merge=merge,
-        when=when,
-        private=bool(raw.get("private", False)),
-        validate=ValidateSettings(eval_text, float(ratio)),
-        config_hash=digest,
-    )

@@ -3,9 +3,9 @@ the standard cache (only the files a merge reads)."""
 
 from pathlib import Path
 
-from mergebot.config import MergeConfig, ModelSpec
+from mergebot.config.merge import MergeConfig, ModelSpec
+from mergebot.files import FileHashes, default_cache_dir
 from mergebot.hub.client import HubClient
-from mergebot.merge.checkpoint import FileHashes, default_cache_dir
 from mergebot.merge.source import InputModel, open_model
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mergebot.processes import stop_process
+from mergebot.daemon.children import stop_process
 
 SHARD_BYTES = 400_000
 TIMEOUT = 300.0
@@ -62,7 +62,7 @@ class _Watch:
         self.state_dir = state_dir
 
     def finished_runs(self, target: str) -> list:
-        from mergebot.state import STATE_FILE, State
+        from mergebot.daemon.state import STATE_FILE, State
 
         if not (self.state_dir / STATE_FILE).exists():
             return []
@@ -108,8 +108,8 @@ def run_demo(keep: bool) -> int:
     )
     from huggingface_hub import HfApi
 
-    from mergebot.hub.devhub import DevHub
-    from mergebot.synthetic import make_model
+    from mergebot.dev.devhub.server import DevHub
+    from mergebot.dev.synthetic import make_model
 
     started = time.monotonic()
     daemon: subprocess.Popen | None = None

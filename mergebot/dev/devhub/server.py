@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from mergebot.hub.devhub_store import (
+from mergebot.dev.devhub.store import (
     DEFAULT_BRANCH,
     REPO_TYPES,
     Commit,

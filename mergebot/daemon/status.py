@@ -5,8 +5,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mergebot.config import DaemonConfig
-from mergebot.state import LOCK_FILE, STATE_FILE, State
+from mergebot.config.daemon import DaemonConfig
+from mergebot.daemon.state import LOCK_FILE, STATE_FILE, State
 
 
 def daemon_pid(state_dir: Path) -> int | None:

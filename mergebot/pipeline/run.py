@@ -9,16 +9,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mergebot import log
-from mergebot.config import DaemonConfig, Target
+from mergebot.config.daemon import DaemonConfig, Target
+from mergebot.daemon.state import State
 from mergebot.errors import StateError
 from mergebot.hub.client import HubClient
-from mergebot.inputs import resolve_inputs
 from mergebot.merge.engine import run_merge
 from mergebot.merge.source import InputModel
+from mergebot.pipeline.gate import PerplexityCache, ValidationReport, format_report, validate
+from mergebot.pipeline.inputs import resolve_inputs
+from mergebot.pipeline.publish import publish
 from mergebot.progress import ShardProgress
-from mergebot.publish import publish
-from mergebot.state import State
-from mergebot.validate import PerplexityCache, ValidationReport, format_report, validate
 
 
 @dataclass

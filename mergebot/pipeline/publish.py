@@ -13,11 +13,10 @@ import yaml
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, ModelCard, ModelCardData
 
 from mergebot.errors import HubNotFoundError, PublishError
-from mergebot.files import INDEX_FILE, METADATA_FILES
+from mergebot.files import INDEX_FILE, METADATA_FILES, FileHashes, default_cache_dir
 from mergebot.hub.client import HubClient
-from mergebot.merge.checkpoint import FileHashes, default_cache_dir
 from mergebot.merge.engine import MERGE_CONFIG_FILE
-from mergebot.validate import ValidationReport
+from mergebot.pipeline.gate import ValidationReport
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,95 @@
+"""Reading config documents (TOML, or YAML by suffix) and pointing an error at the file, key and line.
+
+Also the value formats every config table shares: sizes ('2GB'), durations ('15m') and listen addresses.
+"""
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergebot.errors import ConfigError
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(value: Any, where: str) -> int:
+    """'2GB', '500MiB' or a byte count."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"{where}: {value!r} is not a size like '2GB' or '500MiB'")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+class Located:
+    """A config file's text, to point an error at the line of a key."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def error(self, key_path: str, message: str) -> ConfigError:
+        leaf = re.split(r"[.\[\]]", key_path.rstrip("]"))[-1] or key_path
+        pattern = re.compile(rf"(^|[\s{{,\-])\"?{re.escape(leaf)}\"?\s*[=:]")
+        start = self._table_start(key_path)
+        line = next((n for n, text in enumerate(self.lines[start:], start + 1) if pattern.search(text)), None)
+        where = f"{self.path}:{line}" if line else str(self.path)
+        return ConfigError(f"{where}: {key_path}: {message}")
+
+    def _table_start(self, key_path: str) -> int:
+        """Index of the line where the N-th [[targets]] table starts, for keys under targets[N]."""
+        match = re.match(r"targets\[(\d+)\]", key_path)
+        if not match:
+            return 0
+        headers = [n for n, text in enumerate(self.lines) if re.match(r"\s*\[\[\s*targets\s*\]\]", text)]
+        index = int(match.group(1))
+        return headers[index] if index < len(headers) else 0
+
+
+def read_document(path: Path, text: str | None = None) -> tuple[dict[str, Any], Located]:
+    """Parse TOML or YAML (by suffix), from the file or from `text` standing for it; syntax errors carry the line."""
+    try:
+        text = path.read_text(encoding="utf-8") if text is None else text
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config ({error.strerror})") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: config is not UTF-8 text") from error
+    if path.suffix.lower() in (".yml", ".yaml"):
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from error
+    else:
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: invalid TOML: {error}") from error
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: the config must be a table/mapping at the top level")
+    return document, Located(path, text)
+
+
+def parse_duration(value: Any, where: str, located: Located) -> float:
+    """'15m', '30s', '6h', '1d' or a number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", str(value))
+    if not match:
+        raise located.error(where, f"{value!r} is not a duration like '30s', '15m', '6h' or '1d'")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def listen_address(value: Any, where: str, located: Located) -> tuple[str, int]:
+    host, _, port = str(value).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise located.error(where, f"{value!r} is not host:port")
+    return host, int(port)

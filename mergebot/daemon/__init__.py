@@ -1,0 +1,1 @@
+"""The long-running daemon: scheduling, state, endpoints. Never imports torch."""

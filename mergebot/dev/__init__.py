@@ -1,0 +1,1 @@
+"""Development aids: the local Hub, synthetic models, the demo. Imported lazily by the CLI only."""

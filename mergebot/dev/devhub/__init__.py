@@ -1,0 +1,1 @@
+"""A local Hub that speaks the HTTP API huggingface_hub uses, for tests and the demo."""
