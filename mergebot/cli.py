@@ -10,27 +10,27 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from mergebot import log
-from mergebot.config.daemon import DEFAULT_EVAL_TEXT
-from mergebot.config.document import Located
+from mergebot.config.daemon import ValidateSettings
+from mergebot.config.document import Located, read_document
 from mergebot.config.merge import MergeConfig, load_merge_config, parse_merge
-from mergebot.errors import ConfigError, MergebotError
+from mergebot.errors import ConfigError, ExitCode, MergebotError
 
 if TYPE_CHECKING:
     from mergebot.pipeline.gate import ValidationReport
 
 
-def _quick_config(args: argparse.Namespace) -> MergeConfig:
-    """`--method linear A:0.6 B:0.4 OUT`: sources as model[:weight], other parameters as --set key=value."""
+def _quick_config(args: argparse.Namespace, weighted: list[str]) -> MergeConfig:
+    """`--method linear A:0.6 B:0.4 OUT`: models as model[:weight], other parameters as --set key=value."""
     models = []
-    for source in args.sources:
-        model, sep, weight = source.rpartition(":")
-        if sep and not Path(source).exists():
+    for argument in weighted:
+        model, sep, weight = argument.rpartition(":")
+        if sep and not Path(argument).exists():
             try:
                 models.append({"model": model, "parameters": {"weight": float(weight)}})
                 continue
             except ValueError:
                 pass
-        models.append({"model": source})
+        models.append({"model": argument})
     raw: dict[str, Any] = {"merge_method": args.method, "models": models, "parameters": {}}
     for assignment in args.set or []:
         key, sep, value = assignment.partition("=")
@@ -51,8 +51,8 @@ def _merge(args: argparse.Namespace) -> int:
     if args.method:
         if len(args.paths) < 2:
             raise ConfigError("merge --method: give model[:weight] sources and then OUT_DIR")
-        args.sources, out_dir = args.paths[:-1], Path(args.paths[-1])
-        config = _quick_config(args)
+        config = _quick_config(args, args.paths[:-1])
+        out_dir = Path(args.paths[-1])
     else:
         if len(args.paths) != 2:
             raise ConfigError("merge: give CONFIG OUT_DIR (or --method with model[:weight] sources)")
@@ -67,74 +67,78 @@ def _merge(args: argparse.Namespace) -> int:
         computed=len(result.computed),
         reused=len(result.reused),
     )
-    return 0
+    return ExitCode.OK
 
 
-def _merge_parents(out_dir: Path) -> dict:
-    """The input models an output was made from (its mergebot_config.yml), to compare it with."""
-    from mergebot.config.document import read_document
+def _merged_config(out_dir: Path) -> MergeConfig:
+    """The merge an output was made from (its mergebot_config.yml, pinned to the revisions merged)."""
     from mergebot.merge.engine import MERGE_CONFIG_FILE
-    from mergebot.pipeline.inputs import resolve_inputs
 
     path = out_dir / MERGE_CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"{out_dir}: no {MERGE_CONFIG_FILE}; was it made by `mergebot merge`?")
     document, located = read_document(path)
-    return resolve_inputs(parse_merge(document, located))
+    return parse_merge(document, located)
 
 
-def _gate(args: argparse.Namespace) -> "ValidationReport":
+def _gate(args: argparse.Namespace, merged: MergeConfig) -> "ValidationReport":
+    """The gate on OUT_DIR with the models it was made from as parents."""
     from mergebot.files import default_cache_dir
-    from mergebot.pipeline.gate import JsonPerplexityCache
+    from mergebot.pipeline.inputs import resolve_inputs
+    from mergebot.pipeline.perplexity import JsonPerplexityCache
     from mergebot.pipeline.run import check_merge
 
-    out_dir = Path(args.out_dir)
-    models = _merge_parents(out_dir)
     cache = JsonPerplexityCache(default_cache_dir() / "perplexity")
-    return check_merge(out_dir, models, Path(args.eval_text), args.max_ppl_ratio, cache)
+    return check_merge(Path(args.out_dir), resolve_inputs(merged), Path(args.eval_text), args.max_ppl_ratio, cache)
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from mergebot.pipeline.gate import format_report
+    from mergebot.pipeline.report import format_report
 
-    report = _gate(args)
+    report = _gate(args, _merged_config(Path(args.out_dir)))
     print(format_report(report))
-    return 0 if report.passed else 1
+    return ExitCode.OK if report.passed else ExitCode.VALIDATION_FAILED
 
 
 def _publish(args: argparse.Namespace) -> int:
     from mergebot.hub.client import HubClient
-    from mergebot.pipeline.gate import format_report
     from mergebot.pipeline.publish import publish
+    from mergebot.pipeline.report import format_report
 
-    report = _gate(args)
+    out_dir = Path(args.out_dir)
+    merged = _merged_config(out_dir)
+    report = _gate(args, merged)
     print(format_report(report))
-    result = publish(Path(args.out_dir), args.repo, HubClient(), report, private=args.private, force=args.force)
+    result = publish(out_dir, args.repo, HubClient(), report, merged, private=args.private, force=args.force)
     log.get("publish").info(
         "published", repo=result.repo, sha=result.commit, uploaded=result.uploaded, unchanged=len(result.unchanged)
     )
-    return 0
+    return ExitCode.OK
 
 
-def _run_target(args: argparse.Namespace) -> int:
+def _child_run(args: argparse.Namespace) -> int:
     """The daemon's child: one target's pipeline, from the config text the daemon runs (on stdin); the outcome
     goes to --result as JSON."""
     from mergebot.config.daemon import load_daemon_config
-    from mergebot.daemon.scheduler import die_with_daemon
+    from mergebot.daemon.children import die_with_daemon
+    from mergebot.daemon.perplexity_cache import StatePerplexityCache
+    from mergebot.daemon.state import State
     from mergebot.files import write_json_atomic
-    from mergebot.pipeline.run import TargetRun, run_target
+    from mergebot.pipeline.run import TargetRun, run_pipeline
 
     die_with_daemon()
     try:
         config = load_daemon_config(Path(args.config), sys.stdin.read())
         if args.target not in config.targets:
             raise ConfigError(f"{args.config}: no target named {args.target!r}")
-        run = run_target(config, config.targets[args.target])
+        # Beside the running daemon: WAL lets it read meanwhile, and the busy timeout waits out its short writes.
+        with State.open(config.daemon.state_dir) as state:
+            run = run_pipeline(config, config.targets[args.target], StatePerplexityCache(state))
     except MergebotError as error:
         write_json_atomic(args.result, TargetRun(args.target, reason=str(error)).as_dict())
         raise
     write_json_atomic(args.result, run.as_dict())
-    return 0
+    return ExitCode.OK
 
 
 def _daemon(args: argparse.Namespace) -> int:
@@ -151,37 +155,38 @@ def _check_config(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"mergebot: error: {problem}", file=sys.stderr)
     if problems:
-        return 2
+        return ExitCode.PERMANENT
     assert config is not None
     print(f"{args.config}: ok, {len(config.targets)} target(s): {', '.join(sorted(config.targets)) or 'none'}")
-    return 0
+    return ExitCode.OK
 
 
 def _status(args: argparse.Namespace) -> int:
     from mergebot.config.daemon import load_daemon_config
-    from mergebot.daemon.status import collect_status, daemon_pid, format_status
+    from mergebot.daemon.lock import daemon_pid
+    from mergebot.daemon.status import collect_status, format_status
 
     config = load_daemon_config(Path(args.config))
     if args.health:
         pid = daemon_pid(config.daemon.state_dir)
         collect_status(config)
         print(f"healthy: daemon pid {pid}" if pid else "unhealthy: no mergebot daemon holds the state lock")
-        return 0 if pid else 1
+        return ExitCode.OK if pid else ExitCode.UNHEALTHY
     status = collect_status(config)
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
-    return 0
+    return ExitCode.OK
 
 
 def _cache_clean(args: argparse.Namespace) -> int:
     from mergebot.config.daemon import load_daemon_config
-    from mergebot.daemon.scheduler import clean_unused_revisions
+    from mergebot.daemon.cleanup import clean_unused_revisions
     from mergebot.daemon.state import State
 
     config = load_daemon_config(Path(args.config))
     with State.open(config.daemon.state_dir) as state:
         removed, freed = clean_unused_revisions(config, state)
     print(f"removed {removed} cached revision(s), freed {freed / 1e6:.1f} MB")
-    return 0
+    return ExitCode.OK
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -191,10 +196,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _devhub(args: argparse.Namespace) -> int:
-    from mergebot.dev.devhub.server import serve
+    from mergebot.dev.devhub import serve
 
     serve(Path(args.root), args.host, args.port)
-    return 0
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     merge = commands.add_parser("merge", help="merge models shard by shard into OUT_DIR (resumable)")
-    merge.add_argument("paths", nargs="+", metavar="CONFIG OUT_DIR | SOURCE... OUT_DIR")
+    merge.add_argument("paths", nargs="+", metavar="CONFIG OUT_DIR | MODEL[:WEIGHT]... OUT_DIR")
     merge.add_argument("--target", help="which [[targets]] entry of a TOML config to merge")
     merge.add_argument("--method", help="quick form without a config file, e.g. linear")
     merge.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method parameter (quick form)")
@@ -218,14 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out-shard-size", dest="out_shard_size")
     merge.set_defaults(handler=_merge)
 
+    defaults = ValidateSettings()
     for name, handler, help_text in (
         ("validate", _validate, "quick load + perplexity gate on a merged directory (exit 0 pass, 1 fail)"),
         ("publish", _publish, "validate, then upload a merged directory as one commit with a model card"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("out_dir", metavar="OUT_DIR")
-        command.add_argument("--eval-text", default=str(DEFAULT_EVAL_TEXT), help="text for the perplexity check")
-        command.add_argument("--max-ppl-ratio", type=float, default=1.25, help="limit vs the worst parent")
+        command.add_argument("--eval-text", default=str(defaults.eval_text), help="text for the perplexity check")
+        command.add_argument(
+            "--max-ppl-ratio", type=float, default=defaults.max_ppl_ratio, help="limit vs the worst parent"
+        )
         command.set_defaults(handler=handler)
         if name == "publish":
             command.add_argument("--repo", required=True, metavar="ORG/NAME")
@@ -248,11 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--health", action="store_true", help="exit 0 when a daemon runs on this state")
     status.set_defaults(handler=_status)
 
-    run_target = commands.add_parser("run-target", help=argparse.SUPPRESS)
-    run_target.add_argument("--config", required=True)
-    run_target.add_argument("--target", required=True)
-    run_target.add_argument("--result", required=True, type=Path)
-    run_target.set_defaults(handler=_run_target)
+    child = commands.add_parser("run-target", help=argparse.SUPPRESS)
+    child.add_argument("--config", required=True)
+    child.add_argument("--target", required=True)
+    child.add_argument("--result", required=True, type=Path)
+    child.set_defaults(handler=_child_run)
 
     demo = commands.add_parser("demo", help="the whole job on an embedded local Hub, offline, in about a minute")
     demo.add_argument("--keep", action="store_true", help="keep the demo directory to explore")
@@ -283,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         print("mergebot: interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

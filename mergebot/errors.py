@@ -11,7 +11,9 @@ class ExitCode(IntEnum):
 
     OK = 0
     VALIDATION_FAILED = 1
-    """The gate refused the merge: nothing was published."""
+    """The gate refused the merge (nothing was published), or `once` found a target that failed."""
+    UNHEALTHY = 1
+    """`status --health`: no daemon holds the state (1 is what a container health check reads as unhealthy)."""
     PERMANENT = 2
     """Bad config or input: running again changes nothing until the input or the config changes."""
     RETRY_LATER = 3

@@ -17,11 +17,11 @@ os.environ.pop("HF_ENDPOINT", None)
 
 import pytest
 
-from mergebot.dev.devhub.server import DevHub
+from mergebot.dev.devhub import DevHub
 
 
 @pytest.fixture
 def devhub(tmp_path):
-    """A local Hub (mergebot.dev.devhub.server) on a free loopback port, storing its repos under tmp_path/devhub."""
+    """A local Hub (mergebot.dev.devhub) on a free loopback port, storing its repos under tmp_path/devhub."""
     with DevHub(tmp_path / "devhub").start() as hub:
         yield hub

@@ -1,4 +1,4 @@
-"""The daemon as a real process against the local Hub: watch, re-merge, publish, reload, survive kill -9."""
+"""The daemon as a real process against the local Hub: watch, re-merge, publish, reload, survive kill -9, stop."""
 
 import hashlib
 import json
@@ -16,13 +16,15 @@ import requests
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from safetensors.torch import load_file, save_file
 
+from mergebot.daemon.scheduler import Daemon
+from mergebot.daemon.state import TargetState
 from mergebot.dev.synthetic import make_model
 from tests.helpers import run_cli, run_cli_process
 
 TOKEN = "test-token"
 
 
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -324,3 +326,92 @@ def test_once_runs_due_targets_and_check_config_names_lines(setup):
     assert check.returncode == 2
     line = next(n for n, text in enumerate(setup.config.read_text().splitlines(), 1) if text == 'repo = "bad"')
     assert f"mergebot.toml:{line}: targets[1].repo" in check.stderr
+
+
+def test_sigterm_while_a_poll_retries_an_unreachable_hub_stops_cleanly(setup):
+    setup.env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    setup.write_config(target("offline"), poll="1h")
+    setup.start()
+    wait_for(lambda: any(e.get("event") == "hub retry" for e in setup.events()), what="the poll to retry")
+    started = time.monotonic()
+    assert setup.stop() == 0
+    assert time.monotonic() - started < 5 + 3, "longer than stop_grace and a few seconds"
+    log = setup.log_path.read_text()
+    assert "Traceback" not in log and "closed database" not in log, log
+
+
+def test_once_records_a_broken_target_and_runs_the_others(setup):
+    setup.write_config(target("gone", models=("missing",)) + target("good"))
+    result = run_cli_process("once", "--config", setup.config, env=setup.env, cwd=setup.root, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert setup.head("me/good")
+    status = setup.status()["targets"]
+    assert "org/missing" in status["gone"]["waiting"] and "not found" in status["gone"]["waiting"]
+    assert status["gone"]["state"] == "check_failed"
+    assert (status["good"]["last_run"]["outcome"], status["good"]["state"]) == ("published", "up_to_date")
+
+
+def test_the_nightly_window_runs_what_the_state_column_says(tmp_path):
+    """The window decides on the recorded state, never on the wording of the message beside it."""
+    config = tmp_path / "mergebot.toml"
+    nightly = 'when = "nightly"\n'
+    config.write_text(
+        '[daemon]\nstate_dir = "state"\n' + target("due", extra=nightly) + target("failed", extra=nightly)
+    )
+    daemon = Daemon(config)
+    try:
+        daemon.state.set_target_status("due", TargetState.DUE, "a message worded some other way", None)
+        daemon.state.set_target_status("failed", TargetState.WAITING_FOR_CHANGE, "due (reads like due); failed", None)
+        daemon.nightly()
+        assert daemon.scheduler.get_job("run:due") is not None
+        assert daemon.scheduler.get_job("run:failed") is None
+    finally:
+        daemon.state.close()
+        daemon.lock.close()
+
+
+NATIVE_LIBRARIES_OF_MERGING = ("/torch/", "/tokenizers/", "/safetensors/")
+"""What torch, and transformers' tokenizers and safetensors, map into a process (transformers is pure Python and
+loads these when used)."""
+
+
+def native_libraries(pid: int) -> set[str]:
+    """The shared objects the process has mapped."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {line.split()[-1] for line in lines if ".so" in line}
+
+
+def test_the_daemon_process_never_loads_torch(setup):
+    control = subprocess.Popen(
+        [sys.executable, "-c", "import torch, sys; print(flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        control.stdout.readline()
+        assert any("/torch/" in path for path in native_libraries(control.pid)), "the check cannot see torch"
+    finally:
+        control.kill()
+        control.wait()
+    setup.write_config(target("light"))
+    setup.start()
+    wait_for(lambda: published_runs(setup, "light"), what="a run merged in a child and recorded")
+    loaded = native_libraries(setup.process.pid)
+    assert not [path for path in loaded if any(part in path for part in NATIVE_LIBRARIES_OF_MERGING)]
+    assert any("sqlite" in path for path in loaded)
+    assert setup.stop() == 0
+
+
+def test_a_local_input_reruns_only_when_a_file_the_merge_reads_changes(setup):
+    local = setup.local / "ft2"
+    setup.write_config(target("mixed").replace('{ model = "org/ft1" }', f'{{ model = "{local}" }}'))
+    setup.start()
+    wait_for(lambda: published_runs(setup, "mixed"), what="first publish")
+    (local / "README.md").write_text("# notes that no merge reads\n")
+    time.sleep(3)  # three polls
+    shard = sorted(local.glob("model-*.safetensors"))[-1]
+    save_file({k: v * 1.5 for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    wait_for(lambda: len(published_runs(setup, "mixed")) >= 2, what="a re-merge after the shard changed")
+    time.sleep(2)
+    assert len([e for e in setup.events() if e.get("event") == "run started"]) == 2
+    assert setup.stop() == 0

@@ -28,7 +28,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from mergebot.dev.devhub.server import DevHub
+from mergebot.dev.devhub import DevHub
 
 REPO = "org/model"
 CONFIG = b'{"hidden_size": 8}'
@@ -401,7 +401,7 @@ def test_lfs_upload_streams_chunked_bodies_and_checks_sha256(devhub: DevHub) -> 
 
 
 def test_serve_runs_in_the_foreground_until_sigterm(tmp_path: Path) -> None:
-    code = f"from mergebot.dev.devhub.server import serve; serve({str(tmp_path / 'hub')!r}, port=0)"
+    code = f"from mergebot.dev.devhub import serve; serve({str(tmp_path / 'hub')!r}, port=0)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
         url = proc.stdout.readline().split()[-1]

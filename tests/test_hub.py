@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from mergebot.config.merge import ModelSpec
 from mergebot.dev.synthetic import make_model
 from mergebot.errors import HubAuthError, HubError, HubNotFoundError, ModelError, UnsafePathError
-from mergebot.hub.client import HubClient, RetryPolicy, clean_cache
+from mergebot.hub.cache import clean_cache
+from mergebot.hub.client import HubClient, RetryPolicy
 from mergebot.pipeline.inputs import open_hub_model
 from tests.helpers import run_cli, tree_digest
 

@@ -153,3 +153,20 @@ def test_existing_directory_that_is_not_a_merge_is_never_replaced(base, tmp_path
     assert run_cli("merge", "--method", "linear", f"{base}:1", out) == 2
     assert "not a mergebot output" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_unknown_slice_key_in_mergekit_yaml_names_key_and_line(base, tmp_path, capsys):
+    config = tmp_path / "merge.yml"
+    config.write_text(
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {base}\n        layer_range: [0, 2]\n"
+        "    residual_weight: 0.5\n"
+    )
+    line = merge_error(capsys, config, tmp_path / "out")
+    assert f"{config}:6: slices[0].residual_weight: unknown key (known: sources)" in line
+
+
+def test_bad_shard_size_names_file_and_line(base, tmp_path, capsys):
+    config = tmp_path / "cfg.toml"
+    config.write_text(f'merge_method = "linear"\nmodels = [{{ model = "{base}" }}]\nout_shard_size = "big"\n')
+    line = merge_error(capsys, config, tmp_path / "out")
+    assert f"{config}:3: out_shard_size:" in line and "'big'" in line

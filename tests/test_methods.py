@@ -34,9 +34,9 @@ from mergebot.merge.methods import (
     MergeMethod,
     TensorParams,
     available_methods,
-    kth_largest_bits,
     whole_tensor_method,
 )
+from mergebot.merge.methods.topk import top_cuts
 
 TENSOR_NAME = "model.layers.3.mlp.up_proj.weight"
 ROWS = [1, 3, None]
@@ -618,7 +618,7 @@ def test_passthrough(shape, rows):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# kth_largest_bits
+# top_cuts: the streaming exact top-k
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -648,7 +648,7 @@ def expected_kth(values: torch.Tensor, k: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("kind", ["continuous", "ties", "close", "wide"])
 @pytest.mark.parametrize("rows", [1, 2, None])
-def test_kth_largest_bits(kind, rows):
+def test_top_cuts_finds_the_exact_kth_largest(kind, rows):
     shape = (5, 9)
     streams = [magnitudes(kind, shape, seed=s) for s in (17, 18)]
     bits = [s.view(torch.int32) for s in streams]
@@ -659,7 +659,7 @@ def test_kth_largest_bits(kind, rows):
         return ([b[start : start + step] for b in bits] for start in range(0, shape[0], step))
 
     for k_pair in [(1, numel), (numel // 2, 37), (numel - 1, 2)]:
-        result = kth_largest_bits(passes, list(k_pair))
+        result = [(threshold, above) for threshold, above, _ in top_cuts(passes, lambda _, ks=k_pair: list(ks))]
         assert result == [expected_kth(s, k) for s, k in zip(streams, k_pair, strict=True)]
 
 

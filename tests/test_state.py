@@ -9,11 +9,14 @@ import sys
 import textwrap
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from mergebot.daemon.state import LOCK_FILE, SCHEMA_VERSION, STATE_FILE, State, acquire_lock
+from mergebot.daemon.lock import LOCK_FILE, acquire_lock
+from mergebot.daemon.schema import SCHEMA_VERSION
+from mergebot.daemon.state import STATE_FILE, State, TargetState
 from mergebot.errors import StateError
 
 # Version 1 of the schema written out by hand, as a file from the first release would hold it: migrating it must
@@ -125,9 +128,57 @@ def test_version_1_file_is_migrated_keeping_its_rows(tmp_path):
         # the tables version 2 added work
         s.record_parent_perplexity("org/a", "a1", "e", 7.5)
         assert s.parent_perplexity("org/a", "a1", "e") == 7.5
-        s.set_target_status("t", "waiting for the nightly window", 2000.0)
+        s.set_target_status("t", TargetState.WAITING_FOR_WINDOW, "waiting for the nightly window", 2000.0)
         assert s.target_status("t").next_check == 2000.0
         assert s.start_run("t", "cfg", {}) == 2
+
+
+# What version 2 added, with the status messages the daemon of that release wrote (it had no state column).
+V2_SCHEMA = """
+CREATE TABLE parent_perplexity (repo TEXT NOT NULL, sha TEXT NOT NULL, eval_hash TEXT NOT NULL, ppl REAL,
+    recorded REAL NOT NULL, PRIMARY KEY (repo, sha, eval_hash)) WITHOUT ROWID;
+CREATE TABLE target_status (target TEXT PRIMARY KEY, waiting_reason TEXT, next_check REAL, updated REAL NOT NULL)
+    WITHOUT ROWID;
+INSERT INTO target_status VALUES ('fresh', NULL, 2000.0, 1000.0);
+INSERT INTO target_status VALUES ('soon', 'due (never merged); run scheduled', 2000.0, 1000.0);
+INSERT INTO target_status VALUES ('night', 'due (new upstream content in org/a); waits for the nightly window '
+    || '2026-01-02 03:00:00+00:00', 2000.0, 1000.0);
+INSERT INTO target_status VALUES ('flaky', 'retrying in 300 s after: exit code 3', 1300.0, 1000.0);
+INSERT INTO target_status VALUES ('tired', 'gave up after 5 retries: exit code 3', NULL, 1000.0);
+INSERT INTO target_status VALUES ('gone', 'cannot check inputs: repo org/x: not found', 2000.0, 1000.0);
+INSERT INTO target_status VALUES ('bad', 'failed: perplexity 9 above 7; waits for new inputs or a config change',
+    NULL, 1000.0);
+INSERT INTO target_status VALUES ('stuck', 'last run failed: x; waits for new inputs or a config change', 2000.0,
+    1000.0);
+PRAGMA user_version = 2;
+"""
+
+
+def test_version_2_status_rows_get_the_state_their_message_meant(tmp_path):
+    path = tmp_path / STATE_FILE
+    make_v1(path)
+    db = sqlite3.connect(path)
+    db.executescript(V2_SCHEMA)
+    db.close()
+    with State(path) as s:
+        assert user_version(path) == SCHEMA_VERSION
+        names = ("fresh", "soon", "night", "flaky", "tired", "gone", "bad", "stuck")
+        assert {name: s.target_status(name).state for name in names} == {
+            "fresh": TargetState.UP_TO_DATE,
+            "soon": TargetState.DUE,
+            "night": TargetState.WAITING_FOR_WINDOW,
+            "flaky": TargetState.RETRYING,
+            "tired": TargetState.GAVE_UP,
+            "gone": TargetState.CHECK_FAILED,
+            "bad": TargetState.WAITING_FOR_CHANGE,
+            "stuck": TargetState.WAITING_FOR_CHANGE,
+        }
+        status = s.target_status("flaky")
+        assert (status.waiting_reason, status.next_check, status.updated) == (
+            "retrying in 300 s after: exit code 3",
+            1300.0,
+            1000.0,
+        )
 
 
 def test_failed_migration_leaves_the_file_at_its_old_version(tmp_path):
@@ -374,14 +425,19 @@ def test_parent_perplexity(state):
 
 def test_target_status(state):
     assert state.target_status("t") is None
-    state.set_target_status("t", "validation failed: perplexity above limit; waiting for new inputs", None)
+    message = "failed: perplexity above limit; waits for new inputs or a config change"
+    state.set_target_status("t", TargetState.WAITING_FOR_CHANGE, message, None)
     status = state.target_status("t")
-    assert (status.target, status.next_check) == ("t", None)
-    assert status.waiting_reason.startswith("validation failed")
+    assert (status.target, status.state, status.waiting_reason, status.next_check) == (
+        "t",
+        TargetState.WAITING_FOR_CHANGE,
+        message,
+        None,
+    )
     assert status.updated <= time.time()
-    state.set_target_status("t", None, 1234.5)
+    state.set_target_status("t", TargetState.UP_TO_DATE, None, 1234.5)
     status = state.target_status("t")
-    assert (status.waiting_reason, status.next_check) == (None, 1234.5)
+    assert (status.state, status.waiting_reason, status.next_check) == (TargetState.UP_TO_DATE, None, 1234.5)
 
 
 def test_published_inputs_are_those_of_each_targets_last_published_run(state):
@@ -402,7 +458,7 @@ def test_published_inputs_are_those_of_each_targets_last_published_run(state):
 
 
 def test_lock_is_exclusive_and_released_on_close(tmp_path):
-    with acquire_lock(tmp_path / "new") as lock:
+    with closing(acquire_lock(tmp_path / "new")) as lock:
         assert lock.path == tmp_path / "new" / LOCK_FILE
         assert lock.path.read_text() == f"{os.getpid()}\n"
         with pytest.raises(StateError, match=f"another mergebot daemon holds .*{LOCK_FILE} \\(pid {os.getpid()}\\)"):
@@ -413,7 +469,7 @@ def test_lock_is_exclusive_and_released_on_close(tmp_path):
 def test_lock_held_by_another_process_is_refused_until_that_process_is_killed(tmp_path):
     child = start_python(f"""
         import time
-        from mergebot.daemon.state import acquire_lock
+        from mergebot.daemon.lock import acquire_lock
         lock = acquire_lock({str(tmp_path)!r})
         print("locked", flush=True)
         time.sleep(60)
@@ -426,5 +482,5 @@ def test_lock_held_by_another_process_is_refused_until_that_process_is_killed(tm
             s.record_revision("org/a", "main", "a1")
     finally:
         kill9(child)
-    with acquire_lock(tmp_path) as lock:
+    with closing(acquire_lock(tmp_path)) as lock:
         assert lock.path.read_text() == f"{os.getpid()}\n"

@@ -10,22 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergebot.config.daemon import ValidateSettings
+from mergebot.daemon.perplexity_cache import StatePerplexityCache
 from mergebot.daemon.state import State
 from mergebot.dev.synthetic import make_model
 from mergebot.errors import ConfigError, ModelError, ValidationFailed
+from mergebot.files import local_identity
 from mergebot.merge.io import read_header
-from mergebot.pipeline import gate as validate_module
-from mergebot.pipeline.gate import (
-    DEFAULT_MAX_PPL_RATIO,
+from mergebot.pipeline import perplexity as perplexity_module
+from mergebot.pipeline.gate import ValidationReport, validate
+from mergebot.pipeline.perplexity import (
     PPL_CACHE_FILE,
     JsonPerplexityCache,
+    Parent,
     PerplexityCache,
-    format_report,
-    parent_revision,
     perplexity_measure,
-    validate,
 )
-from mergebot.pipeline.run import StatePerplexityCache
+from mergebot.pipeline.report import format_report
 from tests.synth_faults import (
     add_tensor,
     drop_from_index,
@@ -36,6 +37,7 @@ from tests.synth_faults import (
 )
 
 EVAL = Path(__file__).resolve().parents[1] / "config" / "eval.txt"
+DEFAULT_MAX_PPL_RATIO = ValidateSettings.max_ppl_ratio
 ALL_CHECKS = [
     "config",
     "weight files",
@@ -76,13 +78,21 @@ def cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Perplexity
             yield StatePerplexityCache(state)
 
 
-def run(out: Path, family: dict[str, Path], tmp_path: Path, **kwargs: object) -> validate_module.ValidationReport:
-    parents = {"org/a": family["a"], "org/b": family["b"]}
+def parent(path: Path) -> Parent:
+    return Parent(path, local_identity(path))
+
+
+def run(
+    out: Path, family: dict[str, Path], tmp_path: Path, revision_a: str | None = None, **kwargs: object
+) -> ValidationReport:
+    parents = {"org/a": parent(family["a"]), "org/b": parent(family["b"])}
+    if revision_a:
+        parents["org/a"] = Parent(family["a"], revision_a)
     kwargs.setdefault("cache", JsonPerplexityCache(tmp_path / "cache"))
     return validate(out, eval_text_path=EVAL, parents=parents, **kwargs)
 
 
-def failed(report: validate_module.ValidationReport) -> dict[str, str]:
+def failed(report: ValidationReport) -> dict[str, str]:
     return {c.name: c.detail for c in report.failed_checks}
 
 
@@ -109,14 +119,14 @@ def test_parent_perplexity_is_computed_once_per_revision(
     def must_not_run(*args: object) -> float:
         raise AssertionError("parent perplexity recomputed despite the cache")
 
-    monkeypatch.setattr(validate_module, "parent_perplexity", must_not_run)
+    monkeypatch.setattr(perplexity_module, "parent_perplexity", must_not_run)
     second = run(family["merge"], family, tmp_path, cache=cache)
     assert [p.cached for p in second.parents] == [True, True]
     assert [p.ppl for p in second.parents] == [p.ppl for p in first.parents]
     monkeypatch.undo()
     # Measured differently (window) or at another revision: not the same entry.
     assert not any(p.cached for p in run(family["merge"], family, tmp_path, cache=cache, window=64).parents)
-    other = run(family["merge"], family, tmp_path, cache=cache, parent_revisions={"org/a": "f" * 40})
+    other = run(family["merge"], family, tmp_path, cache=cache, revision_a="f" * 40)
     assert [p.cached for p in other.parents] == [False, True]
 
 
@@ -288,17 +298,7 @@ def test_inputs_that_are_not_the_candidates_fault_raise(family: dict[str, Path],
     with pytest.raises(ModelError, match="not a directory"):
         validate(tmp_path / "nope", eval_text_path=EVAL, parents=None, cache=None)
     with pytest.raises(ModelError, match="org/gone"):
-        validate(family["merge"], eval_text_path=EVAL, parents={"org/gone": tmp_path / "gone"}, cache=None)
+        validate(family["merge"], eval_text_path=EVAL, parents={"org/gone": Parent(tmp_path / "gone", "g")}, cache=None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="parent"):
-        validate(family["merge"], eval_text_path=EVAL, parents={"x": tmp_path / "empty"}, cache=None)
-
-
-def test_parent_revision_prefers_the_hub_snapshot_sha(family: dict[str, Path], tmp_path: Path) -> None:
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = tmp_path / "models--org--a" / "snapshots" / sha
-    assert parent_revision(snapshot) == sha
-    copy = Path(shutil.copytree(family["a"], tmp_path / "copy"))
-    assert parent_revision(copy) == parent_revision(family["a"]) != parent_revision(family["b"])
-    set_value(copy, "model.norm.weight", 2.0)
-    assert parent_revision(copy) != parent_revision(family["a"])
+        validate(family["merge"], eval_text_path=EVAL, parents={"x": Parent(tmp_path / "empty", "e")}, cache=None)

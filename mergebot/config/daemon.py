@@ -1,5 +1,7 @@
 """The daemon's config file: `[daemon]` settings and `[[targets]]`, each target a merge plus where and when it is
 published and how it is checked. Everything is checked offline, with the key and line of each problem.
+
+Defaults live on the dataclasses: the parser passes only the keys a file sets.
 """
 
 import hashlib
@@ -10,34 +12,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apscheduler.triggers.cron import CronTrigger
-
 from mergebot.config.document import Located, listen_address, parse_duration, read_document
 from mergebot.config.merge import MERGE_KEYS, MergeConfig, target_merge
 from mergebot.errors import ConfigError
 
-DAEMON_KEYS = {
-    "state_dir",
-    "poll_interval",
-    "schedule",
-    "hub_endpoint",
-    "max_concurrent_merges",
-    "merge_timeout",
-    "stop_grace",
-    "debounce",
-    "retry_delay",
-    "max_retries",
-    "webhook",
-    "metrics_listen",
-}
+DURATION_KEYS = ("poll_interval", "merge_timeout", "stop_grace", "debounce", "retry_delay")
+COUNT_KEYS = ("max_concurrent_merges", "max_retries")
+DAEMON_KEYS = {"state_dir", "schedule", "hub_endpoint", "webhook", "metrics_listen", *DURATION_KEYS, *COUNT_KEYS}
+WEBHOOK_KEYS = {"listen", "secret_env"}
+VALIDATE_KEYS = {"eval_text", "max_ppl_ratio"}
 TARGET_KEYS = {"name", "repo", "when", "private", "validate", "mergekit_config"} | MERGE_KEYS
-DEFAULT_EVAL_TEXT = Path(__file__).parent.parent / "data" / "eval.txt"
 
 
 @dataclass(frozen=True)
 class ValidateSettings:
-    eval_text: Path = DEFAULT_EVAL_TEXT
+    """How a merge is checked before it is published; also the defaults of `mergebot validate` and `publish`."""
+
+    eval_text: Path = Path(__file__).parent.parent / "data" / "eval.txt"
     max_ppl_ratio: float = 1.25
+    """A merge may be somewhat worse than its weakest parent (interpolating two fine-tunes often costs a little),
+    but a broken merge (wrong tokenizer rows, mis-scaled tensors, a layer from the wrong model) lands at several
+    times the parents' perplexity: 1.25 x the worst parent tolerates the first and catches the second."""
 
 
 @dataclass(frozen=True)
@@ -47,11 +42,11 @@ class Target:
     name: str
     repo: str
     merge: MergeConfig
+    config_hash: str
+    """Changes whenever anything that shapes the published result changes."""
     when: str = "on_change"
     private: bool = False
     validate: ValidateSettings = field(default_factory=ValidateSettings)
-    config_hash: str = ""
-    """Changes whenever anything that shapes the published result changes."""
 
 
 @dataclass(frozen=True)
@@ -97,9 +92,7 @@ def check_daemon_config(path: Path, text: str | None = None) -> tuple[DaemonConf
         daemon = _daemon_settings(document.get("daemon", {}), located)
     except ConfigError as error:
         return None, [error]
-    problems: list[ConfigError] = []
-    unknown = sorted(set(document) - {"daemon", "targets"})
-    problems += [located.error(key, "unknown top-level key (known: daemon, targets)") for key in unknown]
+    problems = located.unknown_keys(document, {"daemon", "targets"}, "")
     raw_targets = document.get("targets", [])
     if not isinstance(raw_targets, list):
         return None, [*problems, located.error("targets", "must be a list of [[targets]] tables")]
@@ -118,79 +111,105 @@ def check_daemon_config(path: Path, text: str | None = None) -> tuple[DaemonConf
 def _daemon_settings(raw: Any, located: Located) -> DaemonSettings:
     if not isinstance(raw, dict):
         raise located.error("daemon", "must be a table")
-    unknown = sorted(set(raw) - DAEMON_KEYS)
-    if unknown:
-        raise located.error(f"daemon.{unknown[0]}", f"unknown key (known: {', '.join(sorted(DAEMON_KEYS))})")
+    located.check_keys(raw, DAEMON_KEYS, "daemon.")
     state_dir = os.environ.get("MERGEBOT_STATE_DIR") or raw.get("state_dir")
     if not state_dir:
         raise located.error("daemon.state_dir", "required (or set MERGEBOT_STATE_DIR)")
-    schedule = str(raw.get("schedule", "0 3 * * *"))
+    if not isinstance(state_dir, str):
+        raise located.error("daemon.state_dir", "must be a directory path")
+    settings: dict[str, Any] = {
+        key: parse_duration(raw[key], f"daemon.{key}", located) for key in DURATION_KEYS if key in raw
+    }
+    for key in COUNT_KEYS:
+        if key in raw:
+            if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
+                raise located.error(f"daemon.{key}", "must be a whole number >= 1")
+            settings[key] = raw[key]
+    if "schedule" in raw:
+        settings["schedule"] = _schedule(raw["schedule"], located)
+    if "hub_endpoint" in raw:
+        if not isinstance(raw["hub_endpoint"], str):
+            raise located.error("daemon.hub_endpoint", "must be a URL like 'https://huggingface.co'")
+        settings["hub_endpoint"] = raw["hub_endpoint"]
+    if "metrics_listen" in raw:
+        settings["metrics_listen"] = listen_address(raw["metrics_listen"], "daemon.metrics_listen", located)
+    if "webhook" in raw:
+        settings |= _webhook(raw["webhook"], located)
+    return DaemonSettings(state_dir=(located.path.parent / Path(state_dir).expanduser()).resolve(), **settings)
+
+
+def _schedule(value: Any, located: Located) -> str:
+    """A cron expression, checked the way the scheduler will read it."""
+    # Imported here: `mergebot merge` reads this module for the validate defaults and must not load the scheduler.
+    from apscheduler.triggers.cron import CronTrigger
+
+    schedule = str(value)
     try:
         CronTrigger.from_crontab(schedule)
     except ValueError as error:
         raise located.error("daemon.schedule", f"{schedule!r} is not a cron expression ({error})") from error
-    durations = {
-        key: parse_duration(raw[key], f"daemon.{key}", located)
-        for key in ("poll_interval", "merge_timeout", "stop_grace", "debounce", "retry_delay")
-        if key in raw
-    }
-    for key in ("max_concurrent_merges", "max_retries"):
-        if key in raw and not (isinstance(raw[key], int) and raw[key] >= 1):
-            raise located.error(f"daemon.{key}", "must be a whole number >= 1")
-    webhook = raw.get("webhook")
-    if webhook is not None and not isinstance(webhook, dict):
+    return schedule
+
+
+def _webhook(raw: Any, located: Located) -> dict[str, Any]:
+    """The [daemon.webhook] table as DaemonSettings fields."""
+    if not isinstance(raw, dict):
         raise located.error("daemon.webhook", "must be a table with listen and secret_env")
-    return DaemonSettings(
-        state_dir=(located.path.parent / Path(state_dir).expanduser()).resolve(),
-        schedule=schedule,
-        hub_endpoint=raw.get("hub_endpoint"),
-        max_concurrent_merges=raw.get("max_concurrent_merges", 1),
-        max_retries=raw.get("max_retries", 5),
-        webhook_listen=listen_address(webhook["listen"], "daemon.webhook.listen", located) if webhook else None,
-        webhook_secret_env=str((webhook or {}).get("secret_env", "MERGEBOT_WEBHOOK_SECRET")),
-        metrics_listen=listen_address(raw["metrics_listen"], "daemon.metrics_listen", located)
-        if "metrics_listen" in raw
-        else None,
-        **durations,
-    )
+    located.check_keys(raw, WEBHOOK_KEYS, "daemon.webhook.")
+    if "listen" not in raw:
+        raise located.error("daemon.webhook.listen", "required: the host:port to receive webhooks on")
+    settings: dict[str, Any] = {"webhook_listen": listen_address(raw["listen"], "daemon.webhook.listen", located)}
+    if "secret_env" in raw:
+        if not isinstance(raw["secret_env"], str) or not raw["secret_env"]:
+            raise located.error("daemon.webhook.secret_env", "must name the environment variable with the secret")
+        settings["webhook_secret_env"] = raw["secret_env"]
+    return settings
 
 
 def _target(raw: Any, located: Located, prefix: str) -> Target:
     if not isinstance(raw, dict):
         raise located.error(prefix.rstrip("."), "must be a [[targets]] table")
-    unknown = sorted(set(raw) - TARGET_KEYS)
-    if unknown:
-        raise located.error(f"{prefix}{unknown[0]}", f"unknown key (known: {', '.join(sorted(TARGET_KEYS))})")
+    located.check_keys(raw, TARGET_KEYS, prefix)
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise located.error(f"{prefix}name", "required: letters, digits, '.', '_' or '-'")
     repo = raw.get("repo")
     if not isinstance(repo, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo):
         raise located.error(f"{prefix}repo", "required: the Hub repo to publish to, as org/name")
-    when = raw.get("when", "on_change")
-    if when not in ("on_change", "nightly"):
-        raise located.error(f"{prefix}when", f"{when!r} is not 'on_change' or 'nightly'")
+    settings: dict[str, Any] = {}
+    if "when" in raw:
+        if raw["when"] not in ("on_change", "nightly"):
+            raise located.error(f"{prefix}when", f"{raw['when']!r} is not 'on_change' or 'nightly'")
+        settings["when"] = raw["when"]
+    if "private" in raw:
+        if not isinstance(raw["private"], bool):
+            raise located.error(f"{prefix}private", "must be true or false")
+        settings["private"] = raw["private"]
     validate_raw = raw.get("validate", {})
-    if not isinstance(validate_raw, dict) or set(validate_raw) - {"eval_text", "max_ppl_ratio"}:
-        raise located.error(f"{prefix}validate", "a table with eval_text and max_ppl_ratio")
-    eval_text = DEFAULT_EVAL_TEXT
-    if "eval_text" in validate_raw:
-        eval_text = (located.path.parent / str(validate_raw["eval_text"])).resolve()
-        if not eval_text.is_file():
-            raise located.error(f"{prefix}validate.eval_text", f"{eval_text} does not exist")
-    ratio = validate_raw.get("max_ppl_ratio", 1.25)
-    if not isinstance(ratio, int | float) or isinstance(ratio, bool) or ratio <= 1.0:
-        raise located.error(f"{prefix}validate.max_ppl_ratio", "must be a number above 1")
+    validate = _validate_settings(validate_raw, located, f"{prefix}validate.")
     merge = target_merge(raw, located, prefix)
+    # The ratio as written (2, not 2.0), as the hash has always been taken: a changed hash re-runs the target.
+    ratio = validate_raw.get("max_ppl_ratio", validate.max_ppl_ratio)
+    private = settings.get("private", Target.private)
     digest = hashlib.sha256(
-        json.dumps([merge.as_dict(), repo, bool(raw.get("private", False)), str(eval_text), ratio]).encode()
+        json.dumps([merge.as_dict(), repo, private, str(validate.eval_text), ratio]).encode()
     ).hexdigest()
-    return Target(
-        name=name,
-        repo=repo,
-        merge=merge,
-        when=when,
-        private=bool(raw.get("private", False)),
-        validate=ValidateSettings(eval_text, float(ratio)),
-        config_hash=digest,
-    )
+    return Target(name, repo, merge, digest, validate=validate, **settings)
+
+
+def _validate_settings(raw: Any, located: Located, prefix: str) -> ValidateSettings:
+    if not isinstance(raw, dict):
+        raise located.error(prefix.rstrip("."), "must be a table with eval_text and max_ppl_ratio")
+    located.check_keys(raw, VALIDATE_KEYS, prefix)
+    settings: dict[str, Any] = {}
+    if "eval_text" in raw:
+        eval_text = (located.path.parent / str(raw["eval_text"])).resolve()
+        if not eval_text.is_file():
+            raise located.error(f"{prefix}eval_text", f"{eval_text} does not exist")
+        settings["eval_text"] = eval_text
+    if "max_ppl_ratio" in raw:
+        ratio = raw["max_ppl_ratio"]
+        if not isinstance(ratio, int | float) or isinstance(ratio, bool) or ratio <= 1.0:
+            raise located.error(f"{prefix}max_ppl_ratio", "must be a number above 1")
+        settings["max_ppl_ratio"] = float(ratio)
+    return ValidateSettings(**settings)

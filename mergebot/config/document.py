@@ -5,6 +5,7 @@ Also the value formats every config table shares: sizes ('2GB'), durations ('15m
 
 import re
 import tomllib
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +17,6 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 10
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_size(value: Any, where: str) -> int:
-    """'2GB', '500MiB' or a byte count."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-    unit = match.group(2).upper() if match else None
-    if not match or unit not in SIZE_UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(f"{where}: {value!r} is not a size like '2GB' or '500MiB'")
-    return int(float(match.group(1)) * SIZE_UNITS[unit])
-
-
 class Located:
     """A config file's text, to point an error at the line of a key."""
 
@@ -35,12 +25,32 @@ class Located:
         self.lines = text.splitlines()
 
     def error(self, key_path: str, message: str) -> ConfigError:
-        leaf = re.split(r"[.\[\]]", key_path.rstrip("]"))[-1] or key_path
-        pattern = re.compile(rf"(^|[\s{{,\-])\"?{re.escape(leaf)}\"?\s*[=:]")
-        start = self._table_start(key_path)
-        line = next((n for n, text in enumerate(self.lines[start:], start + 1) if pattern.search(text)), None)
+        line = self._line(key_path)
         where = f"{self.path}:{line}" if line else str(self.path)
         return ConfigError(f"{where}: {key_path}: {message}")
+
+    def check_keys(self, table: Mapping[str, Any], known: Collection[str], prefix: str) -> None:
+        """Raise for the first key of `table` (whose keys are named `prefix` + key) that is not in `known`."""
+        problems = self.unknown_keys(table, known, prefix)
+        if problems:
+            raise problems[0]
+
+    def unknown_keys(self, table: Mapping[str, Any], known: Collection[str], prefix: str) -> list[ConfigError]:
+        """One error per unknown key, for a report that lists every problem at once."""
+        message = f"unknown key (known: {', '.join(sorted(known))})"
+        return [self.error(f"{prefix}{key}", message) for key in sorted(set(table) - set(known))]
+
+    def _line(self, key_path: str) -> int | None:
+        """The line that sets the key; for a missing key, the line of the nearest table around it."""
+        start = self._table_start(key_path)
+        names = [name for name in re.split(r"[.\[\]]", key_path) if name and not name.isdigit()]
+        for name in reversed(names):
+            setting = re.compile(rf"(^|[\s{{,\-])\"?{re.escape(name)}\"?\s*[=:]")
+            header = re.compile(rf"^\s*\[\[?[^\]]*\b{re.escape(name)}\s*\]")
+            for number, text in enumerate(self.lines[start:], start + 1):
+                if setting.search(text) or header.search(text):
+                    return number
+        return None
 
     def _table_start(self, key_path: str) -> int:
         """Index of the line where the N-th [[targets]] table starts, for keys under targets[N]."""
@@ -52,6 +62,17 @@ class Located:
         return headers[index] if index < len(headers) else 0
 
 
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML as mergekit users write it: `1e-6` is a number (YAML 1.2), not the string PyYAML's YAML 1.1 makes it."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
 def read_document(path: Path, text: str | None = None) -> tuple[dict[str, Any], Located]:
     """Parse TOML or YAML (by suffix), from the file or from `text` standing for it; syntax errors carry the line."""
     try:
@@ -62,7 +83,7 @@ def read_document(path: Path, text: str | None = None) -> tuple[dict[str, Any], 
         raise ConfigError(f"{path}: config is not UTF-8 text") from error
     if path.suffix.lower() in (".yml", ".yaml"):
         try:
-            document = yaml.safe_load(text)
+            document = yaml.load(text, Loader=_YamlLoader)
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
@@ -78,6 +99,17 @@ def read_document(path: Path, text: str | None = None) -> tuple[dict[str, Any], 
     return document, Located(path, text)
 
 
+def parse_size(value: Any, where: str, located: Located) -> int:
+    """'2GB', '500MiB' or a byte count."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in SIZE_UNITS or float(match.group(1)) <= 0:
+        raise located.error(where, f"{value!r} is not a size like '2GB' or '500MiB'")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
 def parse_duration(value: Any, where: str, located: Located) -> float:
     """'15m', '30s', '6h', '1d' or a number of seconds."""
     if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
@@ -89,6 +121,7 @@ def parse_duration(value: Any, where: str, located: Located) -> float:
 
 
 def listen_address(value: Any, where: str, located: Located) -> tuple[str, int]:
+    """'127.0.0.1:8765' as the (host, port) that servers bind to."""
     host, _, port = str(value).rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise located.error(where, f"{value!r} is not host:port")

@@ -1,6 +1,8 @@
 """Merge configs → typed, validated `MergeConfig`s, with the field names users know from mergekit YAML
 (`merge_method`, `base_model`, `models`, `parameters`, `slices`, `dtype`, `tokenizer_source`, `out_shard_size`),
 either in TOML or in a mergekit YAML file. Every error names the file, the key and, where known, the line.
+
+A model is named by one string, `model`: a local checkpoint directory or a Hub repo id.
 """
 
 from collections.abc import Mapping
@@ -21,6 +23,10 @@ MERGE_KEYS = {
     "tokenizer_source",
     "out_shard_size",
 }
+MODEL_KEYS = {"model", "revision", "parameters"}
+SLICE_KEYS = {"sources"}
+SOURCE_KEYS = MODEL_KEYS | {"layer_range"}
+CONDITION_KEYS = {"filter", "value"}
 DTYPE_ALIASES = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
@@ -31,7 +37,6 @@ DTYPE_ALIASES = {
     "fp32": "float32",
     "float": "float32",
 }
-DEFAULT_SHARD_SIZE = 5 * 1000**3
 
 
 @dataclass(frozen=True)
@@ -61,14 +66,16 @@ class MergeConfig:
 
     merge_method: str
     models: tuple[ModelSpec, ...]
+    tokenizer_source: str
+    """The model whose tokenizer (and vocabulary rows) the output gets."""
     listed: tuple[str, ...] = ()
     """The models named under `models`, in order (empty for a slices config)."""
     base_model: str | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
     slices: tuple[tuple[SliceSource, ...], ...] | None = None
     dtype: str | None = None
-    tokenizer_source: str = "base"
-    out_shard_size: int = DEFAULT_SHARD_SIZE
+    out_shard_size: int = 5 * 1000**3
+    """Bytes per output shard at most: 5 GB, as `save_pretrained` writes."""
     source: str = "<config>"
 
     def spec(self, model: str) -> ModelSpec:
@@ -121,9 +128,7 @@ def parse_merge(raw: Mapping[str, Any], located: Located, prefix: str = "") -> M
     def key(name: str) -> str:
         return f"{prefix}{name}"
 
-    unknown = sorted(set(raw) - MERGE_KEYS)
-    if unknown:
-        raise located.error(key(unknown[0]), f"unknown key (known: {', '.join(sorted(MERGE_KEYS))})")
+    located.check_keys(raw, MERGE_KEYS, prefix)
     method = raw.get("merge_method")
     if not isinstance(method, str) or not method:
         raise located.error(key("merge_method"), "required, e.g. 'linear', 'slerp', 'ties'")
@@ -160,17 +165,20 @@ def parse_merge(raw: Mapping[str, Any], located: Located, prefix: str = "") -> M
         raise located.error(key("tokenizer_source"), f"{tokenizer_source!r} is neither 'base' nor one of the models")
     if tokenizer_source == "base":
         tokenizer_source = base_model or next(iter(specs))
+    shard_size = {}
+    if "out_shard_size" in raw:
+        shard_size["out_shard_size"] = parse_size(raw["out_shard_size"], key("out_shard_size"), located)
     return MergeConfig(
         merge_method=method,
         models=tuple(specs.values()),
+        tokenizer_source=tokenizer_source,
         listed=listed,
         base_model=base_model,
         parameters=parameters,
         slices=slices,
         dtype=DTYPE_ALIASES[str(dtype).lower()] if dtype is not None else None,
-        tokenizer_source=tokenizer_source,
-        out_shard_size=parse_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), key("out_shard_size")),
         source=str(located.path),
+        **shard_size,
     )
 
 
@@ -190,9 +198,7 @@ def _model_spec(entry: Any, located: Located, where: str) -> ModelSpec:
         entry = {"model": entry}
     if not isinstance(entry, dict):
         raise located.error(where, "must be a table with a 'model' key")
-    unknown = sorted(set(entry) - {"model", "revision", "parameters"})
-    if unknown:
-        raise located.error(f"{where}.{unknown[0]}", "unknown key (known: model, revision, parameters)")
+    located.check_keys(entry, MODEL_KEYS, f"{where}.")
     model, revision = _split_revision(entry.get("model"), located, f"{where}.model")
     if model is None:
         raise located.error(f"{where}.model", "required")
@@ -202,12 +208,17 @@ def _model_spec(entry: Any, located: Located, where: str) -> ModelSpec:
     return ModelSpec(model, revision, _parameters(entry.get("parameters", {}), located, f"{where}.parameters"))
 
 
-def _slices(value: Any, located: Located, where: str, specs: dict[str, ModelSpec]) -> tuple:
+def _slices(
+    value: Any, located: Located, where: str, specs: dict[str, ModelSpec]
+) -> tuple[tuple[SliceSource, ...], ...]:
     if not isinstance(value, list) or not value:
         raise located.error(where, "must be a list of {sources = [...]}")
     slices = []
     for index, entry in enumerate(value):
-        sources = entry.get("sources") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            raise located.error(f"{where}[{index}]", "must be a table {sources = [...]}")
+        located.check_keys(entry, SLICE_KEYS, f"{where}[{index}].")
+        sources = entry.get("sources")
         if not isinstance(sources, list) or not sources:
             raise located.error(f"{where}[{index}].sources", "required: a list of {model, layer_range}")
         parsed = []
@@ -215,6 +226,7 @@ def _slices(value: Any, located: Located, where: str, specs: dict[str, ModelSpec
             at = f"{where}[{index}].sources[{number}]"
             if not isinstance(source, dict):
                 raise located.error(at, "must be a table with model and layer_range")
+            located.check_keys(source, SOURCE_KEYS, f"{at}.")
             spec = _model_spec({k: v for k, v in source.items() if k != "layer_range"}, located, at)
             layer_range = source.get("layer_range")
             if not (
@@ -249,9 +261,9 @@ def _check_setting(setting: Any, located: Located, where: str) -> None:
         return
     if isinstance(setting, list) and setting and all(isinstance(v, dict) for v in setting):
         for index, condition in enumerate(setting):
-            unknown = sorted(set(condition) - {"filter", "value"})
-            if unknown or "value" not in condition:
-                raise located.error(f"{where}[{index}]", "a condition is {filter = '...', value = ...}")
+            located.check_keys(condition, CONDITION_KEYS, f"{where}[{index}].")
+            if "value" not in condition:
+                raise located.error(f"{where}[{index}].value", "required: a condition is {filter = '...', value = ...}")
             if "filter" in condition and not isinstance(condition["filter"], str):
                 raise located.error(f"{where}[{index}].filter", "must be a string found in tensor names")
             if isinstance(condition["value"], dict):
@@ -280,6 +292,7 @@ def load_merge_config(path: Path, target: str | None = None) -> MergeConfig:
             raise ConfigError(f"{path}: no target named {target!r} (targets: {', '.join(map(str, names))})")
         return target_merge(targets[index], located, f"targets[{index}].")
     if "mergekit_config" in document:
+        located.check_keys(document, MERGE_KEYS | {"mergekit_config"}, "")
         return target_merge(document, located, "")
     return parse_merge(document, located)
 

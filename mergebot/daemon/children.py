@@ -1,7 +1,37 @@
-"""Stopping a child process politely: SIGTERM, a grace period, then SIGKILL."""
+"""The daemon's merge children, and the contract between the two: a child runs one target's pipeline with the
+config text the daemon accepted (on stdin), and must not outlive its daemon.
 
+The merge child imports this module only to call `die_with_daemon` as early as it can, so it imports nothing
+beyond the standard library (no apscheduler, no HTTP server).
+"""
+
+import ctypes
+import json
+import os
 import signal
 import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from mergebot.errors import ExitCode
+
+DAEMON_PID = "MERGEBOT_DAEMON_PID"
+"""Tells a merge child which process it must not outlive (the daemon may itself be pid 1 in a container)."""
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_daemon() -> None:
+    """Called in a merge child: it must not outlive its daemon (a SIGKILLed daemon's child would race the next
+    daemon's run of the same target)."""
+    daemon = os.environ.get(DAEMON_PID)
+    if sys.platform == "linux" and daemon:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != int(daemon):
+            sys.exit(ExitCode.PARENT_GONE)
 
 
 def stop_process(process: subprocess.Popen | None, grace: float) -> None:
@@ -14,3 +44,51 @@ def stop_process(process: subprocess.Popen | None, grace: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+class Children:
+    """The running merge children of one daemon; once `stop_all` began, no new one starts."""
+
+    def __init__(self) -> None:
+        self._running: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def run(self, config_path: Path, config_text: str, target: str, timeout: float) -> tuple[int, dict] | None:
+        """One run of `target` in a child: its exit code and the result it wrote; None when the daemon is
+        stopping and no child was started."""
+        with tempfile.TemporaryDirectory(prefix="mergebot-run-") as temp:
+            result_path = Path(temp) / "result.json"
+            command = [
+                sys.executable, "-m", "mergebot.cli", "run-target",
+                "--config", str(config_path), "--target", target, "--result", str(result_path),
+            ]  # fmt: skip
+            with self._lock:
+                if self._stopped:
+                    return None
+                child = subprocess.Popen(
+                    command, stdin=subprocess.PIPE, text=True, env=os.environ | {DAEMON_PID: str(os.getpid())}
+                )
+                self._running.add(child)
+            try:
+                child.communicate(config_text, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                return -signal.SIGKILL, {"reason": f"merge_timeout of {timeout:.0f} s exceeded"}
+            finally:
+                with self._lock:
+                    self._running.discard(child)
+            result = json.loads(result_path.read_text()) if result_path.exists() else {}
+            return child.returncode, result
+
+    def stop_all(self, grace: float) -> None:
+        """SIGTERM every child at once (each stops at a shard boundary), then SIGKILL what is left after `grace`."""
+        with self._lock:
+            self._stopped = True
+            children = list(self._running)
+        deadline = time.monotonic() + grace
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            stop_process(child, max(0.0, deadline - time.monotonic()))

@@ -2,8 +2,7 @@
 
 One SQLite file under `state_dir`, in WAL mode so `mergebot status` can read while the daemon writes. Every write
 runs in one `BEGIN IMMEDIATE` transaction, so a crash or exception leaves either all of it or none of it. The schema
-is versioned with `PRAGMA user_version` and the ordered `MIGRATIONS`; opening an older file upgrades it in a single
-transaction, and a file from a newer mergebot is refused rather than guessed at.
+and its migrations are in `schema.py`.
 
 Timestamps are unix seconds (float) everywhere: UTC by definition, cheap to compare with `time.time()`, and the
 same type apscheduler and `next_check` arithmetic use.
@@ -11,29 +10,25 @@ same type apscheduler and `next_check` arithmetic use.
 Thread safety: one connection per `State`, shared by all threads and serialised by a re-entrant lock. The daemon's
 writes are few and small and SQLite admits one writer at a time anyway, so per-thread connections would add
 connections to close and nothing in throughput. Keep `transaction()` blocks short: other threads wait on them.
-
-The single-instance lock (`acquire_lock`) is separate from the database: readers and the daemon's own child
-processes open the database without it; only the daemon holds it.
 """
 
-import fcntl
 import json
 import math
-import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, get_args
 
+from mergebot.daemon.schema import check_version, enable_wal, migrate
 from mergebot.errors import StateError
 
 STATE_FILE = "state.sqlite3"
-LOCK_FILE = "daemon.lock"
 # Long enough to outwait any write the daemon or its child makes (all are small), short enough that a wedged
 # writer surfaces as an error instead of a hang.
 BUSY_TIMEOUT_S = 5.0
@@ -42,57 +37,6 @@ Outcome = Literal["published", "failed", "unchanged", "interrupted"]
 OUTCOMES: tuple[str, ...] = get_args(Outcome)
 # What a run is before it finishes; a run still in this state on daemon start-up belongs to a dead process.
 RUNNING = "running"
-
-# Append only: a released step never changes, since files already at that version will not run it again.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    # 1: history — revisions seen, runs and their inputs, per-shard fingerprints.
-    (
-        """CREATE TABLE revisions (
-            repo TEXT NOT NULL, ref TEXT NOT NULL, sha TEXT NOT NULL, first_seen REAL NOT NULL,
-            PRIMARY KEY (repo, ref, sha)
-        ) WITHOUT ROWID""",
-        # Where each ref points now: a ref may move back to a sha seen before, so `revisions` alone can't say.
-        """CREATE TABLE refs (
-            repo TEXT NOT NULL, ref TEXT NOT NULL, sha TEXT NOT NULL, seen REAL NOT NULL,
-            PRIMARY KEY (repo, ref)
-        ) WITHOUT ROWID""",
-        """CREATE TABLE runs (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            target TEXT NOT NULL,
-            config_hash TEXT NOT NULL,
-            started REAL NOT NULL,
-            finished REAL,
-            outcome TEXT NOT NULL DEFAULT 'running'
-                CHECK (outcome IN ('running', 'published', 'failed', 'unchanged', 'interrupted')),
-            reason TEXT,
-            transient INTEGER NOT NULL DEFAULT 0,
-            published_sha TEXT,
-            details TEXT
-        )""",
-        "CREATE INDEX runs_by_target ON runs (target, outcome, id)",
-        """CREATE TABLE run_inputs (
-            run_id INTEGER NOT NULL REFERENCES runs (id), source TEXT NOT NULL, sha TEXT NOT NULL,
-            PRIMARY KEY (run_id, source)
-        ) WITHOUT ROWID""",
-        """CREATE TABLE shards (
-            target TEXT NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL, recorded REAL NOT NULL,
-            PRIMARY KEY (target, name)
-        ) WITHOUT ROWID""",
-    ),
-    # 2: caches and status — parent perplexities, why each target waits and when it is next checked.
-    (
-        # ppl NULL means NaN: SQLite stores a NaN as NULL, and a parent that scores NaN is a cacheable result too.
-        # eval_hash is how the perplexity was measured: mergebot.validate.perplexity_measure (text and windows).
-        """CREATE TABLE parent_perplexity (
-            repo TEXT NOT NULL, sha TEXT NOT NULL, eval_hash TEXT NOT NULL, ppl REAL, recorded REAL NOT NULL,
-            PRIMARY KEY (repo, sha, eval_hash)
-        ) WITHOUT ROWID""",
-        """CREATE TABLE target_status (
-            target TEXT PRIMARY KEY, waiting_reason TEXT, next_check REAL, updated REAL NOT NULL
-        ) WITHOUT ROWID""",
-    ),
-)
-SCHEMA_VERSION = len(MIGRATIONS)
 
 _RUN_COLUMNS = "id, target, config_hash, started, finished, outcome, reason, transient, published_sha, details"
 
@@ -114,11 +58,25 @@ class Run:
     details: dict[str, Any] | None
 
 
+class TargetState(StrEnum):
+    """Where a target stands. The scheduler decides on this; people read the message recorded beside it."""
+
+    UP_TO_DATE = "up_to_date"
+    DUE = "due"  # a run is scheduled
+    WAITING_FOR_WINDOW = "waiting_for_window"  # due, and nightly: it runs in the next cron window
+    RETRYING = "retrying"  # a transient failure; a retry is scheduled with backoff
+    GAVE_UP = "gave_up"  # out of retries; the next check that finds it due tries again
+    WAITING_FOR_CHANGE = "waiting_for_change"  # failed permanently; waits for new inputs or a config change
+    CHECK_FAILED = "check_failed"  # its inputs could not be checked (Hub unreachable, repo missing, no access)
+
+
 @dataclass(frozen=True)
 class TargetStatus:
-    """What `mergebot status` shows for a target besides its runs: why it waits and when it is next looked at."""
+    """What `mergebot status` shows for a target besides its runs: where it stands, why, and when it is next
+    looked at."""
 
     target: str
+    state: TargetState
     waiting_reason: str | None
     next_check: float | None
     updated: float
@@ -150,9 +108,10 @@ class State:
         try:
             with self._errors():
                 self._db.execute("PRAGMA foreign_keys = ON")
-                self._check_version()  # before WAL or migrations touch a file this mergebot must not change
+                # before WAL or migrations touch a file this mergebot must not change
+                check_version(self._db, self.path, readonly=readonly)
                 if not readonly:
-                    self._enable_wal()
+                    enable_wal(self._db, self.path)
                     self._migrate()
         except BaseException:
             self._db.close()
@@ -229,42 +188,9 @@ class State:
 
     # --- schema -------------------------------------------------------------------------------------------------
 
-    def _check_version(self) -> int:
-        """The file's schema version, after refusing a file that is not ours or that this mergebot cannot use."""
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0 and self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            raise StateError(f"{self.path} is a SQLite database but not a mergebot state database")
-        if version > SCHEMA_VERSION:
-            raise StateError(
-                f"state database {self.path} has schema version {version}, newer than this mergebot supports "
-                f"({SCHEMA_VERSION}); upgrade mergebot or use another state_dir"
-            )
-        if self.readonly and version < SCHEMA_VERSION:
-            raise StateError(
-                f"state database {self.path} has schema version {version}, older than this mergebot's "
-                f"({SCHEMA_VERSION}); start the daemon once to migrate it"
-            )
-        return version
-
-    def _enable_wal(self) -> None:
-        mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise StateError(
-                f"state database {self.path}: cannot switch to WAL mode (got {mode!r}); "
-                "put state_dir on a local filesystem"
-            )
-        # Writes are rare and small, so pay for a full fsync per commit: a power cut must not lose a recorded shard.
-        self._db.execute("PRAGMA synchronous = FULL")
-
     def _migrate(self) -> None:
-        """Bring the file to SCHEMA_VERSION in one transaction; a concurrent opener waits and then finds it done."""
         with self._write() as db:
-            version = self._check_version()  # again: another process may have migrated it since
-            for steps in MIGRATIONS[version:]:
-                for sql in steps:
-                    db.execute(sql)
-            if version != SCHEMA_VERSION:
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            migrate(db, self.path)
 
     # --- upstream revisions -------------------------------------------------------------------------------------
 
@@ -272,19 +198,16 @@ class State:
         """Note that `ref` of `repo` points at `sha` now. True the first time this (repo, ref, sha) is seen."""
         now = time.time()
         with self._write() as db:
-            new = (
-                db.execute(
-                    "INSERT OR IGNORE INTO revisions (repo, ref, sha, first_seen) VALUES (?, ?, ?, ?)",
-                    (repo, ref, sha, now),
-                ).rowcount
-                == 1
-            )
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO revisions (repo, ref, sha, first_seen) VALUES (?, ?, ?, ?)",
+                (repo, ref, sha, now),
+            ).rowcount
             db.execute(
                 "INSERT INTO refs (repo, ref, sha, seen) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (repo, ref) DO UPDATE SET sha = excluded.sha, seen = excluded.seen",
                 (repo, ref, sha, now),
             )
-        return new
+        return inserted == 1
 
     def latest_revision(self, repo: str, ref: str) -> str | None:
         """The sha `ref` of `repo` pointed at when last checked, or None if never checked."""
@@ -335,15 +258,7 @@ class State:
             db.execute(
                 "UPDATE runs SET finished = ?, outcome = ?, reason = ?, transient = ?, published_sha = ?, details = ? "
                 "WHERE id = ?",
-                (
-                    time.time(),
-                    outcome,
-                    reason,
-                    transient,
-                    published_sha,
-                    details_json,
-                    run_id,
-                ),
+                (time.time(), outcome, reason, transient, published_sha, details_json, run_id),
             )
 
     def mark_interrupted_runs(self, reason: str = "the daemon stopped before the run finished") -> list[Run]:
@@ -441,23 +356,29 @@ class State:
 
     # --- target status ------------------------------------------------------------------------------------------
 
-    def set_target_status(self, target: str, waiting_reason: str | None, next_check: float | None) -> None:
-        """Record why the target is waiting (None: it is not) and when it is next checked (unix time)."""
+    def set_target_status(
+        self, target: str, state: TargetState, waiting_reason: str | None, next_check: float | None
+    ) -> None:
+        """Record where the target stands, why it is waiting (None: it is not) and when it is next checked."""
         with self._write() as db:
             db.execute(
-                "INSERT INTO target_status (target, waiting_reason, next_check, updated) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (target) DO UPDATE SET waiting_reason = excluded.waiting_reason, "
+                "INSERT INTO target_status (target, state, waiting_reason, next_check, updated) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (target) DO UPDATE SET state = excluded.state, waiting_reason = excluded.waiting_reason, "
                 "next_check = excluded.next_check, updated = excluded.updated",
-                (target, waiting_reason, next_check, time.time()),
+                (target, state.value, waiting_reason, next_check, time.time()),
             )
 
     def target_status(self, target: str) -> TargetStatus | None:
         """The target's last recorded status, or None if the daemon never recorded one."""
         with self._reading() as db:
             row = db.execute(
-                "SELECT target, waiting_reason, next_check, updated FROM target_status WHERE target = ?", (target,)
+                "SELECT target, state, waiting_reason, next_check, updated FROM target_status WHERE target = ?",
+                (target,),
             ).fetchone()
-        return TargetStatus(*row) if row else None
+        if row is None:
+            return None
+        name, state, waiting_reason, next_check, updated = row
+        return TargetStatus(name, TargetState(state), waiting_reason, next_check, updated)
 
 
 def _run_from_row(row: tuple[Any, ...], inputs: dict[str, str]) -> Run:
@@ -475,60 +396,3 @@ def _run_from_row(row: tuple[Any, ...], inputs: dict[str, str]) -> Run:
         published_sha=published_sha,
         details=None if details is None else json.loads(details),
     )
-
-
-class DaemonLock:
-    """An exclusive flock on `state_dir/daemon.lock`, held until `close()` or the death of the process.
-
-    The kernel drops a flock when its last file descriptor closes, so a SIGKILLed daemon never leaves a stale lock.
-    The descriptor is close-on-exec so merge child processes do not inherit it: an orphaned child must not keep
-    the lock after its daemon died.
-    """
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd: int | None = fd
-
-    def close(self) -> None:
-        """Release the lock. Safe to call twice."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-def acquire_lock(state_dir: str | Path) -> DaemonLock:
-    """Take the single-instance lock of `state_dir` without waiting, and write this pid into the lock file.
-
-    Raises StateError naming the holder's pid when another process holds it. The file is never deleted: removing
-    it would let a second daemon lock a fresh inode while the first still holds the old one.
-    """
-    path = Path(state_dir) / LOCK_FILE
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise StateError(f"cannot open lock file {path}: {e}") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StateError(f"another mergebot daemon holds {path} (pid {holder})") from None
-    except OSError as e:
-        os.close(fd)
-        raise StateError(f"cannot lock {path}: {e}") from e
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    except OSError as e:
-        os.close(fd)
-        raise StateError(f"cannot write the pid into {path}: {e}") from e
-    return DaemonLock(path, fd)

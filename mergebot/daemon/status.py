@@ -1,29 +1,11 @@
 """What `mergebot status` shows: read from the state without taking the daemon's lock."""
 
-import os
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 from mergebot.config.daemon import DaemonConfig
-from mergebot.daemon.state import LOCK_FILE, STATE_FILE, State
-
-
-def daemon_pid(state_dir: Path) -> int | None:
-    """The pid in the lock file when that process is alive (the daemon holding the lock), else None."""
-    try:
-        pid = int((state_dir / LOCK_FILE).read_text().strip() or 0)
-    except (OSError, ValueError):
-        return None
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid
+from mergebot.daemon.lock import daemon_pid
+from mergebot.daemon.state import STATE_FILE, State
 
 
 def _when(timestamp: float | None) -> str | None:
@@ -60,6 +42,7 @@ def collect_status(config: DaemonConfig) -> dict:
                 "published_sha": success.published_sha if success else None,
                 "shards": len(state.shard_fingerprints(name)),
                 "next_check": _when(status.next_check) if status else None,
+                "state": status.state.value if status else None,
                 "waiting": (status.waiting_reason if status else "never checked") or "up to date",
             }
     return result

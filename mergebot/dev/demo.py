@@ -108,7 +108,7 @@ def run_demo(keep: bool) -> int:
     )
     from huggingface_hub import HfApi
 
-    from mergebot.dev.devhub.server import DevHub
+    from mergebot.dev.devhub import DevHub
     from mergebot.dev.synthetic import make_model
 
     started = time.monotonic()

@@ -1,4 +1,5 @@
-"""Reading models from a Hub through huggingface_hub: resolve, list, fetch only what a merge needs, retry.
+"""The few Hub operations mergebot needs, through huggingface_hub: resolve, list, fetch only what a merge reads,
+create a repo, commit; each retried on transient failures and failing with one clear error otherwise.
 
 Endpoint, token and cache come from HF_ENDPOINT, HF_TOKEN (or the token file) and HF_HOME like every
 huggingface_hub tool; arguments only override them. Files go through the standard cache, which stores blobs by
@@ -9,13 +10,20 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_token, hf_hub_download, scan_cache_dir
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    constants,
+    get_token,
+    hf_hub_download,
+)
 from huggingface_hub.errors import (
     HfHubHTTPError,
     RemoteEntryNotFoundError,
@@ -25,7 +33,7 @@ from huggingface_hub.errors import (
 
 from mergebot import log
 from mergebot.errors import HubAuthError, HubError, HubNotFoundError, ModelError, UnsafePathError
-from mergebot.files import INDEX_FILE, METADATA_FILES, PICKLE_SUFFIXES, SINGLE_FILE, read_json
+from mergebot.files import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, is_merge_input, read_json
 
 T = TypeVar("T")
 SAFE_PATH = re.compile(r"[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*")
@@ -64,7 +72,7 @@ class RemoteRevision:
     files: dict[str, RemoteFile] = field(default_factory=dict)
 
 
-def check_repo_path(repo: str, path: str) -> None:
+def _check_repo_path(repo: str, path: str) -> None:
     """Refuse a repo file name that could escape the cache folder or is not a plain relative path."""
     if path.startswith("/") or "\\" in path or not SAFE_PATH.fullmatch(path) or ".." in path.split("/"):
         raise UnsafePathError(f"repo {repo}: refusing unsafe file name {path!r}")
@@ -84,20 +92,20 @@ class HubClient:
         self.token = token or get_token()
         self.cache_dir = Path(cache_dir or constants.HF_HUB_CACHE)
         self.retry = retry or RetryPolicy()
-        self.api = HfApi(endpoint=self.endpoint, token=self.token)
+        self._api = HfApi(endpoint=self.endpoint, token=self.token)
         self._log = log.get("hub")
 
     def resolve(self, repo: str, revision: str | None = None) -> str:
         """The commit sha a branch, tag or sha points at: one cheap call."""
-        info = self.call(repo, revision, lambda: self.api.model_info(repo, revision=revision))
+        info = self._call(repo, revision, lambda: self._api.model_info(repo, revision=revision))
         return info.sha
 
     def list_files(self, repo: str, sha: str) -> RemoteRevision:
         """Every file of the revision with size and LFS sha256; unsafe names refuse the whole repo."""
-        info = self.call(repo, sha, lambda: self.api.model_info(repo, revision=sha, files_metadata=True))
+        info = self._call(repo, sha, lambda: self._api.model_info(repo, revision=sha, files_metadata=True))
         files = {}
         for sibling in info.siblings or []:
-            check_repo_path(repo, sibling.rfilename)
+            _check_repo_path(repo, sibling.rfilename)
             lfs = sibling.lfs
             sha256 = lfs.sha256 if lfs else None
             files[sibling.rfilename] = RemoteFile(sibling.rfilename, sibling.size or 0, sha256, sibling.blob_id)
@@ -105,17 +113,17 @@ class HubClient:
 
     def fetch(self, remote: RemoteRevision) -> Path:
         """Download (or find in the cache) what a merge reads; returns the snapshot folder."""
-        names = set(remote.files)
-        weights = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
+        names = {name for name in remote.files if is_merge_input(name)}
+        weights = sorted(n for n in names if n.endswith(".safetensors"))
         if not weights:
-            pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+            pickles = sorted(n for n in remote.files if n.endswith(PICKLE_SUFFIXES))
             if pickles:
                 raise ModelError(
                     f"repo {remote.repo}@{remote.sha[:12]}: only pickle weights ({', '.join(pickles)}); "
                     "mergebot reads safetensors only"
                 )
             raise ModelError(f"repo {remote.repo}@{remote.sha[:12]}: no safetensors weights")
-        metadata = sorted(n for n in names if n in METADATA_FILES)
+        metadata = sorted(names - set(weights))
         snapshot = None
         for name in metadata:
             snapshot = self._download(remote, name).parent
@@ -123,8 +131,8 @@ class HubClient:
             weight_map = read_json(snapshot / INDEX_FILE, remote.repo, required=True).get("weight_map") or {}
             wanted = sorted(set(weight_map.values()))
             for name in wanted:
-                check_repo_path(remote.repo, name)
-                if name not in names:
+                _check_repo_path(remote.repo, name)
+                if name not in remote.files:
                     raise ModelError(f"repo {remote.repo}@{remote.sha[:12]}: {INDEX_FILE} names missing {name}")
         else:
             wanted = [SINGLE_FILE] if SINGLE_FILE in names else weights
@@ -145,9 +153,29 @@ class HubClient:
                 )
             )
 
-        return self.call(remote.repo, remote.sha, download, what=f"download of {name}")
+        return self._call(remote.repo, remote.sha, download, what=f"download of {name}")
 
-    def call(self, repo: str, revision: str | None, action: Callable[[], T], what: str = "request") -> T:
+    def create_repo(self, repo: str, *, private: bool) -> None:
+        """Create the model repo if it is missing; an existing one is left as it is."""
+        self._call(repo, None, lambda: self._api.create_repo(repo, private=private, exist_ok=True), "create_repo")
+
+    def commit(
+        self, repo: str, add: Mapping[str, Path | bytes], delete: Iterable[str], message: str, parent: str | None
+    ) -> str:
+        """One atomic commit on main adding `add` (name → file or content) and removing `delete`. `parent` is the
+        head the commit was computed against, so a concurrent change fails it instead of being overwritten.
+        Returns the new commit sha."""
+        operations = [CommitOperationAdd(name, content) for name, content in add.items()]
+        operations += [CommitOperationDelete(name) for name in delete]
+        info = self._call(
+            repo,
+            "main",
+            lambda: self._api.create_commit(repo, operations, commit_message=message, parent_commit=parent),
+            "commit",
+        )
+        return info.oid
+
+    def _call(self, repo: str, revision: str | None, action: Callable[[], T], what: str = "request") -> T:
         """Run one Hub call; retry what is transient, translate the rest into one clear error."""
         where = f"{repo}@{revision}" if revision else repo
         for attempt in range(self.retry.attempts):
@@ -206,24 +234,3 @@ def _retry_after(error: HfHubHTTPError) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
-
-
-def clean_cache(cache_dir: Path, repos: set[str], keep: set[tuple[str, str]]) -> tuple[int, int]:
-    """Remove cached revisions of `repos` that are not in `keep` (repo, sha); other repos are not ours to touch.
-
-    Returns (revisions removed, bytes freed)."""
-    if not cache_dir.exists():
-        return 0, 0
-    scan = scan_cache_dir(cache_dir)
-    doomed = [
-        revision.commit_hash
-        for cached in scan.repos
-        if cached.repo_type == "model" and cached.repo_id in repos
-        for revision in cached.revisions
-        if (cached.repo_id, revision.commit_hash) not in keep
-    ]
-    if not doomed:
-        return 0, 0
-    strategy = scan.delete_revisions(*doomed)
-    strategy.execute()
-    return len(doomed), strategy.expected_freed_size

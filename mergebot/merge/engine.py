@@ -5,9 +5,11 @@ directory takes OUT_DIR's name only when every file is in place.
 """
 
 import ctypes
+import errno
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 import yaml
 
 from mergebot.config.merge import MergeConfig
-from mergebot.errors import ConfigError
+from mergebot.errors import ConfigError, DiskFullError
 from mergebot.files import INDEX_FILE, TOKENIZER_FILES, fsync_dir, write_atomic, write_json_atomic
 from mergebot.merge.checkpoint import FINGERPRINT_KEY, finished_with, shard_fingerprint
 from mergebot.merge.io import ShardWriter, TensorInfo, TensorReader
@@ -70,9 +72,25 @@ def run_merge(
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MERGE_CONFIG_FILE).exists():
         raise ConfigError(f"{out_dir}: exists and is not a mergebot output; refusing to replace it")
     work = out_dir.parent / f".{out_dir.name}.partial"
-    work.mkdir(parents=True, exist_ok=True)
-    for leftover in work.glob("*.tmp"):
-        leftover.unlink()
+    with _full_disk_reported(work):
+        work.mkdir(parents=True, exist_ok=True)
+        for leftover in work.glob("*.tmp"):
+            leftover.unlink()
+        result = _merge_shards(plan, models, work, out_dir, progress)
+        _write_metadata(config, plan, models, work)
+        expected = set(result.shards) | {p.name for p in work.iterdir() if not p.name.endswith(".safetensors")}
+        for stale in work.iterdir():
+            if stale.name not in expected:
+                stale.unlink()
+        _move_into_place(work, out_dir)
+    return result
+
+
+def _merge_shards(
+    plan: Plan, models: dict[str, InputModel], work: Path, out_dir: Path, progress: ShardProgress
+) -> MergeResult:
+    """Each shard of the plan into `work`: kept when already finished there, linked from the previous OUT_DIR when
+    it was made from the same inputs, computed otherwise."""
     result = MergeResult(out_dir)
     with TensorReader() as reader:
         for shard in plan.shards:
@@ -92,13 +110,21 @@ def run_merge(
                 outcome = "computed"
             (result.computed if outcome == "computed" else result.reused).append(shard.file_name)
             progress.done(shard.file_name, outcome, nbytes)
-    _write_metadata(config, plan, models, work)
-    expected = set(result.shards) | {p.name for p in work.iterdir() if not p.name.endswith(".safetensors")}
-    for stale in work.iterdir():
-        if stale.name not in expected:
-            stale.unlink()
-    _move_into_place(work, out_dir)
     return result
+
+
+@contextmanager
+def _full_disk_reported(work: Path) -> Iterator[None]:
+    """A full disk is the machine's trouble, not the merge's: say so in one line, as worth retrying (finished
+    shards stay in `work`, so the retry resumes from them)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(
+            f"{work}: no space left on the device; finished shards are kept and a rerun resumes from them"
+        ) from error
 
 
 def _compute_shard(

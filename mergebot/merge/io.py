@@ -5,6 +5,7 @@ read through a shared memory map whose pages are handed back after each read, so
 few blocks however large the model.
 """
 
+import contextlib
 import json
 import mmap
 import os
@@ -238,5 +239,6 @@ class ShardWriter:
         return self.path
 
     def abort(self) -> None:
-        self._handle.close()
+        with contextlib.suppress(OSError):  # closing flushes, and on a full disk that fails again
+            self._handle.close()
         self.temp_path.unlink(missing_ok=True)

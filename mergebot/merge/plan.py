@@ -5,7 +5,7 @@ update that changes values keeps every output tensor in the same shard.
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -83,6 +83,8 @@ def layer_count(model: InputModel) -> int:
 def build_plan(config: MergeConfig, models: dict[str, InputModel], method: MergeMethod) -> Plan:
     """Check that the models fit together and lay out every output tensor; raises before any tensor is read."""
     _check_parameter_names(config, method)
+    if method.optional_base:
+        method = replace(method, uses_base=bool(config.base_model))
     if method.uses_base and not config.base_model:
         raise ConfigError(f"{config.source}: base_model: required by merge_method {method.name}")
     template = config.base_model or (config.listed[0] if config.listed else config.slices[0][0].model)
@@ -280,7 +282,10 @@ class _Builder:
                 raise ConfigError(
                     f"{self.config.source}: {source.model}.parameters.density: {density} is outside (0, 1]"
                 )
-        return TensorParams(tensor_name, values, tuple(per_model))
+        params = TensorParams(tensor_name, values, tuple(per_model))
+        if self.method.check and (problem := self.method.check(params)):
+            raise ConfigError(f"{self.config.source}: {problem}")
+        return params
 
 
 def _check_no_extra_tensors(models: dict[str, InputModel], plans: list[TensorPlan], output_tied: bool) -> None:

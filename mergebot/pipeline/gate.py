@@ -9,34 +9,40 @@ Only headers are read before loading: safetensors headers are checked by `mergeb
 pickle files are never opened.
 """
 
-import contextlib
-import hashlib
 import json
 import math
-import re
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from mergebot.config.daemon import ValidateSettings
 from mergebot.errors import ConfigError, ModelError, ValidationFailed
-from mergebot.files import write_json_atomic
 from mergebot.merge.io import TensorInfo, read_header
-
-# A merge may be somewhat worse than its weakest parent (interpolating two fine-tunes often costs a little), but a
-# broken merge — wrong tokenizer rows, mis-scaled tensors, a layer from the wrong model — lands at several times
-# the parents' perplexity. 1.25× the worst parent tolerates the first and catches the second.
-DEFAULT_MAX_PPL_RATIO = 1.25
-DEFAULT_WINDOW = 128
-DEFAULT_MAX_WINDOWS = 32
-PPL_CACHE_FILE = "parent_perplexity.json"
+from mergebot.pipeline.perplexity import (
+    DEFAULT_MAX_WINDOWS,
+    DEFAULT_WINDOW,
+    Parent,
+    ParentResult,
+    PerplexityCache,
+    load_model,
+    load_tokenizer,
+    one_line,
+    parent_results,
+    perplexity,
+    token_ids,
+    windows,
+)
 
 # More unknown tokens than this and the perplexity says nothing about the model: the text is mostly <unk>.
 _MAX_UNKNOWN_FRACTION = 0.5
 _MAX_LISTED = 8
+# A failed check that does not stop the gate: the logits check after it still tells whether the NaN reaches the
+# output, and the perplexity comparison still runs when it does not.
+_NOT_BLOCKING = {"finite weights"}
 
 
 @dataclass(frozen=True)
@@ -49,17 +55,6 @@ class Check:
 
 
 @dataclass(frozen=True)
-class ParentResult:
-    """A parent's perplexity and the revision it belongs to (`cached`: taken from the cache, not recomputed)."""
-
-    name: str
-    path: Path
-    revision: str
-    ppl: float
-    cached: bool
-
-
-@dataclass(frozen=True)
 class ValidationReport:
     """Everything the gate saw, for the CLI table, the model card and the run record."""
 
@@ -67,7 +62,7 @@ class ValidationReport:
     checks: list[Check]
     merge_ppl: float | None = None
     parents: list[ParentResult] = field(default_factory=list)
-    max_ppl_ratio: float = DEFAULT_MAX_PPL_RATIO
+    max_ppl_ratio: float = ValidateSettings.max_ppl_ratio
     worst_parent_ppl: float | None = None
     ratio: float | None = None
     limit: float | None = None  # perplexity limit: max_ppl_ratio × worst_parent_ppl
@@ -94,33 +89,23 @@ class ValidationReport:
             raise ValidationFailed(f"validation of {self.out_dir} failed: {self.failure_summary}")
 
 
-class PerplexityCache(Protocol):
-    """Where parent perplexities are remembered, per model name, revision and `measure` (how it was measured: a
-    digest from `perplexity_measure`). `get` is None on a miss; `put` must not raise for a cache that cannot be
-    written, since a lost entry only costs a recomputation. `JsonPerplexityCache` (CLI) and the daemon's state
-    database (`mergebot.pipeline`) implement it."""
-
-    def get(self, name: str, revision: str, measure: str) -> float | None: ...
-
-    def put(self, name: str, revision: str, measure: str, ppl: float) -> None: ...
-
-
 def validate(
     out_dir: Path,
     *,
     eval_text_path: Path,
-    parents: dict[str, Path] | None = None,
-    max_ppl_ratio: float = DEFAULT_MAX_PPL_RATIO,
+    parents: dict[str, Parent] | None = None,
+    max_ppl_ratio: float = ValidateSettings.max_ppl_ratio,
     cache: PerplexityCache | None = None,
-    parent_revisions: dict[str, str] | None = None,
     window: int = DEFAULT_WINDOW,
     max_windows: int = DEFAULT_MAX_WINDOWS,
 ) -> ValidationReport:
     """Run the gate on `out_dir` and return the report (see module doc for what raises instead).
 
-    `parents` maps a name (repo id or path) to its local checkpoint directory; its revision comes from
-    `parent_revisions`, else the Hub cache snapshot directory name, else a sha256 of the directory's files. Parent
-    perplexities are kept in `cache` (if given) per (name, revision, eval text, window, max_windows).
+    `parents` maps a name (repo id or path) to the checkpoint to compare with; their perplexities are kept in
+    `cache` (if given) per (name, revision, eval text, window, max_windows). The default ratio lets a merge be
+    somewhat worse than its worst parent (interpolating two fine-tunes often costs a little) but catches a broken
+    merge (wrong tokenizer rows, mis-scaled tensors, a layer from the wrong model), which lands at several times
+    the parents' perplexity.
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -131,169 +116,120 @@ def validate(
             f"(got {max_ppl_ratio}, {window}, {max_windows})"
         )
     text = _read_eval_text(Path(eval_text_path))
+    candidate = _Candidate(out_dir, text, window, max_windows)
     checks: list[Check] = []
-    report = ValidationReport(out_dir=out_dir, checks=checks, max_ppl_ratio=max_ppl_ratio)
+    for step in candidate.steps():
+        checks.append(check := step())
+        if not check.passed and check.name not in _NOT_BLOCKING:
+            return _finish(candidate.report(checks, max_ppl_ratio))
+    results = parent_results(parents or {}, text, window, max_windows, cache)
+    return _finish(_compare(candidate.report(checks, max_ppl_ratio), results))
 
-    config_dict, model_config, meta_model, detail = _check_config(out_dir)
-    checks.append(Check("config", meta_model is not None, detail))
-    if meta_model is None:
-        return _finish(report)
 
-    declared, unlisted, problems, detail = _declared_tensors(out_dir)
-    checks.append(Check("weight files", not problems, "; ".join(problems) or detail))
-    if problems:
-        return _finish(report)
+class _Candidate:
+    """The checkpoint under test and what each check finds that a later one needs: the architecture built from
+    config.json, the tensors the files declare, the eval text's token ids, the loaded model."""
 
-    problems = _compare_tensors(meta_model, declared, _config_dtype(config_dict))
-    if unlisted:
-        problems.append(f"in a shard but not in the index: {_listing(unlisted)}")
-    del meta_model
-    checks.append(
-        Check("tensors", not problems, "; ".join(problems) or f"all {len(declared)} tensors match the config")
-    )
-    if problems:
-        return _finish(report)
+    def __init__(self, out_dir: Path, text: str, window: int, max_windows: int) -> None:
+        self.out_dir, self.text, self.window, self.max_windows = out_dir, text, window, max_windows
+        self.config_dict: dict = {}
+        self.config: PretrainedConfig | None = None
+        self.meta_model: torch.nn.Module | None = None
+        self.declared: dict[str, TensorInfo] = {}
+        self.unlisted: list[str] = []
+        self.ids: list[int] = []
+        self.model: torch.nn.Module | None = None
+        self.merge_ppl: float | None = None
 
-    try:
-        tokenizer = _load_tokenizer(out_dir)
-    except Exception as exc:  # transformers raises many types for a bad tokenizer; all mean "unusable"
-        checks.append(Check("tokenizer", False, _one_line(exc)))
-        return _finish(report)
-    ids, unknown = _token_ids(tokenizer, text)
-    windows = len(_windows(ids, window, max_windows))
-    problem = _tokenization_problem(ids, unknown, model_config.vocab_size)
-    detail = problem or f"{len(ids)} tokens, {unknown:.1%} unknown, {windows} window(s) of up to {window}"
-    checks.append(Check("tokenizer", problem is None, detail))
-    if problem:
-        return _finish(report)
-
-    try:
-        model = _load_model(out_dir)
-    except Exception as exc:  # as above: any load failure makes the candidate unpublishable
-        checks.append(Check("load", False, _one_line(exc)))
-        return _finish(report)
-    checks.append(Check("load", True, f"{_count_params(model) / 1e6:.2f}M parameters, {model.dtype}"))
-
-    bad = _non_finite_tensors(model)
-    checks.append(
-        Check("finite weights", not bad, f"NaN/inf in {_listing(bad)}" if bad else "no NaN or inf in any weight")
-    )
-
-    merge_ppl, bad_window = _perplexity(model, ids, window, max_windows)
-    del model
-    checks.append(
-        Check(
-            "finite logits",
-            bad_window is None,
-            f"NaN/inf logits in window {bad_window}" if bad_window is not None else "all windows finite",
+    def steps(self) -> tuple[Callable[[], Check], ...]:
+        return (
+            self.check_config,
+            self.check_weight_files,
+            self.check_tensors,
+            self.check_tokenizer,
+            self.check_load,
+            self.check_finite_weights,
+            self.check_finite_logits,
         )
-    )
-    report = replace(report, merge_ppl=merge_ppl, eval_tokens=len(ids), windows=windows)
-    if bad_window is not None:
-        return _finish(report)
 
-    measure = perplexity_measure(text, window, max_windows)
-    results = [
-        _parent_result(name, Path(path), text, measure, window, max_windows, cache, (parent_revisions or {}).get(name))
-        for name, path in (parents or {}).items()
-    ]
-    finite = [p.ppl for p in results if math.isfinite(p.ppl)]
-    if not results:
-        checks.append(Check("perplexity", True, f"{merge_ppl:.3f} (no parents to compare with)"))
-        return _finish(replace(report, parents=results))
-    if not finite:
-        checks.append(Check("perplexity", False, "no parent has a finite perplexity to compare with"))
-        return _finish(replace(report, parents=results))
-    worst = max(finite)
-    limit = max_ppl_ratio * worst
-    ratio = merge_ppl / worst
-    ok = merge_ppl <= limit
-    checks.append(
-        Check(
-            "perplexity",
-            ok,
-            f"{merge_ppl:.3f} {'<=' if ok else '>'} limit {limit:.3f} "
-            f"({max_ppl_ratio} x worst parent {worst:.3f}; ratio {ratio:.3f})",
+    def report(self, checks: list[Check], max_ppl_ratio: float) -> ValidationReport:
+        measured = self.merge_ppl is not None
+        return ValidationReport(
+            out_dir=self.out_dir,
+            checks=checks,
+            merge_ppl=self.merge_ppl,
+            max_ppl_ratio=max_ppl_ratio,
+            eval_tokens=len(self.ids) if measured else 0,
+            windows=len(windows(self.ids, self.window, self.max_windows)) if measured else 0,
         )
-    )
-    return _finish(replace(report, parents=results, worst_parent_ppl=worst, ratio=ratio, limit=limit))
 
+    def check_config(self) -> Check:
+        self.config_dict, self.config, self.meta_model, detail = _read_config(self.out_dir)
+        return Check("config", self.meta_model is not None, detail)
 
-def format_report(report: ValidationReport) -> str:
-    """A small plain-text table for the CLI: every check, then the perplexities, then peak memory."""
-    lines = [f"validate {report.out_dir}: {'PASSED' if report.passed else 'FAILED'}"]
-    width = max([len(c.name) for c in report.checks] + [5])
-    lines.append(f"  {'check':<{width}}  result  detail")
-    lines += [f"  {c.name:<{width}}  {'ok' if c.passed else 'FAIL':<6}  {c.detail}" for c in report.checks]
-    if report.merge_ppl is not None:
-        rows = [("merge", report.merge_ppl, "")]
-        rows += [(p.name, p.ppl, p.revision + (" (cached)" if p.cached else "")) for p in report.parents]
-        name_w = max(len(r[0]) for r in rows)
-        lines.append("")
-        lines.append(f"  {'model':<{name_w}}  {'perplexity':>12}  revision")
-        lines += [f"  {name:<{name_w}}  {ppl:>12.3f}  {rev}".rstrip() for name, ppl, rev in rows]
-        if report.limit is not None:
-            lines.append(
-                f"  ratio to worst parent {report.ratio:.3f}, limit {report.max_ppl_ratio} "
-                f"(perplexity {report.limit:.3f})"
-            )
-    lines.append(f"  peak RSS {report.peak_rss_mb:.0f} MB")
-    return "\n".join(lines)
+    def check_weight_files(self) -> Check:
+        self.declared, self.unlisted, problems, detail = _declared_tensors(self.out_dir)
+        return Check("weight files", not problems, "; ".join(problems) or detail)
 
+    def check_tensors(self) -> Check:
+        assert self.meta_model is not None
+        problems = _compare_tensors(self.meta_model, self.declared, _config_dtype(self.config_dict))
+        if self.unlisted:
+            problems.append(f"in a shard but not in the index: {_listing(self.unlisted)}")
+        self.meta_model = None
+        detail = "; ".join(problems) or f"all {len(self.declared)} tensors match the config"
+        return Check("tensors", not problems, detail)
 
-def perplexity_measure(text: str, window: int, max_windows: int) -> str:
-    """How a perplexity is measured, as one digest: the eval text's sha256, the window length and the window cap."""
-    text_sha256 = hashlib.sha256(text.encode()).hexdigest()
-    return hashlib.sha256(f"{text_sha256}\0{window}\0{max_windows}".encode()).hexdigest()
-
-
-class JsonPerplexityCache:
-    """A PerplexityCache in one JSON file, `directory/parent_perplexity.json`, for the CLI (which has no state
-    database). An unreadable file counts as empty; a write replaces the file atomically, so a crash never leaves it
-    half-written, and a write that fails is dropped."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-
-    def get(self, name: str, revision: str, measure: str) -> float | None:
-        return self._read().get(_cache_key(name, revision, measure))
-
-    def put(self, name: str, revision: str, measure: str, ppl: float) -> None:
-        with contextlib.suppress(OSError):
-            self.directory.mkdir(parents=True, exist_ok=True)
-            entries = self._read()
-            entries[_cache_key(name, revision, measure)] = ppl
-            write_json_atomic(self.directory / PPL_CACHE_FILE, entries)
-
-    def _read(self) -> dict[str, float]:
+    def check_tokenizer(self) -> Check:
         try:
-            entries = json.loads((self.directory / PPL_CACHE_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(entries, dict):
-            return {}
-        return {k: float(v) for k, v in entries.items() if isinstance(v, int | float)}
+            tokenizer = load_tokenizer(self.out_dir)
+        except Exception as exc:  # transformers raises many types for a bad tokenizer; all mean "unusable"
+            return Check("tokenizer", False, one_line(exc))
+        self.ids, unknown = token_ids(tokenizer, self.text)
+        count = len(windows(self.ids, self.window, self.max_windows))
+        problem = _tokenization_problem(self.ids, unknown, self.config.vocab_size)
+        detail = problem or f"{len(self.ids)} tokens, {unknown:.1%} unknown, {count} window(s) of up to {self.window}"
+        return Check("tokenizer", problem is None, detail)
+
+    def check_load(self) -> Check:
+        try:
+            self.model = load_model(self.out_dir)
+        except Exception as exc:  # as above: any load failure makes the candidate unpublishable
+            return Check("load", False, one_line(exc))
+        return Check("load", True, f"{_count_params(self.model) / 1e6:.2f}M parameters, {self.model.dtype}")
+
+    def check_finite_weights(self) -> Check:
+        bad = _non_finite_tensors(self.model)
+        return Check("finite weights", not bad, f"NaN/inf in {_listing(bad)}" if bad else "no NaN or inf in any weight")
+
+    def check_finite_logits(self) -> Check:
+        self.merge_ppl, bad_window = perplexity(self.model, self.ids, self.window, self.max_windows)
+        self.model = None  # before the parents load: peak memory is one model, not two
+        if bad_window is not None:
+            return Check("finite logits", False, f"NaN/inf logits in window {bad_window}")
+        return Check("finite logits", True, "all windows finite")
 
 
-def parent_revision(path: Path) -> str:
-    """The revision of a local checkpoint: the commit sha of a Hub cache snapshot dir, else a content hash."""
-    if path.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", path.name):
-        return path.name
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))):
-        digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0".encode())
-        with file.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
-
-
-def _hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
-
-
-def _cache_key(name: str, revision: str, measure: str) -> str:
-    return f"{name}@{revision} {measure}"
+def _compare(report: ValidationReport, parents: list[ParentResult]) -> ValidationReport:
+    """The perplexity check: the merge against the worst parent with a finite perplexity."""
+    assert report.merge_ppl is not None
+    finite = [p.ppl for p in parents if math.isfinite(p.ppl)]
+    if not parents:
+        check = Check("perplexity", True, f"{report.merge_ppl:.3f} (no parents to compare with)")
+        return replace(report, checks=[*report.checks, check])
+    if not finite:
+        check = Check("perplexity", False, "no parent has a finite perplexity to compare with")
+        return replace(report, checks=[*report.checks, check], parents=parents)
+    worst = max(finite)
+    limit = report.max_ppl_ratio * worst
+    ratio = report.merge_ppl / worst
+    ok = report.merge_ppl <= limit
+    detail = (
+        f"{report.merge_ppl:.3f} {'<=' if ok else '>'} limit {limit:.3f} "
+        f"({report.max_ppl_ratio} x worst parent {worst:.3f}; ratio {ratio:.3f})"
+    )
+    checks = [*report.checks, Check("perplexity", ok, detail)]
+    return replace(report, checks=checks, parents=parents, worst_parent_ppl=worst, ratio=ratio, limit=limit)
 
 
 def _read_eval_text(path: Path) -> str:
@@ -311,11 +247,6 @@ def _finish(report: ValidationReport) -> ValidationReport:
     return replace(report, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
 def _listing(names: list[str]) -> str:
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
@@ -327,7 +258,7 @@ def _config_dtype(config: dict) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def _check_config(out_dir: Path) -> tuple[dict, PretrainedConfig | None, torch.nn.Module | None, str]:
+def _read_config(out_dir: Path) -> tuple[dict, PretrainedConfig | None, torch.nn.Module | None, str]:
     """Parse config.json and build its architecture on the meta device (no memory, no remote code)."""
     path = out_dir / "config.json"
     try:
@@ -336,7 +267,7 @@ def _check_config(out_dir: Path) -> tuple[dict, PretrainedConfig | None, torch.n
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # a missing file, bad JSON or unknown architecture all fail the same check
-        return {}, None, None, f"{path}: {_one_line(exc)}"
+        return {}, None, None, f"{path}: {one_line(exc)}"
     arch = type(model).__name__
     dtype = _config_dtype(config_dict)
     detail = (
@@ -428,28 +359,6 @@ def _compare_tensors(
     return problems
 
 
-def _load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-
-
-def _load_model(model_dir: Path) -> torch.nn.Module:
-    """One copy of the weights: transformers builds on meta and fills parameters straight from the mmapped
-    safetensors, in the checkpoint's dtype."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", local_files_only=True)
-    return model.eval()
-
-
-def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], float]:
-    """Ids of the eval text, with the tokenizer's BOS first (how causal LMs see a document), and the unknown
-    fraction."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    unk = tokenizer.unk_token_id
-    unknown = sum(1 for i in ids if i == unk) / len(ids) if ids and unk is not None else 0.0
-    if tokenizer.bos_token_id is not None:
-        ids.insert(0, tokenizer.bos_token_id)
-    return ids, unknown
-
-
 def _tokenization_problem(ids: list[int], unknown: float, rows: int) -> str | None:
     if len(ids) < 2:
         return "the eval text gives fewer than 2 tokens"
@@ -460,12 +369,6 @@ def _tokenization_problem(ids: list[int], unknown: float, rows: int) -> str | No
     return None
 
 
-def _windows(ids: list[int], window: int, max_windows: int) -> list[list[int]]:
-    """Fixed, non-overlapping windows; a trailing one shorter than two tokens predicts nothing and is dropped."""
-    chunks = [ids[i : i + window] for i in range(0, min(len(ids), window * max_windows), window)]
-    return [c for c in chunks if len(c) >= 2]
-
-
 def _count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -473,57 +376,3 @@ def _count_params(model: torch.nn.Module) -> int:
 def _non_finite_tensors(model: torch.nn.Module) -> list[str]:
     with torch.no_grad():
         return [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-
-
-def _perplexity(model: torch.nn.Module, ids: list[int], window: int, max_windows: int) -> tuple[float, int | None]:
-    """exp(mean next-token NLL) over fixed, non-overlapping windows, log-softmax in float32.
-
-    Returns (perplexity, index of the first window with NaN/inf logits or None).
-    """
-    total_nll = 0.0
-    count = 0
-    with torch.inference_mode():
-        for k, chunk in enumerate(_windows(ids, window, max_windows)):
-            x = torch.tensor([chunk])
-            logits = model(input_ids=x, use_cache=False).logits[0].float()
-            if not torch.isfinite(logits).all():
-                return math.nan, k
-            logp = torch.log_softmax(logits[:-1], dim=-1)
-            total_nll -= float(logp.gather(1, x[0, 1:, None]).sum(dtype=torch.float64))
-            count += len(chunk) - 1
-    if count == 0:
-        return math.nan, None
-    return math.exp(total_nll / count), None
-
-
-def parent_perplexity(path: Path, text: str, window: int, max_windows: int) -> float:
-    """Perplexity of one parent on the eval text with its own tokenizer (NaN when its logits are not finite)."""
-    try:
-        tokenizer = _load_tokenizer(path)
-        model = _load_model(path)
-    except Exception as exc:  # any failure to load a parent is an input error, not a gate result
-        raise ModelError(f"parent {path}: cannot be loaded for perplexity ({_one_line(exc)})") from exc
-    ids, _ = _token_ids(tokenizer, text)
-    ppl, _ = _perplexity(model, ids, window, max_windows)
-    return ppl
-
-
-def _parent_result(
-    name: str,
-    path: Path,
-    text: str,
-    measure: str,
-    window: int,
-    max_windows: int,
-    cache: PerplexityCache | None,
-    revision: str | None,
-) -> ParentResult:
-    if not path.is_dir():
-        raise ModelError(f"parent {name}: {path} is not a directory")
-    revision = revision or parent_revision(path)
-    if cache is not None and (ppl := cache.get(name, revision, measure)) is not None:
-        return ParentResult(name, path, revision, ppl, cached=True)
-    ppl = parent_perplexity(path, text, window, max_windows)
-    if cache is not None and math.isfinite(ppl):
-        cache.put(name, revision, measure, ppl)
-    return ParentResult(name, path, revision, ppl, cached=False)

@@ -6,6 +6,7 @@ refs live in one JSON document that is replaced atomically after the commit it p
 """
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -19,9 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from mergebot.files import fsync_dir, write_atomic
+from mergebot.files import fsync_dir, git_blob_id, write_atomic
 
 RepoType = Literal["model", "dataset", "space"]
+RefKind = Literal["branch", "tag"]
 REPO_TYPES: tuple[RepoType, ...] = ("model", "dataset", "space")
 DEFAULT_BRANCH = "main"
 
@@ -47,11 +49,6 @@ class HubError(Exception):
         self.message = message
         self.code = code
         self.headers = dict(headers or {})
-
-
-def git_blob_oid(content: bytes) -> str:
-    """The id git gives a file's content, which the Hub reports as a file's `oid`/`blobId`."""
-    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
 def lfs_pointer(sha256: str, size: int) -> bytes:
@@ -122,12 +119,16 @@ class Repo:
 
 @dataclass(frozen=True)
 class PutFile:
+    """A regular file: its content is stored as a git blob."""
+
     path: str
     content: bytes
 
 
 @dataclass(frozen=True)
 class PutLfs:
+    """A file whose content was uploaded before the commit, through LFS; `size`, when given, must match it."""
+
     path: str
     sha256: str
     size: int | None = None
@@ -135,6 +136,8 @@ class PutLfs:
 
 @dataclass(frozen=True)
 class Delete:
+    """A file, or with `folder` every file below that folder."""
+
     path: str
     folder: bool = False
 
@@ -212,8 +215,16 @@ class Store:
             Path(tmp).unlink(missing_ok=True)
         return size
 
+    def put(self, path: str, content: bytes) -> Operation:
+        """The operation adding `content` at `path`, stored first in LFS when the Hub would keep it there."""
+        if not is_lfs(path, len(content), content[:512]):
+            return PutFile(path, content)
+        sha256 = hashlib.sha256(content).hexdigest()
+        self.store_lfs(io.BytesIO(content).read, sha256)
+        return PutLfs(path, sha256)
+
     def _store_git(self, content: bytes) -> str:
-        oid = git_blob_oid(content)
+        oid = git_blob_id(content)
         path = self._git_path(oid)
         if not path.exists():
             write_atomic(path, content)
@@ -353,7 +364,7 @@ class Store:
                 stored = self.lfs_size(sha256)
                 if stored is None or (size is not None and size != stored):
                     raise HubError(422, f"LFS object {sha256} of '{path}' was not uploaded")
-                tree[path] = Entry(stored, git_blob_oid(lfs_pointer(sha256, stored)), sha256)
+                tree[path] = Entry(stored, git_blob_id(lfs_pointer(sha256, stored)), sha256)
             case Delete(path, folder=False):
                 if tree.pop(path, None) is None:
                     raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
@@ -364,30 +375,18 @@ class Store:
                 for p in inside:
                     del tree[p]
 
-    def create_branch(self, repo: Repo, name: str, starting_point: str) -> None:
+    def create_ref(self, repo: Repo, kind: RefKind, name: str, revision: str) -> None:
         with self._lock:
-            if name in repo.branches:
-                raise HubError(409, f"Branch {name} already exists")
-            repo.branches[name] = self.resolve(repo, starting_point).id
+            refs = repo.branches if kind == "branch" else repo.tags
+            if name in refs:
+                raise HubError(409, f"{kind.capitalize()} {name} already exists")
+            refs[name] = self.resolve(repo, revision).id
             self._save(repo)
 
-    def delete_branch(self, repo: Repo, name: str) -> None:
+    def delete_ref(self, repo: Repo, kind: RefKind, name: str) -> None:
         with self._lock:
-            if name == DEFAULT_BRANCH:
+            if kind == "branch" and name == DEFAULT_BRANCH:
                 raise HubError(400, "The default branch cannot be deleted")
-            if repo.branches.pop(name, None) is None:
-                raise HubError(404, f"Invalid rev id: {name}", "RevisionNotFound")
-            self._save(repo)
-
-    def create_tag(self, repo: Repo, name: str, revision: str) -> None:
-        with self._lock:
-            if name in repo.tags:
-                raise HubError(409, f"Tag {name} already exists")
-            repo.tags[name] = self.resolve(repo, revision).id
-            self._save(repo)
-
-    def delete_tag(self, repo: Repo, name: str) -> None:
-        with self._lock:
-            if repo.tags.pop(name, None) is None:
+            if (repo.branches if kind == "branch" else repo.tags).pop(name, None) is None:
                 raise HubError(404, f"Invalid rev id: {name}", "RevisionNotFound")
             self._save(repo)

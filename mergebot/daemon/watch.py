@@ -1,0 +1,96 @@
+"""What changed upstream: each input's identity now, the content a merge would read from it, and whether that makes
+a target due.
+
+A Hub input costs one cheap `resolve` per (repo, revision) per check; its file listing is fetched once per commit
+sha (a commit never changes). A local directory's identity already is a digest of the files a merge reads.
+"""
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergebot import log
+from mergebot.config.daemon import Target
+from mergebot.config.merge import ModelSpec
+from mergebot.daemon.state import State
+from mergebot.errors import HubError
+from mergebot.files import is_merge_input, local_identity
+from mergebot.hub.client import HubClient, RetryPolicy
+
+
+@dataclass(frozen=True)
+class RetryUntilStopped(RetryPolicy):
+    """The Hub client's backoff, except that no retry starts once the daemon is stopping: a check against an
+    unreachable Hub then ends within one backoff of SIGTERM instead of after all its attempts."""
+
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if self.stopping.is_set():
+            raise HubError("Hub request not retried: the daemon is stopping")
+        return super().delay(attempt, retry_after)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A target's inputs as they are now, by model (repo id or local path)."""
+
+    shas: dict[str, str]
+    """The commit sha, or a local directory's identity: what a run records as merged."""
+    digests: dict[str, str]
+    """A digest of the files a merge reads: what decides whether the target is due."""
+
+
+def content_digest(hub: HubClient, repo: str, sha: str) -> str:
+    """What a merge reads from a revision (weights, index, config, tokenizer), so a README-only commit is no change."""
+    files = hub.list_files(repo, sha).files
+    read = sorted((name, file.sha256 or file.oid or "") for name, file in files.items() if is_merge_input(name))
+    return hashlib.sha256(json.dumps(read).encode()).hexdigest()
+
+
+def due_reason(target: Target, digests: dict[str, str], state: State) -> str | None:
+    """Why the target needs a run, or None when its last successful run read exactly this content and config."""
+    last = state.last_successful_run(target.name)
+    if last is None:
+        return "never merged"
+    if last.config_hash != target.config_hash:
+        return "its merge config changed"
+    previous = (last.details or {}).get("digests", {})
+    changed = sorted(model for model, digest in digests.items() if previous.get(model) != digest)
+    if changed:
+        return "new upstream content in " + ", ".join(changed)
+    return None
+
+
+class Upstream:
+    """Looks at the inputs of targets; each new upstream revision seen is recorded in the state."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.log = log.get("daemon")
+        self._digests: dict[tuple[str, str], str] = {}
+
+    def check(self, target: Target, hub: HubClient, resolved: dict[tuple[str, str | None], str]) -> Inputs:
+        """The target's inputs now; `resolved` is shared by the targets of one check, so each (repo, revision)
+        costs one call."""
+        shas, digests = {}, {}
+        for spec in target.merge.models:
+            if spec.is_local:
+                shas[spec.model] = digests[spec.model] = local_identity(Path(spec.model).expanduser())
+                continue
+            sha = shas[spec.model] = self._resolve(spec, hub, resolved)
+            if (spec.model, sha) not in self._digests:
+                self._digests[(spec.model, sha)] = content_digest(hub, spec.model, sha)
+            digests[spec.model] = self._digests[(spec.model, sha)]
+        return Inputs(shas, digests)
+
+    def _resolve(self, spec: ModelSpec, hub: HubClient, resolved: dict[tuple[str, str | None], str]) -> str:
+        key = (spec.model, spec.revision)
+        if key not in resolved:
+            resolved[key] = hub.resolve(spec.model, spec.revision)
+            ref = spec.revision or "main"
+            if self.state.record_revision(spec.model, ref, resolved[key]):
+                self.log.info("new upstream revision", repo=spec.model, ref=ref, sha=resolved[key])
+        return resolved[key]

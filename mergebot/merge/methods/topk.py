@@ -1,0 +1,46 @@
+"""Exact top-k of magnitudes over a whole tensor, streamed: two histogram passes over float32 bit patterns."""
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+def float_bits(values: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of non-negative float32 values, whose integer order is the values' order."""
+    return values.contiguous().view(torch.int32)
+
+
+def _histogram_pick(histogram: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th largest entry, and how many entries lie in higher buckets."""
+    above = torch.flip(torch.cumsum(torch.flip(histogram, [0]), 0), [0]) - histogram
+    bucket = int(torch.nonzero((above < k) & (above + histogram >= k))[0])
+    return bucket, int(above[bucket])
+
+
+def top_cuts(
+    streams: Callable[[], Iterable[list[torch.Tensor]]], choose_ks: Callable[[int], list[int]]
+) -> list[tuple[int, int, int]]:
+    """(threshold bits, entries above it, k) per stream, with k chosen once the element count is known.
+
+    A histogram of the high 16 bits finds the bucket of the k-th largest, a second pass over that bucket's low 16
+    bits finds the exact value (faster than sorting even when the tensor is one block)."""
+    buckets = 1 << 16
+    high: torch.Tensor | None = None
+    for bits in streams():
+        if high is None:
+            high = torch.zeros(len(bits), buckets, dtype=torch.int64)
+        for index, stream_bits in enumerate(bits):
+            high[index] += torch.bincount((stream_bits >> 16).reshape(-1), minlength=buckets)
+    assert high is not None
+    ks = choose_ks(int(high[0].sum()))
+    picks = [_histogram_pick(high[index], k) for index, k in enumerate(ks)]
+    low = torch.zeros(len(ks), buckets, dtype=torch.int64)
+    for bits in streams():
+        for index, stream_bits in enumerate(bits):
+            in_bucket = stream_bits[(stream_bits >> 16) == picks[index][0]]
+            low[index] += torch.bincount(in_bucket & 0xFFFF, minlength=buckets)
+    results = []
+    for index, (k, (bucket, above_bucket)) in enumerate(zip(ks, picks, strict=True)):
+        low_bits, above_low = _histogram_pick(low[index], k - above_bucket)
+        results.append(((bucket << 16) | low_bits, above_bucket + above_low, k))
+    return results

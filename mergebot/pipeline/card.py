@@ -1,0 +1,64 @@
+"""The model card and commit message of a published merge: its lineage, told from the merge config as merged
+(each model pinned to the revision that was read)."""
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from mergebot.config.merge import MergeConfig, ModelSpec
+from mergebot.pipeline.gate import ValidationReport
+
+
+def model_card(merged: MergeConfig, report: ValidationReport) -> str:
+    """YAML lineage (base_model, tags, library) and a body with method, parents at their shas, validation, config."""
+    parents = _parents(merged)
+    data = ModelCardData(
+        base_model=[spec.model for spec in parents],
+        tags=["merge", "mergebot"],
+        library_name="transformers",
+        pipeline_tag="text-generation",
+    )
+    lines = [
+        "# Merged model",
+        "",
+        f"Made by [mergebot](https://pypi.org/project/mergebot/) with the **{merged.merge_method}** method.",
+        "",
+        "## Parents",
+        "",
+        "| model | revision |",
+        "| --- | --- |",
+        *(f"| {spec.model} | `{spec.revision or 'local'}` |" for spec in parents),
+        "",
+        "## Validation",
+        "",
+        "| model | perplexity |",
+        "| --- | --- |",
+        f"| this merge | {_number(report.merge_ppl)} |",
+        *(f"| {parent.name} | {_number(parent.ppl)} |" for parent in report.parents),
+        "",
+        f"Gate: perplexity at most {report.max_ppl_ratio} x the worst parent's; "
+        + ", ".join(f"{check.name} {'passed' if check.passed else 'FAILED'}" for check in report.checks)
+        + ".",
+        "",
+        "## Merge configuration",
+        "",
+        "```yaml",
+        yaml.safe_dump(merged.as_dict(), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def commit_message(merged: MergeConfig) -> str:
+    parents = ", ".join(f"{spec.model}@{(spec.revision or 'local')[:12]}" for spec in _parents(merged))
+    return f"mergebot: {merged.merge_method} merge of {parents}"
+
+
+def _parents(merged: MergeConfig) -> list[ModelSpec]:
+    """Every model the merge read, the base first."""
+    base = [merged.spec(merged.base_model)] if merged.base_model else []
+    return base + [spec for spec in merged.models if spec.model != merged.base_model]
+
+
+def _number(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "n/a"

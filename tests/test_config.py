@@ -1,0 +1,108 @@
+"""Config files: every table names an unknown or missing key with its file and line, and `mergebot merge` stays
+light (it never loads the scheduler or transformers)."""
+
+from pathlib import Path
+
+import pytest
+
+from mergebot.config.daemon import check_daemon_config
+from mergebot.config.merge import load_merge_config
+from mergebot.dev.synthetic import make_model
+from tests.helpers import run_cli_process
+
+DAEMON = '[daemon]\nstate_dir = "state"\n'
+TARGET = '[[targets]]\nname = "t"\nrepo = "me/t"\nmerge_method = "linear"\n'
+MODELS = 'models = [{ model = "org/a" }, { model = "org/b" }]\n'
+WEBHOOK = '[daemon.webhook]\nlisten = "127.0.0.1:8765"\n'
+SOURCE = "model = 'org/a', layer_range = [0, 2]"
+
+DAEMON_KNOWN = (
+    "debounce, hub_endpoint, max_concurrent_merges, max_retries, merge_timeout, metrics_listen, poll_interval, "
+    "retry_delay, schedule, state_dir, stop_grace, webhook"
+)
+# For each table: a config with one unknown key, the key's line and path, and the keys the error lists.
+UNKNOWN_KEYS = {
+    "daemon": (f"{DAEMON}pol_interval = '5m'\n", 3, "daemon.pol_interval", DAEMON_KNOWN),
+    "webhook": (f'{DAEMON}{WEBHOOK}secret = "x"\n', 5, "daemon.webhook.secret", "listen, secret_env"),
+    "validate": (
+        f"{DAEMON}{TARGET}{MODELS}validate = {{ max_ratio = 2 }}\n",
+        8,
+        "targets[0].validate.max_ratio",
+        "eval_text, max_ppl_ratio",
+    ),
+    "models": (
+        f'{DAEMON}{TARGET}models = [\n  {{ model = "org/a" }},\n  {{ model = "org/b", revison = "v1" }},\n]\n',
+        9,
+        "targets[0].models[1].revison",
+        "model, parameters, revision",
+    ),
+    "slices": (
+        f"{DAEMON}{TARGET}slices = [{{ sources = [{{ {SOURCE} }}], weight = 1 }}]\n",
+        7,
+        "targets[0].slices[0].weight",
+        "sources",
+    ),
+    "slice-source": (
+        f"{DAEMON}{TARGET}slices = [{{ sources = [{{ {SOURCE}, paramters = {{}} }}] }}]\n",
+        7,
+        "targets[0].slices[0].sources[0].paramters",
+        "layer_range, model, parameters, revision",
+    ),
+    "condition": (
+        f"{DAEMON}{TARGET}{MODELS}parameters = {{ weight = [{{ filtr = 'mlp', value = 1 }}] }}\n",
+        8,
+        "targets[0].parameters.weight[0].filtr",
+        "filter, value",
+    ),
+    "top-level": (f"{DAEMON}[[target]]\nname = 't'\n", 3, "target", "daemon, targets"),
+}
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "mergebot.toml"
+    path.write_text(text)
+    _, found = check_daemon_config(path)
+    return [str(problem) for problem in found]
+
+
+def test_webhook_without_listen_is_one_line_with_exit_code_2(tmp_path):
+    config = tmp_path / "mergebot.toml"
+    config.write_text(f'{DAEMON}[daemon.webhook]\nsecret_env = "HOOK_SECRET"\n')
+    result = run_cli_process("check-config", "--config", config)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"mergebot: error: {config}:3: daemon.webhook.listen: required")
+    assert result.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("table", UNKNOWN_KEYS)
+def test_unknown_key_is_named_with_its_line(tmp_path, table):
+    text, line, key, known = UNKNOWN_KEYS[table]
+    assert problems(tmp_path, text) == [f"{tmp_path}/mergebot.toml:{line}: {key}: unknown key (known: {known})"]
+
+
+def test_missing_key_points_at_its_table(tmp_path):
+    text = f'{DAEMON}{TARGET}{MODELS}\n[[targets]]\nname = "u"\nmerge_method = "linear"\n{MODELS}'
+    assert problems(tmp_path, text) == [
+        f"{tmp_path}/mergebot.toml:9: targets[1].repo: required: the Hub repo to publish to, as org/name"
+    ]
+
+
+def test_merge_command_loads_neither_the_scheduler_nor_transformers(tmp_path):
+    base = make_model(tmp_path / "base")
+    other = make_model(tmp_path / "other", base=base, seed=1)
+    args = ("merge", "--method", "linear", f"{base}:1", f"{other}:1", tmp_path / "out")
+    result = run_cli_process(*args, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "out").glob("*.safetensors"))
+    imported = {
+        line.rpartition("|")[2].strip() for line in result.stderr.splitlines() if line.startswith("import time")
+    }
+    assert "torch" in imported
+    assert not {"apscheduler", "transformers"} & imported
+
+
+def test_mergekit_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
+    """PyYAML reads `1e-8` as a string (YAML 1.1); mergekit configs write it that way, so it must be a number."""
+    config = tmp_path / "merge.yml"
+    config.write_text("merge_method: multislerp\nmodels: [{model: org/a}, {model: org/b}]\nparameters: {eps: 1e-8}\n")
+    assert load_merge_config(config).parameters["eps"] == 1e-8
