@@ -16,7 +16,8 @@ from mergebot.config.merge import MergeConfig, load_merge_config, parse_merge
 from mergebot.errors import ConfigError, ExitCode, MergebotError
 
 if TYPE_CHECKING:
-    from mergebot.pipeline.gate import ValidationReport
+    from mergebot.pipeline.parents import SignatureCache
+    from mergebot.pipeline.report import ValidationReport
 
 
 def _quick_config(args: argparse.Namespace, weighted: list[str]) -> MergeConfig:
@@ -81,15 +82,22 @@ def _merged_config(out_dir: Path) -> MergeConfig:
     return parse_merge(document, located)
 
 
+def _signature_cache() -> "SignatureCache":
+    """Parents' signatures, remembered per revision in mergebot's cache directory (CLI and daemon alike)."""
+    from mergebot.files import default_cache_dir
+    from mergebot.pipeline.parents import SignatureCache
+
+    return SignatureCache(default_cache_dir() / "signatures")
+
+
 def _gate(args: argparse.Namespace, merged: MergeConfig) -> "ValidationReport":
     """The gate on OUT_DIR with the models it was made from as parents."""
-    from mergebot.files import default_cache_dir
+    from mergebot.config.daemon import ValidateSettings
     from mergebot.pipeline.inputs import resolve_inputs
-    from mergebot.pipeline.perplexity import JsonPerplexityCache
     from mergebot.pipeline.run import check_merge
 
-    cache = JsonPerplexityCache(default_cache_dir() / "perplexity")
-    return check_merge(Path(args.out_dir), resolve_inputs(merged), Path(args.eval_text), args.max_ppl_ratio, cache)
+    settings = ValidateSettings(eval_text=Path(args.eval_text), max_ppl_ratio=args.max_ppl_ratio, max_kl=args.max_kl)
+    return check_merge(Path(args.out_dir), resolve_inputs(merged), settings, _signature_cache())
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -121,9 +129,9 @@ def _child_run(args: argparse.Namespace) -> int:
     goes to --result as JSON."""
     from mergebot.config.daemon import load_daemon_config
     from mergebot.daemon.children import die_with_daemon
-    from mergebot.daemon.perplexity_cache import StatePerplexityCache
     from mergebot.daemon.state import State
     from mergebot.files import write_json_atomic
+    from mergebot.pipeline.regression import baseline_from_record
     from mergebot.pipeline.run import TargetRun, run_pipeline
 
     die_with_daemon()
@@ -133,12 +141,15 @@ def _child_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.config}: no target named {args.target!r}")
         # Beside the running daemon: WAL lets it read meanwhile, and the busy timeout waits out its short writes.
         with State.open(config.daemon.state_dir) as state:
-            run = run_pipeline(config, config.targets[args.target], StatePerplexityCache(state))
+            # `mergebot release`: this run is not compared with the last publish
+            last = None if args.target in state.releases() else state.last_successful_run(args.target)
+        baseline = baseline_from_record(last.published_sha, last.inputs, last.details) if last else None
+        run = run_pipeline(config, config.targets[args.target], _signature_cache(), baseline)
     except MergebotError as error:
         write_json_atomic(args.result, TargetRun(args.target, reason=str(error)).as_dict())
         raise
     write_json_atomic(args.result, run.as_dict())
-    return ExitCode.OK
+    return {"failed": ExitCode.VALIDATION_FAILED, "held": ExitCode.HELD}.get(run.outcome, ExitCode.OK)
 
 
 def _daemon(args: argparse.Namespace) -> int:
@@ -189,6 +200,29 @@ def _cache_clean(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _release(args: argparse.Namespace) -> int:
+    """A person's release of a held target: its next run skips the comparison with the last publish (the gate
+    still applies). A short write beside the running daemon, which notices it within seconds."""
+    from mergebot.config.daemon import load_daemon_config
+    from mergebot.daemon.lock import daemon_pid
+    from mergebot.daemon.state import STATE_FILE, State
+
+    config = load_daemon_config(Path(args.config))
+    if args.target not in config.targets:
+        raise ConfigError(f"{args.config}: no target named {args.target!r}")
+    held = None
+    if (config.daemon.state_dir / STATE_FILE).is_file():
+        with State.open(config.daemon.state_dir) as state:
+            held = state.request_release(args.target)
+    if held is None:
+        raise MergebotError(f"{args.target} is not held: only a target whose last run was held can be released")
+    runner = "the daemon" if daemon_pid(config.daemon.state_dir) else "the next `mergebot run` or `mergebot once`"
+    print(
+        f"{args.target}: released; {runner} runs it without comparing it to the last publish (the gate still applies)"
+    )
+    return ExitCode.OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from mergebot.dev.demo import run_demo
 
@@ -232,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("out_dir", metavar="OUT_DIR")
         command.add_argument("--eval-text", default=str(defaults.eval_text), help="text for the perplexity check")
         command.add_argument(
-            "--max-ppl-ratio", type=float, default=defaults.max_ppl_ratio, help="limit vs the worst parent"
+            "--max-ppl-ratio", type=float, default=defaults.max_ppl_ratio, help="limit vs the worst healthy parent"
         )
+        command.add_argument("--max-kl", type=float, default=defaults.max_kl, help="nats/token from the nearest parent")
         command.set_defaults(handler=handler)
         if name == "publish":
             command.add_argument("--repo", required=True, metavar="ORG/NAME")
@@ -255,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--health", action="store_true", help="exit 0 when a daemon runs on this state")
     status.set_defaults(handler=_status)
+
+    release = commands.add_parser("release", help="let a held target publish its inputs if they pass the gate")
+    release.add_argument("target", metavar="TARGET")
+    release.add_argument("--config", required=True, metavar="FILE")
+    release.set_defaults(handler=_release)
 
     child = commands.add_parser("run-target", help=argparse.SUPPRESS)
     child.add_argument("--config", required=True)

@@ -18,6 +18,9 @@ class ExitCode(IntEnum):
     """Bad config or input: running again changes nothing until the input or the config changes."""
     RETRY_LATER = 3
     """The Hub or the machine had trouble (network, disk full): the same run may succeed later."""
+    HELD = 4
+    """The merge is worse than the last published one, or an input got worse since then: the daemon holds the
+    target at its published revision until an input changes or a person releases it."""
     PARENT_GONE = 75
     """A merge child found its daemon gone before it started."""
     INTERRUPTED = 130
@@ -57,12 +60,6 @@ class HubAuthError(HubError):
     """401/403: the token is missing, revoked or lacks access."""
 
     exit_code = ExitCode.PERMANENT
-
-
-class ValidationFailed(MergebotError):
-    """The merged model did not pass the gate; nothing may be published."""
-
-    exit_code = ExitCode.VALIDATION_FAILED
 
 
 class PublishError(MergebotError):

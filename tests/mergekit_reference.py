@@ -1,8 +1,13 @@
-"""mergekit itself as the reference: run `mergekit-yaml` and `mergebot merge` on the same YAML text, compare tensors.
+"""mergekit itself as the reference: the same YAML text merged by `mergekit-yaml` and by mergebot, tensors compared.
 
 Users arrive with mergekit configs and compare results with mergekit, so where mergekit is deterministic the tests
 compare with the real thing (mergekit 0.1.5 in its own venv: `.venv-mergekit` beside the checkout, or the venv
-named by $MERGEBOT_MERGEKIT_VENV). Without it, `mergekit_yaml()` skips the test and says how to get it.
+named by $MERGEBOT_MERGEKIT_VENV). Without it, the `mergekit` fixture skips the test and says how to get it.
+
+A test module registers its cases (`register`) when imported, and the test modules using them name this module in
+`pytest_plugins`. The session fixture `mergekit` then merges every case with mergekit in one process of its venv
+(tests/mergekit_driver.py: a Python start with torch and transformers costs seconds, a tiny merge milliseconds);
+each test merges its case with mergebot in the test process (the code under `mergebot merge`) and compares.
 
 The inputs are tiny float32 Llama checkpoints whose deltas from the base have distinct magnitudes (a shuffled
 grid, spaced far wider than float32 rounding of `model - base`), so no result hinges on how a top-k breaks ties;
@@ -11,24 +16,37 @@ mergekit computes in float32 for float32 models, so both sides agree to float32 
 
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from mergebot.config.merge import load_merge_config
 from mergebot.dev.synthetic import make_model
+from mergebot.merge.engine import run_merge
+from mergebot.pipeline.inputs import resolve_inputs
 from tests.helpers import load_tensors
 
 VENV_VARIABLE = "MERGEBOT_MERGEKIT_VENV"
 DEFAULT_VENV = Path(__file__).resolve().parent.parent / ".venv-mergekit"
+DRIVER = Path(__file__).resolve().parent / "mergekit_driver.py"
 SHAPE = {"hidden": 16, "layers": 2, "heads": 2, "kv_heads": 1, "intermediate": 24}
+MODEL_SETS: dict[str, dict[str, Any]] = {
+    "dense": {},
+    # half of each delta exactly zero (different places per model): some entries change in one model, some in
+    # several, some in none, which is what RAM tells apart
+    "sparse": {"zero_fraction": 0.5, "seed": 3},
+}
+"""`write_models` options per set of models a case can use; each set is a base and three fine-tunes."""
+CASES: dict[str, tuple[str, str]] = {}
+"""Every comparison of the session, by name: (its set of models, its YAML with {base}, {m1}... for their paths)."""
 
 
-def mergekit_yaml() -> Path:
-    """The `mergekit-yaml` command of the mergekit venv, or a skip saying why it is missing."""
+def mergekit_python() -> Path:
+    """The Python of the mergekit venv, or a skip saying why it is missing."""
     venv = Path(os.environ.get(VENV_VARIABLE) or DEFAULT_VENV)
     command = venv / "bin" / "mergekit-yaml"
     if not command.exists():
@@ -36,7 +54,26 @@ def mergekit_yaml() -> Path:
             f"mergekit is not installed: no {command} (create that venv with `pip install mergekit==0.1.5`, "
             f"or point {VENV_VARIABLE} at one)"
         )
-    return command
+    return venv / "bin" / "python"
+
+
+def register(configs: dict[str, str], header: str, models: str = "dense") -> list[str]:
+    """Add YAML templates (each `header` + its config) to the session's mergekit run, merged from the set `models`
+    of MODEL_SETS; returns their names, sorted, to parametrize a test with."""
+    for name, config in configs.items():
+        if name in CASES:
+            raise ValueError(f"two mergekit comparison cases are named {name!r}")
+        CASES[name] = (models, header + config)
+    return sorted(configs)
+
+
+def listed(*entries: str | tuple[str, str]) -> str:
+    """A `models:` list for a template: a model alone, or (model, its parameters in YAML flow style)."""
+    lines = ["models:"]
+    for entry in entries:
+        model, parameters = (entry, "") if isinstance(entry, str) else entry
+        lines.append(f"  - model: {{{model}}}" + (f"\n    parameters: {{{{{parameters}}}}}" if parameters else ""))
+    return "\n".join(lines) + "\n"
 
 
 def write_models(root: Path, count: int, *, zero_fraction: float = 0.0, seed: int = 0) -> list[Path]:
@@ -57,14 +94,6 @@ def write_models(root: Path, count: int, *, zero_fraction: float = 0.0, seed: in
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
         paths.append(path)
     return paths
-
-
-def named_models(root: Path, count: int, **options) -> dict[str, Path]:
-    """`write_models` as the names config templates use: {"base": ..., "m1": ..., "m2": ...}; skips first when
-    mergekit is missing, so a module fixture builds nothing in vain."""
-    mergekit_yaml()
-    base, *fine_tunes = write_models(root, count, **options)
-    return {"base": base, **{f"m{number}": path for number, path in enumerate(fine_tunes, 1)}}
 
 
 def _distinct_delta(base: torch.Tensor, scale: float, zero_fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -95,24 +124,48 @@ class Outputs:
             torch.testing.assert_close(actual, expected, rtol=relative, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def run_both(config_text: str, work: Path) -> Outputs:
-    """Write `config_text` to a file and merge it with mergekit and with mergebot (both as a user runs them, side by
-    side)."""
-    command = mergekit_yaml()
-    work.mkdir(parents=True, exist_ok=True)
-    config = work / "merge.yml"
-    config.write_text(config_text)
-    runs = {
-        "mergekit": ([str(command), str(config), str(work / "mergekit")], {"HF_HUB_OFFLINE": "1"}),
-        "mergebot": ([sys.executable, "-m", "mergebot.cli", "merge", str(config), str(work / "mergebot")], {}),
-    }
-    processes = {
-        name: subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
-        )
-        for name, (argv, env) in runs.items()
-    }
-    for name, process in processes.items():
-        _, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, f"{name} failed ({process.returncode}):\n{stderr[-4000:]}"
-    return Outputs(**{name: load_tensors(work / name) for name in runs})
+@dataclass(frozen=True)
+class Reference:
+    """mergekit's output for every registered case: `root/<case>/mergekit`, merged from `root/<case>/merge.yml`."""
+
+    root: Path
+    models: dict[str, dict[str, Path]]
+    """Each set's models, as the templates name them: {"base": ..., "m1": ..., "m2": ..., "m3": ...}."""
+
+    def run_both(self, case: str, work: Path) -> Outputs:
+        """Merge `case` with mergebot into `work/mergebot` and pair it with mergekit's output of the same file."""
+        error = self.root / case / "mergekit.error"
+        assert not error.exists(), f"mergekit failed:\n{error.read_text()[-4000:]}"
+        config = load_merge_config(self.root / case / "merge.yml")
+        run_merge(config, resolve_inputs(config), work / "mergebot")
+        return Outputs(mergekit=load_tensors(self.root / case / "mergekit"), mergebot=load_tensors(work / "mergebot"))
+
+
+def merge_with_mergekit(root: Path) -> Reference:
+    """Write the models and every case's config under `root`, and merge them all in one mergekit process."""
+    python = mergekit_python()
+    models = {}
+    for name in sorted({model_set for model_set, _ in CASES.values()}):
+        base, *fine_tunes = write_models(root / "models" / name, 3, **MODEL_SETS[name])
+        models[name] = {"base": base, **{f"m{number}": path for number, path in enumerate(fine_tunes, 1)}}
+    arguments = []
+    for case, (name, template) in CASES.items():
+        (root / case).mkdir()
+        (root / case / "merge.yml").write_text(template.format(**models[name]))
+        arguments += [str(root / case / "merge.yml"), str(root / case / "mergekit")]
+    driver = subprocess.run(
+        [python, DRIVER, *arguments],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=1800,
+    )
+    assert driver.returncode == 0, f"{DRIVER.name} failed ({driver.returncode}):\n{driver.stderr[-4000:]}"
+    return Reference(root, models)
+
+
+@pytest.fixture(scope="session")
+def mergekit(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    """Every registered case merged by mergekit, once per session."""
+    return merge_with_mergekit(tmp_path_factory.mktemp("mergekit"))

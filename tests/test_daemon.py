@@ -68,10 +68,11 @@ class Setup:
         save_file({k: v * 1.5 for k, v in tensors.items()}, shard, metadata={"format": "pt"})
         return self.push(name, "change one shard")
 
-    def write_config(self, targets: str, poll: str = "1s") -> None:
+    def write_config(self, targets: str, poll: str = "1s", daemon: str = "") -> None:
+        """`daemon`: more [daemon] settings, such as `endpoints(...)`."""
         self.config.write_text(
             f'[daemon]\nstate_dir = "state"\npoll_interval = "{poll}"\ndebounce = "0s"\nretry_delay = "1s"\n'
-            f'stop_grace = "5s"\n{targets}'
+            f'stop_grace = "5s"\n{daemon}{targets}'
         )
 
     def start(self) -> subprocess.Popen:
@@ -270,17 +271,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def endpoints(webhook_port: int, metrics_port: int) -> str:
+    """[daemon] settings for the metrics endpoint and the webhook receiver (its secret: MERGEBOT_WEBHOOK_SECRET)."""
+    return f'metrics_listen = "127.0.0.1:{metrics_port}"\n[daemon.webhook]\nlisten = "127.0.0.1:{webhook_port}"\n'
+
+
+def update_payload(repo: str) -> dict:
+    """What the Hub posts to a webhook when `repo`'s content changed."""
+    return {"event": {"action": "update", "scope": "repo.content"}, "repo": {"name": repo}}
+
+
 def test_webhook_notify_socket_and_metrics(devhub, tmp_path):
     setup = Setup(devhub, tmp_path)
     port, metrics_port = free_port(), free_port()
-    setup.write_config(target("hooked"), poll="1h")
-    setup.config.write_text(
-        setup.config.read_text().replace(
-            'stop_grace = "5s"\n',
-            f'stop_grace = "5s"\nmetrics_listen = "127.0.0.1:{metrics_port}"\n'
-            f'[daemon.webhook]\nlisten = "127.0.0.1:{port}"\n',
-        )
-    )
+    setup.write_config(target("hooked"), poll="1h", daemon=endpoints(port, metrics_port))
     notify_path = tmp_path / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
@@ -291,7 +295,7 @@ def test_webhook_notify_socket_and_metrics(devhub, tmp_path):
         assert notify.recv(4096).startswith(b"READY=1")
         first = wait_for(lambda: setup.head("me/hooked"), what="first publish")
         url = f"http://127.0.0.1:{port}/"
-        payload = {"event": {"action": "update", "scope": "repo.content"}, "repo": {"name": "org/ft1"}}
+        payload = update_payload("org/ft1")
         assert requests.post(url, json=payload, headers={"X-Webhook-Secret": "wrong"}, timeout=5).status_code == 401
         assert any(e.get("event") == "webhook rejected: bad secret" for e in setup.events())
         setup.change_shard("ft1")

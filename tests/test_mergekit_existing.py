@@ -6,70 +6,25 @@ agree; their statistics are tested in test_methods.py.
 
 import pytest
 
-from tests.mergekit_reference import named_models, run_both
+from tests.mergekit_reference import listed, register
+
+pytest_plugins = ["tests.mergekit_reference"]
 
 CONFIGS = {
-    "linear": """
-merge_method: linear
-dtype: float32
-models:
-  - model: {m1}
-    parameters: {{weight: 0.6}}
-  - model: {m2}
-    parameters: {{weight: 0.3}}
-  - model: {m3}
-    parameters: {{weight: 0.45}}
-""",
-    "slerp": """
-merge_method: slerp
-dtype: float32
-base_model: {base}
-models:
-  - model: {base}
-  - model: {m1}
-parameters:
-  t:
-    - filter: self_attn
-      value: [0.1, 0.7]
-    - value: 0.35
-""",
-    "task_arithmetic": """
-merge_method: task_arithmetic
-dtype: float32
-base_model: {base}
-models:
-  - model: {m1}
-    parameters: {{weight: 0.7}}
-  - model: {m2}
-    parameters: {{weight: -0.3}}
-  - model: {m3}
-    parameters: {{weight: 0.5}}
-parameters:
-  lambda: 0.9
-""",
-    "ties": """
-merge_method: ties
-dtype: float32
-base_model: {base}
-models:
-  - model: {m1}
-    parameters: {{weight: 0.7, density: 0.4}}
-  - model: {m2}
-    parameters: {{weight: 0.5, density: [0.3, 0.8]}}
-  - model: {m3}
-    parameters: {{weight: 0.6, density: 1.0}}
-parameters:
-  lambda: 1.1
-""",
+    "linear": "merge_method: linear\n" + listed(("m1", "weight: 0.6"), ("m2", "weight: 0.3"), ("m3", "weight: 0.45")),
+    "slerp": "merge_method: slerp\nbase_model: {base}\n"
+    "parameters: {{t: [{{filter: self_attn, value: [0.1, 0.7]}}, {{value: 0.35}}]}}\n" + listed("base", "m1"),
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{lambda: 0.9}}\n"
+    + listed(("m1", "weight: 0.7"), ("m2", "weight: -0.3"), ("m3", "weight: 0.5")),
+    "ties": "merge_method: ties\nbase_model: {base}\nparameters: {{lambda: 1.1}}\n"
+    + listed(
+        ("m1", "weight: 0.7, density: 0.4"),
+        ("m2", "weight: 0.5, density: [0.3, 0.8]"),
+        ("m3", "weight: 0.6, density: 1.0"),
+    ),
 }
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return named_models(tmp_path_factory.mktemp("models"), 3)
-
-
-@pytest.mark.parametrize("method", sorted(CONFIGS))
-def test_matches_mergekit(method, models, tmp_path):
-    outputs = run_both(CONFIGS[method].format(**models), tmp_path)
-    outputs.assert_close()
+@pytest.mark.parametrize("method", register(CONFIGS, "dtype: float32\n"))
+def test_matches_mergekit(method, mergekit, tmp_path):
+    mergekit.run_both(method, tmp_path).assert_close()

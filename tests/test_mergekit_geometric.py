@@ -8,21 +8,20 @@ float32 rounding, not bit for bit.
 
 import pytest
 
-from tests.mergekit_reference import mergekit_yaml, run_both, write_models
+from tests.mergekit_reference import listed, register
+
+pytest_plugins = ["tests.mergekit_reference"]
 
 
 def weighted(*entries: tuple[str, str]) -> str:
-    return "models:\n" + "".join(f"  - model: {{{m}}}\n    parameters: {{{{weight: {w}}}}}\n" for m, w in entries)
-
-
-def plain(*models: str) -> str:
-    return "models:\n" + "".join(f"  - model: {{{m}}}\n" for m in models)
+    """A `models:` list giving each model a weight."""
+    return listed(*((model, f"weight: {weight}") for model, weight in entries))
 
 
 CONFIGS = {
-    "model_stock": "merge_method: model_stock\nbase_model: {base}\n" + plain("m1", "m2", "m3"),
+    "model_stock": "merge_method: model_stock\nbase_model: {base}\n" + listed("m1", "m2", "m3"),
     "model_stock_filter_wise": (
-        "merge_method: model_stock\nbase_model: {base}\nparameters: {{filter_wise: true}}\n" + plain("m1", "m2")
+        "merge_method: model_stock\nbase_model: {base}\nparameters: {{filter_wise: true}}\n" + listed("m1", "m2")
     ),
     "nuslerp": "merge_method: nuslerp\n" + weighted(("m1", "0.3"), ("m2", "[0.9, 0.2]")),
     "nuslerp_base_rows": (
@@ -38,27 +37,20 @@ CONFIGS = {
         "merge_method: multislerp\nbase_model: {base}\nparameters: {{normalize_weights: false}}\n"
         + weighted(("m1", "0.5"), ("m2", "[0.1, 0.6]"), ("m3", "0.3"))
     ),
-    "karcher": "merge_method: karcher\n" + plain("m1", "m2", "m3"),
+    "karcher": "merge_method: karcher\n" + listed("m1", "m2", "m3"),
     "karcher_base": (
-        "merge_method: karcher\nbase_model: {base}\nparameters: {{max_iter: 3, tol: 1.0e-6}}\n" + plain("m1", "m2")
+        "merge_method: karcher\nbase_model: {base}\nparameters: {{max_iter: 3, tol: 1.0e-6}}\n" + listed("m1", "m2")
     ),
     "nearswap": (
         "merge_method: nearswap\nbase_model: {base}\n"
-        "parameters:\n  t:\n    - filter: mlp\n      value: [0.002, 0.008]\n    - value: 0.004\n" + plain("m1")
+        "parameters:\n  t:\n    - filter: mlp\n      value: [0.002, 0.008]\n    - value: 0.004\n" + listed("m1")
     ),
-    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {base}\n" + plain("base", "m1"),
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {base}\n" + listed("base", "m1"),
 }
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    mergekit_yaml()
-    base, *fine_tunes = write_models(tmp_path_factory.mktemp("models"), 3)
-    return {"base": base, **{f"m{i}": path for i, path in enumerate(fine_tunes, 1)}}
-
-
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_matches_mergekit(name, models, tmp_path):
-    outputs = run_both("dtype: float32\n" + CONFIGS[name].format(**models), tmp_path)
+@pytest.mark.parametrize("name", register(CONFIGS, "dtype: float32\n"))
+def test_matches_mergekit(name, mergekit, tmp_path):
+    outputs = mergekit.run_both(name, tmp_path)
     outputs.assert_close()
     print(f"{name}: max abs difference {outputs.max_abs_difference():.3g}")

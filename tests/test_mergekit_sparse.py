@@ -15,19 +15,12 @@ import torch
 
 from mergebot.merge.methods import BUILTIN_METHODS
 from tests.helpers import load_tensors
-from tests.mergekit_reference import mergekit_yaml, named_models, run_both
+from tests.mergekit_reference import listed, mergekit_python, register
+
+pytest_plugins = ["tests.mergekit_reference"]
 
 HEADER = "dtype: float32\nbase_model: {base}\n"
 """Every config below: float32 output, the first synthetic model as the base."""
-
-
-def listed(*entries: str | tuple[str, str]) -> str:
-    """A `models:` list: a model alone, or (model, its parameters in YAML flow style)."""
-    lines = ["models:"]
-    for entry in entries:
-        model, parameters = (entry, "") if isinstance(entry, str) else entry
-        lines.append(f"  - model: {{{model}}}" + (f"\n    parameters: {{{{{parameters}}}}}" if parameters else ""))
-    return "\n".join(lines) + "\n"
 
 
 CONFIGS = {
@@ -59,6 +52,7 @@ SPARSE_CONFIGS = {
     "parameters: {{r: 0.3, alpha: [{{filter: self_attn, value: 5.0}}, {{value: 0.2}}]}}\n" + listed("m1", "m2", "m3"),
 }
 DELLA_PRUNING = "merge_method: della_linear\n" + listed(("m1", "weight: 1.0, density: 0.4, epsilon: 0.3"))
+register({"della_pruning": DELLA_PRUNING}, HEADER)  # compared by its statistics, below
 
 SPEC_DUMP = """
 import json, sys
@@ -76,32 +70,21 @@ print(json.dumps(specs))
 METHODS = ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl"]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return named_models(tmp_path_factory.mktemp("models"), 3)
+@pytest.mark.parametrize("case", register(CONFIGS, HEADER))
+def test_matches_mergekit(case, mergekit, tmp_path):
+    mergekit.run_both(case, tmp_path).assert_close()
 
 
-@pytest.fixture(scope="module")
-def sparse_models(tmp_path_factory):
-    """Half of each delta exactly zero (different places per model): some entries change in one model, some in
-    several, some in none, which is what RAM tells apart."""
-    return named_models(tmp_path_factory.mktemp("sparse"), 3, zero_fraction=0.5, seed=3)
+@pytest.mark.parametrize("case", register(SPARSE_CONFIGS, HEADER, models="sparse"))
+def test_ram_matches_mergekit(case, mergekit, tmp_path):
+    mergekit.run_both(case, tmp_path).assert_close()
 
 
-@pytest.mark.parametrize("case", sorted(CONFIGS))
-def test_matches_mergekit(case, models, tmp_path):
-    run_both((HEADER + CONFIGS[case]).format(**models), tmp_path).assert_close()
-
-
-@pytest.mark.parametrize("case", sorted(SPARSE_CONFIGS))
-def test_ram_matches_mergekit(case, sparse_models, tmp_path):
-    run_both((HEADER + SPARSE_CONFIGS[case]).format(**sparse_models), tmp_path).assert_close()
-
-
-def test_della_pruning_has_mergekit_statistics(models, tmp_path):
+def test_della_pruning_has_mergekit_statistics(mergekit, tmp_path):
     """The fraction kept per rank of |delta| in its row (16 entries a row in these tensors; ranks pooled in fours)
     follows density − ε + 2ε·rank/15 in both programs, and both restore the delta's L1 norm."""
-    outputs = run_both((HEADER + DELLA_PRUNING).format(**models), tmp_path)
+    outputs = mergekit.run_both("della_pruning", tmp_path)
+    models = mergekit.models["dense"]
     base, model = load_tensors(models["base"]), load_tensors(models["m1"])
     expected = (0.4 - 0.3 + 0.6 * torch.arange(16) / 15).reshape(4, 4).mean(1)
     for merged in (outputs.mergekit, outputs.mergebot):
@@ -123,7 +106,7 @@ def test_della_pruning_has_mergekit_statistics(models, tmp_path):
 def test_parameters_and_defaults_are_mergekits():
     """Each method's parameter names, scopes (global or per model) and defaults, read from mergekit's registry; the
     base is required in both. mergebot adds only `seed` (DELLA's masks are seeded here, random in mergekit)."""
-    python = mergekit_yaml().parent / "python"
+    python = mergekit_python()
     result = subprocess.run([python, "-c", SPEC_DUMP, *METHODS], capture_output=True, text=True, check=True)
     for name, spec in json.loads(result.stdout).items():
         method = BUILTIN_METHODS[name]

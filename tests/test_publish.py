@@ -1,6 +1,7 @@
 """Publishing against the local Hub: a complete, described revision; nothing for a broken merge; atomic."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -9,19 +10,22 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
+from mergebot.config.daemon import ValidateSettings
 from mergebot.config.merge import MergeConfig, load_merge_config
 from mergebot.dev.synthetic import make_model
 from mergebot.errors import HubError, PublishError
 from mergebot.files import local_identity
 from mergebot.hub.client import HubClient, RetryPolicy
 from mergebot.merge.engine import MERGE_CONFIG_FILE
-from mergebot.pipeline.gate import ValidationReport, validate
-from mergebot.pipeline.perplexity import JsonPerplexityCache, Parent
+from mergebot.pipeline.gate import validate
+from mergebot.pipeline.parents import Parent, SignatureCache
 from mergebot.pipeline.publish import publish
+from mergebot.pipeline.report import ValidationReport
 from tests.helpers import run_cli
 
 TOKEN = "test-token"
 EVAL = Path(__file__).resolve().parents[1] / "config" / "eval.txt"
+SETTINGS = ValidateSettings(eval_text=EVAL)
 
 
 @pytest.fixture
@@ -48,9 +52,9 @@ def parents(*paths: Path) -> dict[str, Parent]:
 def gate(out: Path, tmp_path: Path) -> ValidationReport:
     return validate(
         out,
-        eval_text_path=EVAL,
+        settings=SETTINGS,
         parents=parents(tmp_path / "base", tmp_path / "ft"),
-        cache=JsonPerplexityCache(tmp_path / "ppl"),
+        cache=SignatureCache(tmp_path / "signatures"),
     )
 
 
@@ -72,7 +76,9 @@ def test_publish_then_download_loads_and_card_tells_lineage(hub, merged, tmp_pat
     assert set(card.data.base_model) == {str(tmp_path / "base"), str(tmp_path / "ft")}
     assert {"merge", "mergebot"} <= set(card.data.tags)
     assert card.data.library_name == "transformers"
-    assert "slerp" in card.text and "| this merge |" in card.text
+    assert "slerp" in card.text and "| this merge |" in card.text and "KL from it" in card.text
+    for path in (tmp_path / "base", tmp_path / "ft"):  # each parent's row: its perplexity and the KL from it
+        assert re.search(rf"^\| {re.escape(str(path))} \| \d+\.\d{{3}} \| \d\.\d{{4}} \|$", card.text, re.MULTILINE)
     assert "merge_method: slerp" in card.text
     for name in ("config.json", "generation_config.json", "tokenizer.json", "model.safetensors.index.json"):
         assert (snapshot / name).exists()
@@ -130,7 +136,8 @@ def test_nan_upstream_fails_validation_and_publishes_nothing(hub, tmp_path):
     assert run_cli("validate", out, "--eval-text", EVAL) == 1
     assert run_cli("publish", out, "--repo", "me/broken", "--eval-text", EVAL) == 2
     assert not hub.repo_exists("me/broken") or not merge_files(hub, "me/broken")
-    report = validate(out, eval_text_path=EVAL, parents=parents(base, ft))
+    report = validate(out, settings=SETTINGS, parents=parents(base, ft))
+    assert list(report.suspects) == ["ft"] and "parents" in {c.name for c in report.failed_checks}
     with pytest.raises(PublishError, match="validation failed"):
         publish(out, "me/broken", HubClient(), report, merged_config(out))
 

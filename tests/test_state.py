@@ -111,7 +111,8 @@ def test_empty_file_is_migrated(tmp_path):
     with State(path) as s:
         assert s.record_revision("org/a", "main", "a1")
     assert user_version(path) == SCHEMA_VERSION
-    assert {"revisions", "refs", "runs", "run_inputs", "shards", "parent_perplexity", "target_status"} <= tables(path)
+    expected = {"revisions", "refs", "runs", "run_inputs", "shards", "parent_perplexity", "target_status", "releases"}
+    assert expected <= tables(path)
 
 
 def test_version_1_file_is_migrated_keeping_its_rows(tmp_path):

@@ -20,7 +20,7 @@ DURATION_KEYS = ("poll_interval", "merge_timeout", "stop_grace", "debounce", "re
 COUNT_KEYS = ("max_concurrent_merges", "max_retries")
 DAEMON_KEYS = {"state_dir", "schedule", "hub_endpoint", "webhook", "metrics_listen", *DURATION_KEYS, *COUNT_KEYS}
 WEBHOOK_KEYS = {"listen", "secret_env"}
-VALIDATE_KEYS = {"eval_text", "max_ppl_ratio"}
+VALIDATE_KEYS = {"eval_text", "max_ppl_ratio", "max_parent_ratio", "max_kl", "max_input_jump", "max_regression"}
 TARGET_KEYS = {"name", "repo", "when", "private", "validate", "mergekit_config"} | MERGE_KEYS
 
 
@@ -32,7 +32,17 @@ class ValidateSettings:
     max_ppl_ratio: float = 1.25
     """A merge may be somewhat worse than its weakest parent (interpolating two fine-tunes often costs a little),
     but a broken merge (wrong tokenizer rows, mis-scaled tensors, a layer from the wrong model) lands at several
-    times the parents' perplexity: 1.25 x the worst parent tolerates the first and catches the second."""
+    times the parents' perplexity: 1.25 x the worst healthy parent tolerates the first and catches the second."""
+    max_parent_ratio: float = 4.0
+    """A parent this many times worse than the best parent is suspect (a broken upload lands at hundreds of times;
+    a fine-tune for another domain is rarely twice as bad on general text), and a merge of it is refused."""
+    max_kl: float = 0.5
+    """Nats per token: the mean KL divergence of the merge's next-token distribution from its nearest parent's.
+    Merges of related fine-tunes stay far below; a merge that lost its parents' behaviour is well above."""
+    max_input_jump: float = 1.5
+    """The daemon holds a target when an input's perplexity grew by more than this factor since the last publish."""
+    max_regression: float = 1.25
+    """The daemon holds a target when the merge is this many times worse than the last published merge."""
 
 
 @dataclass(frozen=True)
@@ -191,15 +201,15 @@ def _target(raw: Any, located: Located, prefix: str) -> Target:
     # The ratio as written (2, not 2.0), as the hash has always been taken: a changed hash re-runs the target.
     ratio = validate_raw.get("max_ppl_ratio", validate.max_ppl_ratio)
     private = settings.get("private", Target.private)
-    digest = hashlib.sha256(
-        json.dumps([merge.as_dict(), repo, private, str(validate.eval_text), ratio]).encode()
-    ).hexdigest()
+    shaping = [merge.as_dict(), repo, private, str(validate.eval_text), ratio]
+    limits = {key: value for key, value in validate_raw.items() if key not in ("eval_text", "max_ppl_ratio")}
+    digest = hashlib.sha256(json.dumps(shaping + ([limits] if limits else [])).encode()).hexdigest()
     return Target(name, repo, merge, digest, validate=validate, **settings)
 
 
 def _validate_settings(raw: Any, located: Located, prefix: str) -> ValidateSettings:
     if not isinstance(raw, dict):
-        raise located.error(prefix.rstrip("."), "must be a table with eval_text and max_ppl_ratio")
+        raise located.error(prefix.rstrip("."), "must be a table of validation settings")
     located.check_keys(raw, VALIDATE_KEYS, prefix)
     settings: dict[str, Any] = {}
     if "eval_text" in raw:
@@ -207,9 +217,11 @@ def _validate_settings(raw: Any, located: Located, prefix: str) -> ValidateSetti
         if not eval_text.is_file():
             raise located.error(f"{prefix}eval_text", f"{eval_text} does not exist")
         settings["eval_text"] = eval_text
-    if "max_ppl_ratio" in raw:
-        ratio = raw["max_ppl_ratio"]
-        if not isinstance(ratio, int | float) or isinstance(ratio, bool) or ratio <= 1.0:
-            raise located.error(f"{prefix}max_ppl_ratio", "must be a number above 1")
-        settings["max_ppl_ratio"] = float(ratio)
+    for key, minimum in (("max_ppl_ratio", 1.0), ("max_parent_ratio", 1.0), ("max_input_jump", 1.0),
+                         ("max_regression", 1.0), ("max_kl", 0.0)):  # fmt: skip
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= minimum:
+                raise located.error(f"{prefix}{key}", f"must be a number above {minimum:g}")
+            settings[key] = float(value)
     return ValidateSettings(**settings)

@@ -62,7 +62,6 @@ class Located:
         return headers[index] if index < len(headers) else 0
 
 
-
 class _YamlLoader(yaml.SafeLoader):
     """YAML as mergekit users write it: `1e-6` is a number (YAML 1.2), not the string PyYAML's YAML 1.1 makes it."""
 
@@ -72,6 +71,7 @@ _YamlLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
     list("-+0123456789."),
 )
+
 
 def read_document(path: Path, text: str | None = None) -> tuple[dict[str, Any], Located]:
     """Parse TOML or YAML (by suffix), from the file or from `text` standing for it; syntax errors carry the line."""

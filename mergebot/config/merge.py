@@ -1,6 +1,7 @@
 """Merge configs → typed, validated `MergeConfig`s, with the field names users know from mergekit YAML
-(`merge_method`, `base_model`, `models`, `parameters`, `slices`, `dtype`, `tokenizer_source`, `out_shard_size`),
-either in TOML or in a mergekit YAML file. Every error names the file, the key and, where known, the line.
+(`merge_method`, `base_model`, `models`, `parameters`, `slices`, `dtype`, `tokenizer_source`, `tokenizer`,
+`chat_template`, `out_shard_size`), either in TOML or in a mergekit YAML file. Every error names the file, the key
+and, where known, the line.
 
 A model is named by one string, `model`: a local checkpoint directory or a Hub repo id.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mergebot.config.document import Located, parse_size, read_document
+from mergebot.config.tokenizer import BASE, UNION, TokenizerSettings, parse_chat_template, parse_tokenizer
 from mergebot.errors import ConfigError
 
 MERGE_KEYS = {
@@ -21,6 +23,8 @@ MERGE_KEYS = {
     "slices",
     "dtype",
     "tokenizer_source",
+    "tokenizer",
+    "chat_template",
     "out_shard_size",
 }
 MODEL_KEYS = {"model", "revision", "parameters"}
@@ -67,7 +71,7 @@ class MergeConfig:
     merge_method: str
     models: tuple[ModelSpec, ...]
     tokenizer_source: str
-    """The model whose tokenizer (and vocabulary rows) the output gets."""
+    """The model whose tokenizer files the output starts from (for a union: the base, or the first model)."""
     listed: tuple[str, ...] = ()
     """The models named under `models`, in order (empty for a slices config)."""
     base_model: str | None = None
@@ -76,6 +80,10 @@ class MergeConfig:
     dtype: str | None = None
     out_shard_size: int = 5 * 1000**3
     """Bytes per output shard at most: 5 GB, as `save_pretrained` writes."""
+    tokenizer: TokenizerSettings | None = None
+    """None when neither `tokenizer` nor `tokenizer_source` is given: rows follow `tokenizer_source`'s embedding."""
+    chat_template: str | None = None
+    """'auto', a template name or a Jinja template, as written."""
     source: str = "<config>"
 
     def spec(self, model: str) -> ModelSpec:
@@ -117,7 +125,10 @@ class MergeConfig:
             result["parameters"] = dict(self.parameters)
         if self.dtype:
             result["dtype"] = self.dtype
-        result["tokenizer_source"] = self.tokenizer_source
+        if self.tokenizer:
+            result |= self.tokenizer.as_dict()
+        if self.chat_template:
+            result["chat_template"] = self.chat_template
         result["out_shard_size"] = self.out_shard_size
         return result
 
@@ -158,13 +169,16 @@ def parse_merge(raw: Mapping[str, Any], located: Located, prefix: str = "") -> M
     dtype = raw.get("dtype")
     if dtype is not None and DTYPE_ALIASES.get(str(dtype).lower()) is None:
         raise located.error(key("dtype"), f"{dtype!r} is not one of bfloat16, float16, float32")
-    tokenizer_source = raw.get("tokenizer_source", "base")
-    if not isinstance(tokenizer_source, str):
-        raise located.error(key("tokenizer_source"), "must be 'base' or one of the models")
-    if tokenizer_source != "base" and tokenizer_source not in specs:
-        raise located.error(key("tokenizer_source"), f"{tokenizer_source!r} is neither 'base' nor one of the models")
-    if tokenizer_source == "base":
-        tokenizer_source = base_model or next(iter(specs))
+
+    def model_name(value: Any, where: str) -> str:
+        name = _split_revision(value, located, where)[0] if isinstance(value, str) and value else None
+        if name not in specs:
+            raise located.error(where, f"{value!r} is not one of the models")
+        return name
+
+    tokenizer = parse_tokenizer(raw, located, prefix, model_name)
+    first = base_model or next(iter(specs))
+    tokenizer_source = first if tokenizer is None or tokenizer.source in (BASE, UNION) else tokenizer.source
     shard_size = {}
     if "out_shard_size" in raw:
         shard_size["out_shard_size"] = parse_size(raw["out_shard_size"], key("out_shard_size"), located)
@@ -178,6 +192,8 @@ def parse_merge(raw: Mapping[str, Any], located: Located, prefix: str = "") -> M
         slices=slices,
         dtype=DTYPE_ALIASES[str(dtype).lower()] if dtype is not None else None,
         source=str(located.path),
+        tokenizer=tokenizer,
+        chat_template=parse_chat_template(raw.get("chat_template"), located, key("chat_template")),
         **shard_size,
     )
 
@@ -187,6 +203,8 @@ def _split_revision(value: Any, located: Located, where: str) -> tuple[str | Non
         return None, None
     if not isinstance(value, str) or not value:
         raise located.error(where, "must be a model path or repo id")
+    if "+" in value and not Path(value).exists():
+        raise located.error(where, f"{value!r} is mergekit's model+LoRA form; mergebot cannot apply a LoRA adapter")
     if "@" in value and not Path(value).exists():
         model, _, revision = value.rpartition("@")
         return model, revision

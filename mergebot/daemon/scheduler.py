@@ -5,6 +5,10 @@ moves that check forward. A target is due when an input's content or its config 
 run; `on_change` targets run after a short debounce, `nightly` ones in the cron window (or at once if a window
 passed while the daemon was down). One run per target at a time; at most `max_concurrent_merges` at once.
 
+A run the child holds (worse than the target's last publish) publishes nothing; the target then waits, like a
+failed one, for new input content or a config change, or for a person's `mergebot release`, which the 2 s watch
+job turns into a run at once.
+
 Stopping (SIGTERM, SIGINT): no new job or child starts, the children are stopped within `stop_grace`, the jobs
 still running see `stopping` and end, and only then is the state closed.
 """
@@ -26,6 +30,7 @@ from mergebot.daemon.children import Children
 from mergebot.daemon.cleanup import clean_unused_revisions
 from mergebot.daemon.endpoints import start_metrics, start_webhook
 from mergebot.daemon.lock import acquire_lock
+from mergebot.daemon.runs import Outcome
 from mergebot.daemon.state import State, TargetState
 from mergebot.daemon.status import metrics_text
 from mergebot.daemon.systemd import notify, watchdog_interval
@@ -33,7 +38,8 @@ from mergebot.daemon.watch import RetryUntilStopped, Upstream, due_reason
 from mergebot.errors import ExitCode, MergebotError
 from mergebot.hub.client import HubClient
 
-RELOAD_CHECK_SECONDS = 2.0
+WATCH_SECONDS = 2.0
+"""How often the config file's mtime and the releases in the state are looked at."""
 IN_WINDOW = (TargetState.DUE, TargetState.WAITING_FOR_WINDOW)
 """What the nightly window runs."""
 
@@ -114,7 +120,8 @@ class Daemon:
         self.scheduler.add_job(
             self.nightly, CronTrigger.from_crontab(settings.schedule, timezone=self.scheduler.timezone), id="nightly"
         )
-        self.scheduler.add_job(self._watch_config, "interval", seconds=RELOAD_CHECK_SECONDS, id="reload")
+        self.scheduler.add_job(self._watch_config, "interval", seconds=WATCH_SECONDS, id="reload")
+        self.scheduler.add_job(self._watch_releases, "interval", seconds=WATCH_SECONDS, id="releases")
 
     def _hub(self) -> HubClient:
         return HubClient(endpoint=self.config.daemon.hub_endpoint, retry=RetryUntilStopped(stopping=self.stopping))
@@ -181,12 +188,20 @@ class Daemon:
             self.state.set_target_status(target.name, TargetState.UP_TO_DATE, None, next_check)
             return
         last = self.state.last_run(target.name)
-        unchanged_failure = (
-            last and last.outcome == "failed" and not last.transient and (last.details or {}).get("digests") == digests
+        unchanged = (
+            last
+            and last.outcome in ("failed", "held")
+            and not last.transient
+            and (last.details or {}).get("digests") == digests
+            and last.config_hash == target.config_hash
         )
-        if unchanged_failure and last.config_hash == target.config_hash:
+        if unchanged and last.outcome == "failed":
             waiting = f"last run failed: {last.reason}; waits for new inputs or a config change"
             self.state.set_target_status(target.name, TargetState.WAITING_FOR_CHANGE, waiting, next_check)
+            return
+        if unchanged:
+            if target.name not in self.state.releases():  # a released one is _watch_releases' to run
+                self.state.set_target_status(target.name, TargetState.HELD, last.reason, next_check)
             return
         if self._run_pending(target.name):
             return
@@ -206,6 +221,17 @@ class Daemon:
         trigger = CronTrigger.from_crontab(self.config.daemon.schedule, timezone=self.scheduler.timezone)
         fire = trigger.get_next_fire_time(None, since)
         return last is not None and fire is not None and fire <= datetime.now(self.scheduler.timezone)
+
+    def _watch_releases(self) -> None:
+        """Run each held target a person released (`mergebot release`) now, not at the next poll, whatever its
+        `when`: the person asked for this run."""
+        for name in sorted(self.state.releases() & set(self.config.targets)):
+            last = self.state.last_run(name)
+            if self.stopping.is_set() or last is None or last.outcome != "held" or self._run_pending(name):
+                continue
+            self.log.info("hold released", target=name, run=last.id)
+            self.state.set_target_status(name, TargetState.DUE, "due (its hold was released); run scheduled", None)
+            self._schedule_run(name, delay=0)
 
     def nightly(self) -> None:
         for target in self.config.targets.values():
@@ -278,6 +304,9 @@ class Daemon:
         self.scheduler.add_job(self.poll, args=[repos], id=f"recheck:{name}", replace_existing=True)
 
     def _record(self, target: Target, run_id: int, code: int, result: dict) -> None:
+        """The run's outcome by the child's exit code. A run that ends for good (anything but a transient failure)
+        uses up a release of its target: its child read it, and the next inputs are compared with the last
+        publish again."""
         reason = result.get("reason")
         if code == ExitCode.OK:
             self.failures.pop(target.name, None)
@@ -287,20 +316,34 @@ class Daemon:
                 for shard, fingerprint in result.get("fingerprints", {}).items():
                     self.state.record_shard(target.name, shard, fingerprint)
                 self.state.set_target_status(target.name, TargetState.UP_TO_DATE, None, None)
+                self.state.clear_release(target.name)
             self.log.info("run finished", target=target.name, outcome=outcome, sha=result.get("published_sha"))
             self._clean_cache()
             return
+        if code == ExitCode.HELD:
+            why = reason or "worse than the last publish"
+            self._finish_for_good(target, run_id, "held", why, result, TargetState.HELD, why)
+            self.log.warning("run held", target=target.name, culprit=result.get("culprit"), reason=why)
+            return
         if code in (ExitCode.VALIDATION_FAILED, ExitCode.PERMANENT):
             waiting = f"failed: {reason}; waits for new inputs or a config change"
-            with self.state.transaction():
-                self.state.finish_run(run_id, "failed", reason or f"exit code {code}", details=result)
-                self.state.set_target_status(target.name, TargetState.WAITING_FOR_CHANGE, waiting, None)
+            why = reason or f"exit code {code}"
+            self._finish_for_good(target, run_id, "failed", why, result, TargetState.WAITING_FOR_CHANGE, waiting)
             self.log.error("run failed", target=target.name, reason=reason)
             return
         # RETRY_LATER, a crash, a signal, a timeout: the same run may succeed later.
         why = reason or (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
         self.state.finish_run(run_id, "failed", why, transient=True, details=result)
         self._retry_later(target, why)
+
+    def _finish_for_good(
+        self, target: Target, run_id: int, outcome: Outcome, why: str, result: dict, state: TargetState, waiting: str
+    ) -> None:
+        """A run that nothing but new inputs, a config change (or, held, a release) would change: it waits."""
+        with self.state.transaction():
+            self.state.finish_run(run_id, outcome, why, details=result)
+            self.state.set_target_status(target.name, state, waiting, None)
+            self.state.clear_release(target.name)
 
     def _clean_cache(self) -> None:
         removed, freed = clean_unused_revisions(self.config, self.state)

@@ -72,6 +72,36 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             ELSE 'waiting_for_change'
         END""",
     ),
+    # 4: a run may end "held" (worse than the target's last publish), and a person may release a held target.
+    # SQLite cannot change a CHECK constraint in place, so runs is rebuilt with every row. run_inputs is rebuilt
+    # with it, pointing at the new table: dropping the old one while rows refer to it would fail (foreign keys are
+    # on), and renaming the new one to runs renames that reference too. The AUTOINCREMENT counter is carried
+    # over, so no run id is ever given out twice.
+    (
+        """CREATE TABLE runs_v4 (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, target TEXT NOT NULL, config_hash TEXT NOT NULL,
+            started REAL NOT NULL, finished REAL,
+            outcome TEXT NOT NULL DEFAULT 'running'
+                CHECK (outcome IN ('running', 'published', 'failed', 'unchanged', 'interrupted', 'held')),
+            reason TEXT, transient INTEGER NOT NULL DEFAULT 0, published_sha TEXT, details TEXT
+        )""",
+        "INSERT INTO runs_v4 SELECT id, target, config_hash, started, finished, outcome, reason, transient, "
+        "published_sha, details FROM runs",
+        "DELETE FROM sqlite_sequence WHERE name = 'runs_v4'",
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'runs_v4', seq FROM sqlite_sequence WHERE name = 'runs'",
+        """CREATE TABLE run_inputs_v4 (
+            run_id INTEGER NOT NULL REFERENCES runs_v4 (id), source TEXT NOT NULL, sha TEXT NOT NULL,
+            PRIMARY KEY (run_id, source)
+        ) WITHOUT ROWID""",
+        "INSERT INTO run_inputs_v4 SELECT run_id, source, sha FROM run_inputs",
+        "DROP TABLE run_inputs",
+        "DROP TABLE runs",
+        "ALTER TABLE runs_v4 RENAME TO runs",
+        "ALTER TABLE run_inputs_v4 RENAME TO run_inputs",
+        "CREATE INDEX runs_by_target ON runs (target, outcome, id)",
+        # One pending release per target; the run that uses it up deletes it.
+        "CREATE TABLE releases (target TEXT PRIMARY KEY, requested REAL NOT NULL) WITHOUT ROWID",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

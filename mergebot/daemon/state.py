@@ -1,4 +1,5 @@
-"""The daemon's memory: upstream revisions seen, runs, per-shard fingerprints, parent perplexities, target status.
+"""The daemon's memory: upstream revisions seen, runs, per-shard fingerprints, parent perplexities, target status,
+releases of held targets.
 
 One SQLite file under `state_dir`, in WAL mode so `mergebot status` can read while the daemon writes. Every write
 runs in one `BEGIN IMMEDIATE` transaction, so a crash or exception leaves either all of it or none of it. The schema
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, get_args
+from typing import Any, Self
 
+from mergebot.daemon.runs import OUTCOMES, RUN_COLUMNS, RUNNING, Outcome, Run, run_from_row
 from mergebot.daemon.schema import check_version, enable_wal, migrate
 from mergebot.errors import StateError
 
@@ -32,30 +34,6 @@ STATE_FILE = "state.sqlite3"
 # Long enough to outwait any write the daemon or its child makes (all are small), short enough that a wedged
 # writer surfaces as an error instead of a hang.
 BUSY_TIMEOUT_S = 5.0
-
-Outcome = Literal["published", "failed", "unchanged", "interrupted"]
-OUTCOMES: tuple[str, ...] = get_args(Outcome)
-# What a run is before it finishes; a run still in this state on daemon start-up belongs to a dead process.
-RUNNING = "running"
-
-_RUN_COLUMNS = "id, target, config_hash, started, finished, outcome, reason, transient, published_sha, details"
-
-
-@dataclass(frozen=True)
-class Run:
-    """One pipeline run of a target. `outcome` is "running" until `finish_run` (or `mark_interrupted_runs`)."""
-
-    id: int
-    target: str
-    config_hash: str
-    inputs: dict[str, str]  # repo id or local path -> sha
-    started: float
-    finished: float | None
-    outcome: Outcome | Literal["running"]
-    reason: str | None
-    transient: bool
-    published_sha: str | None
-    details: dict[str, Any] | None
 
 
 class TargetState(StrEnum):
@@ -68,6 +46,7 @@ class TargetState(StrEnum):
     GAVE_UP = "gave_up"  # out of retries; the next check that finds it due tries again
     WAITING_FOR_CHANGE = "waiting_for_change"  # failed permanently; waits for new inputs or a config change
     CHECK_FAILED = "check_failed"  # its inputs could not be checked (Hub unreachable, repo missing, no access)
+    HELD = "held"  # worse than its last publish; waits for new inputs, a config change or `mergebot release`
 
 
 @dataclass(frozen=True)
@@ -282,7 +261,8 @@ class State:
         return runs[0] if runs else None
 
     def last_successful_run(self, target: str) -> Run | None:
-        """The most recent run that published or found nothing to publish: the baseline for "is the target due?"."""
+        """The most recent run that published or found nothing to publish: the baseline for "is the target due?"
+        and the last publish that the merge child compares a new run with."""
         runs = self._select_runs(
             "target = ? AND outcome IN ('published', 'unchanged') ORDER BY id DESC LIMIT 1", (target,)
         )
@@ -295,14 +275,14 @@ class State:
     def _select_runs(self, clause: str, params: Sequence[Any]) -> list[Run]:
         """Runs matching `clause` (a WHERE condition plus ORDER BY/LIMIT), each with its inputs."""
         with self._reading() as db:
-            rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE {clause}", params).fetchall()
+            rows = db.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE {clause}", params).fetchall()
             inputs: dict[int, dict[str, str]] = {row[0]: {} for row in rows}
             if rows:
                 marks = ", ".join("?" * len(rows))
                 query = f"SELECT run_id, source, sha FROM run_inputs WHERE run_id IN ({marks}) ORDER BY source"
                 for run_id, source, sha in db.execute(query, list(inputs)):
                     inputs[run_id][source] = sha
-        return [_run_from_row(row, inputs[row[0]]) for row in rows]
+        return [run_from_row(row, inputs[row[0]]) for row in rows]
 
     def published_inputs(self) -> set[tuple[str, str]]:
         """(repo or path, sha) of every input of each target's last published run: what cache hygiene must keep."""
@@ -354,6 +334,37 @@ class State:
                 (repo, sha, eval_hash, None if math.isnan(ppl) else ppl, time.time()),
             )
 
+    # --- releases of held targets -------------------------------------------------------------------------------
+
+    def request_release(self, target: str) -> Run | None:
+        """Let the next run of a held target skip the comparison with its last publish (the gate still applies).
+
+        Returns the run that holds it, or None (and records nothing) when the target is not held: its status is
+        not HELD (inputs that went back to the published ones end a hold too) or its last run is not the held one.
+        The check and the write are one transaction, so a run that starts meanwhile either comes first (and
+        nothing is recorded) or finds the release when its child reads it.
+        """
+        with self._write() as db:
+            status, last = self.target_status(target), self.last_run(target)
+            if status is None or status.state != TargetState.HELD or last is None or last.outcome != "held":
+                return None
+            db.execute(
+                "INSERT INTO releases (target, requested) VALUES (?, ?) "
+                "ON CONFLICT (target) DO UPDATE SET requested = excluded.requested",
+                (target, time.time()),
+            )
+        return last
+
+    def releases(self) -> set[str]:
+        """The targets with a release not yet used up by a run."""
+        with self._reading() as db:
+            return {row[0] for row in db.execute("SELECT target FROM releases")}
+
+    def clear_release(self, target: str) -> None:
+        """The release was used: a run that read it ended for good (not a transient failure, which retries)."""
+        with self._write() as db:
+            db.execute("DELETE FROM releases WHERE target = ?", (target,))
+
     # --- target status ------------------------------------------------------------------------------------------
 
     def set_target_status(
@@ -379,20 +390,3 @@ class State:
             return None
         name, state, waiting_reason, next_check, updated = row
         return TargetStatus(name, TargetState(state), waiting_reason, next_check, updated)
-
-
-def _run_from_row(row: tuple[Any, ...], inputs: dict[str, str]) -> Run:
-    run_id, target, config_hash, started, finished, outcome, reason, transient, published_sha, details = row
-    return Run(
-        id=run_id,
-        target=target,
-        config_hash=config_hash,
-        inputs=inputs,
-        started=started,
-        finished=finished,
-        outcome=outcome,
-        reason=reason,
-        transient=bool(transient),
-        published_sha=published_sha,
-        details=None if details is None else json.loads(details),
-    )

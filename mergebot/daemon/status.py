@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 
 from mergebot.config.daemon import DaemonConfig
 from mergebot.daemon.lock import daemon_pid
-from mergebot.daemon.state import STATE_FILE, State
+from mergebot.daemon.state import STATE_FILE, State, TargetState
 
 
 def _when(timestamp: float | None) -> str | None:
@@ -13,7 +13,8 @@ def _when(timestamp: float | None) -> str | None:
 
 
 def collect_status(config: DaemonConfig) -> dict:
-    """Per target: inputs with the last seen sha, last run, published revision, next check, why it waits."""
+    """Per target: inputs with the last seen sha, last run, published revision, next check, why it waits, and
+    what holds it when its last run was held."""
     state_dir = config.daemon.state_dir
     result = {"state_dir": str(state_dir), "daemon_pid": daemon_pid(state_dir), "targets": {}}
     if not (state_dir / STATE_FILE).exists():
@@ -21,6 +22,7 @@ def collect_status(config: DaemonConfig) -> dict:
             result["targets"][name] = {"repo": target.repo, "when": target.when, "waiting": "never checked"}
         return result
     with State.open(state_dir, readonly=True) as state:
+        released = state.releases()
         for name, target in config.targets.items():
             last = state.last_run(name)
             success = state.last_successful_run(name)
@@ -44,6 +46,14 @@ def collect_status(config: DaemonConfig) -> dict:
                 "next_check": _when(status.next_check) if status else None,
                 "state": status.state.value if status else None,
                 "waiting": (status.waiting_reason if status else "never checked") or "up to date",
+                "hold": None
+                if last is None or last.outcome != "held" or status is None or status.state != TargetState.HELD
+                else {
+                    "culprit": (last.details or {}).get("culprit"),
+                    "reason": last.reason,
+                    "at": success.published_sha if success else None,
+                    "released": name in released,
+                },
             }
     return result
 
@@ -66,22 +76,32 @@ def format_status(status: dict) -> str:
             lines.append(f"  shards {target['shards']} with recorded fingerprints")
         lines.append(f"  next   {target.get('next_check') or 'not scheduled'}")
         lines.append(f"  status {target['waiting']}")
+        if hold := target.get("hold"):
+            blamed = f"blamed on {hold['culprit']}" if hold["culprit"] else "the merge itself got worse"
+            release = (
+                "released: its next run skips the comparison"
+                if hold["released"]
+                else f"`mergebot release {name}` publishes it if it passes the gate"
+            )
+            lines.append(f"  held   at {(hold['at'] or 'nothing published')[:12]}, {blamed}; {release}")
     lines.append(f"\n(as of {_when(time.time())})")
     return "\n".join(lines)
 
 
 def metrics_text(config: DaemonConfig, state: State) -> str:
-    """Prometheus text format: runs by outcome, last success time and merge duration per target."""
+    """Prometheus text format: runs by outcome, runs held, last success time and merge duration per target."""
     lines = [
         "# HELP mergebot_runs_total Pipeline runs by outcome.",
         "# TYPE mergebot_runs_total counter",
     ]
     gauges: list[str] = []
+    holds: list[str] = []
     for name in sorted(config.targets):
         runs = state.runs(name, limit=1_000_000)
         for outcome in sorted({run.outcome for run in runs}):
             count = sum(run.outcome == outcome for run in runs)
             lines.append(f'mergebot_runs_total{{target="{name}",outcome="{outcome}"}} {count}')
+        holds.append(f'mergebot_holds_total{{target="{name}"}} {sum(run.outcome == "held" for run in runs)}')
         success = state.last_successful_run(name)
         if success is not None:
             gauges.append(f'mergebot_last_success_timestamp_seconds{{target="{name}"}} {success.finished or 0:.0f}')
@@ -89,6 +109,9 @@ def metrics_text(config: DaemonConfig, state: State) -> str:
             if seconds is not None:
                 gauges.append(f'mergebot_last_run_seconds{{target="{name}"}} {seconds}')
     lines += [
+        "# HELP mergebot_holds_total Runs held because an input or the merge regressed since the last publish.",
+        "# TYPE mergebot_holds_total counter",
+        *holds,
         "# HELP mergebot_last_success_timestamp_seconds When the target last published (or found nothing to do).",
         "# TYPE mergebot_last_success_timestamp_seconds gauge",
         *[g for g in gauges if g.startswith("mergebot_last_success")],

@@ -12,6 +12,7 @@ from mergebot.errors import ModelError
 from mergebot.merge.io import DTYPE_NAMES, read_header
 from mergebot.merge.plan import Plan, ShardPlan
 from mergebot.merge.source import InputModel
+from mergebot.merge.vocab import is_vocab_tensor
 
 FINGERPRINT_KEY = "mergebot.fingerprint"
 FORMAT_VERSION = 1
@@ -33,16 +34,16 @@ def shard_fingerprint(plan: Plan, shard: ShardPlan, models: dict[str, InputModel
                     "rows": hashlib.sha256(row_map.numpy().tobytes()).hexdigest() if row_map is not None else None,
                 }
             )
-        tensors.append(
-            {
-                "name": tensor.output.name,
-                "dtype": DTYPE_NAMES[tensor.output.dtype],
-                "shape": list(tensor.output.shape),
-                "parameters": dict(tensor.params.values),
-                "per_model": [dict(p) for p in tensor.params.per_model],
-                "inputs": inputs,
-            }
-        )
+        entry = {
+            "name": tensor.output.name,
+            "dtype": DTYPE_NAMES[tensor.output.dtype],
+            "shape": list(tensor.output.shape),
+            "parameters": dict(tensor.params.values),
+            "per_model": [dict(p) for p in tensor.params.per_model],
+            "inputs": inputs,
+        }
+        vocab = plan.vocab.fingerprint() if is_vocab_tensor(tensor.output.name) else None
+        tensors.append(entry | ({"vocab": vocab} if vocab else {}))
     document = {"format": FORMAT_VERSION, "method": plan.method.name, "shard": shard.file_name, "tensors": tensors}
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 

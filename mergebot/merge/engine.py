@@ -18,12 +18,15 @@ import yaml
 
 from mergebot.config.merge import MergeConfig
 from mergebot.errors import ConfigError, DiskFullError
-from mergebot.files import INDEX_FILE, TOKENIZER_FILES, fsync_dir, write_atomic, write_json_atomic
+from mergebot.files import INDEX_FILE, fsync_dir, write_atomic, write_json_atomic
+from mergebot.merge.align import aligned_rows
 from mergebot.merge.checkpoint import FINGERPRINT_KEY, finished_with, shard_fingerprint
-from mergebot.merge.io import ShardWriter, TensorInfo, TensorReader
+from mergebot.merge.io import ShardWriter, TensorReader
+from mergebot.merge.layout import with_layer_count
 from mergebot.merge.methods import MergeMethod, available_methods
 from mergebot.merge.plan import Plan, ShardPlan, TensorPlan, build_plan
 from mergebot.merge.source import InputModel
+from mergebot.merge.tokenizer_files import write_tokenizer_files
 from mergebot.progress import ShardProgress
 
 MERGE_CONFIG_FILE = "mergebot_config.yml"
@@ -159,13 +162,10 @@ class _BlockSource:
     def __init__(self, plan: Plan, tensor: TensorPlan, models: dict[str, InputModel], reader: TensorReader):
         self.reader = reader
         self.infos = [models[ref.model].tensors[ref.tensor] for ref in tensor.inputs]
-        self.maps = [plan.row_map(tensor, ref.model, info) for ref, info in zip(tensor.inputs, self.infos, strict=True)]
         self.rows = tensor.output.shape[0] if tensor.output.shape else 1
         row_elements = max(1, tensor.output.nbytes // tensor.output.dtype.itemsize // max(1, self.rows))
         self.block_rows = max(1, BLOCK_ELEMENTS // row_elements)
-        self.uses_base = plan.method.uses_base
-        self.fill_weights = [float(p.get("weight", 1.0)) for p in tensor.params.per_model]
-        self._mean_row: torch.Tensor | None = None
+        self.aligned = aligned_rows(plan, tensor, self.infos, reader, self.block_rows)
         self._cached: list[tuple[int, list[torch.Tensor]]] | None = None
 
     def __call__(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
@@ -180,66 +180,9 @@ class _BlockSource:
         )
 
     def _block(self, start: int, stop: int) -> list[torch.Tensor]:
-        if all(m is None for m in self.maps):
+        if self.aligned is None:
             return [self.reader.rows(info, start, stop) for info in self.infos]
-        gathered = [self._gather(info, m, start, stop) for info, m in zip(self.infos, self.maps, strict=True)]
-        values = [g[0] for g in gathered]
-        present = [g[1] for g in gathered]
-        self._fill(values, present)
-        return values
-
-    def _gather(self, info: TensorInfo, mapping: torch.Tensor | None, start: int, stop: int):
-        if mapping is None:
-            return self.reader.rows(info, start, stop), torch.ones(stop - start, dtype=torch.bool)
-        wanted = mapping[start:stop]
-        present = wanted >= 0
-        out = torch.zeros((stop - start, *info.row_shape), dtype=torch.float32)
-        if present.any():
-            needed = torch.unique(wanted[present])
-            breaks = torch.nonzero(needed[1:] != needed[:-1] + 1).flatten() + 1
-            runs = torch.tensor_split(needed, breaks)
-            chunk = torch.cat([self.reader.rows(info, int(run[0]), int(run[-1]) + 1) for run in runs])
-            out[present] = chunk[torch.searchsorted(needed, wanted[present])]
-        return out, present
-
-    def _fill(self, values: list[torch.Tensor], present: list[torch.Tensor]) -> None:
-        """A model that lacks a token takes no part in its row: it gets the base's row (so its delta is zero) or,
-        without a base, the weighted mean of the models that have it (which renormalizes their weights).
-        A row no model has gets the mean row."""
-        members = range(1, len(values)) if self.uses_base else range(len(values))
-        weights = self.fill_weights if len(self.fill_weights) == len(members) else [1.0] * len(members)
-        total = torch.zeros_like(values[0])
-        weight_sum = torch.zeros(values[0].shape[0])
-        for index, weight in zip(members, weights, strict=True):
-            mask = present[index].to(torch.float32) * weight
-            total += values[index] * mask.reshape(-1, *([1] * (values[0].dim() - 1)))
-            weight_sum += mask
-        usable = weight_sum.abs() > 1e-12
-        mean_of_present = total / torch.where(usable, weight_sum, 1.0).reshape(-1, *([1] * (values[0].dim() - 1)))
-        anchor = values[0] if self.uses_base else mean_of_present
-        anchor_present = present[0] if self.uses_base else usable
-        if self.uses_base:
-            missing_base = ~present[0] & usable
-            values[0][missing_base] = mean_of_present[missing_base]
-            anchor_present = present[0] | usable
-        nobody = ~anchor_present
-        if nobody.any():
-            anchor[nobody] = self._mean()
-        for index in members:
-            gap = ~present[index]
-            values[index][gap] = anchor[gap]
-
-    def _mean(self) -> torch.Tensor:
-        """The weighted mean of every model's rows, for rows that no model has."""
-        if self._mean_row is None:
-            sums = []
-            for info in self.infos:
-                total = torch.zeros(info.row_shape, dtype=torch.float64)
-                for start in range(0, info.rows, self.block_rows):
-                    total += self.reader.rows(info, start, min(start + self.block_rows, info.rows)).double().sum(0)
-                sums.append(total / max(1, info.rows))
-            self._mean_row = torch.stack(sums).mean(0).to(torch.float32)
-        return self._mean_row
+        return self.aligned.block(start, stop)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -264,8 +207,7 @@ def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputMode
     embedding = next((o for name, o in outputs.items() if name.endswith("embed_tokens.weight")), None)
     if embedding is not None:
         model_config["vocab_size"] = embedding.shape[0]
-    if "num_hidden_layers" in model_config:
-        model_config["num_hidden_layers"] = plan.num_layers
+    model_config = with_layer_count(model_config, plan.layers, {name: model.config for name, model in models.items()})
     dtype = next(iter(outputs.values())).dtype
     dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}.get(dtype)
     if dtype_name:
@@ -276,10 +218,7 @@ def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputMode
         write_atomic(work / "generation_config.json", (template.path / "generation_config.json").read_bytes())
     pinned = config.pinned({name: model.revision for name, model in models.items()})
     write_atomic(work / MERGE_CONFIG_FILE, yaml.safe_dump(pinned.as_dict(), sort_keys=False).encode())
-    tokenizer_dir = models[config.tokenizer_source].path
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).exists():
-            write_atomic(work / name, (tokenizer_dir / name).read_bytes())
+    write_tokenizer_files(config, plan.vocab.output, models, work)
 
 
 def _move_into_place(work: Path, out_dir: Path) -> None:

@@ -4,7 +4,6 @@ Everything here is decided from names, shapes, dtypes and the config, never from
 update that changes values keeps every output tensor in the same shard.
 """
 
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -13,11 +12,12 @@ import torch
 from mergebot.config.merge import MergeConfig, SliceSource
 from mergebot.errors import ConfigError, ModelError
 from mergebot.merge.io import OutputTensor, TensorInfo
+from mergebot.merge.layout import OutputLayers, find_layout, layer_tensors, whole_model_slice
 from mergebot.merge.methods import MergeMethod, TensorParams
 from mergebot.merge.source import InputModel
-from mergebot.merge.vocab import is_vocab_tensor, read_vocab, row_map
+from mergebot.merge.vocab import is_vocab_tensor
+from mergebot.merge.vocab_plan import VocabPlan
 
-LAYER_NAME = re.compile(r"^(?P<prefix>.*?\.layers\.)(?P<index>\d+)(?P<suffix>\..+)$")
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -49,7 +49,8 @@ class Plan:
     """(model, rows of its vocab tensor) → output row → its row or -1; None for the identity."""
     template: str
     """The model whose config.json and layout the output follows."""
-    num_layers: int
+    layers: OutputLayers
+    vocab: VocabPlan
 
     def row_map(self, tensor: TensorPlan, model: str, info: TensorInfo) -> torch.Tensor | None:
         """How the output rows of a vocabulary tensor map to this input's rows (None: the same rows)."""
@@ -75,11 +76,6 @@ def evaluate_setting(tensor_name: str, setting: Any, t: float) -> Any:
     return setting
 
 
-def layer_count(model: InputModel) -> int:
-    indices = {int(m["index"]) for name in model.tensors if (m := LAYER_NAME.match(name))}
-    return max(indices) + 1 if indices else 0
-
-
 def build_plan(config: MergeConfig, models: dict[str, InputModel], method: MergeMethod) -> Plan:
     """Check that the models fit together and lay out every output tensor; raises before any tensor is read."""
     _check_parameter_names(config, method)
@@ -88,44 +84,22 @@ def build_plan(config: MergeConfig, models: dict[str, InputModel], method: Merge
     if method.uses_base and not config.base_model:
         raise ConfigError(f"{config.source}: base_model: required by merge_method {method.name}")
     template = config.base_model or (config.listed[0] if config.listed else config.slices[0][0].model)
-    slices = config.slices or (_whole_model_slice(config, models, method, template),)
+    layouts = {name: find_layout(model) for name, model in models.items()}
+    non_layer = layouts[template].loose
+    slices = config.slices or (whole_model_slice(config, layouts[template], method.uses_base),)
+    layer_plan, layers = layer_tensors(config, layouts, template, slices)
     builder = _Builder(config, models, method, template)
     ordered: list[TensorPlan] = []
     first, last = slices[0], slices[-1]
-    non_layer = sorted(name for name in models[template].tensors if not LAYER_NAME.match(name))
-    suffixes = _layer_suffixes(models[template])
     for name in (n for n in non_layer if "embed" in n):
         ordered.append(builder.tensor(name, name, first, t=0.0))
-    out_layer = 0
-    for sources in slices:
-        length = sources[0].layer_range[1] - sources[0].layer_range[0]
-        for offset in range(length):
-            t = offset / (length - 1) if length > 1 else 1.0
-            for suffix in suffixes:
-                output_name = f"{suffix[0]}{out_layer}{suffix[1]}"
-                ordered.append(builder.tensor(output_name, suffix, sources, t=t, layer_offset=offset))
-            out_layer += 1
+    for item in layer_plan:
+        ordered.append(builder.tensor(item.output, (item.prefix, item.suffix), item.sources, item.t, item.offset))
     for name in (n for n in non_layer if "embed" not in n):
         ordered.append(builder.tensor(name, name, last, t=0.0))
     if config.slices is None:
         _check_no_extra_tensors(models, ordered, output_tied="lm_head.weight" not in non_layer)
-    return Plan(method, _pack(ordered, config.out_shard_size), builder.row_maps, template, out_layer)
-
-
-def _whole_model_slice(
-    config: MergeConfig, models: dict[str, InputModel], method: MergeMethod, template: str
-) -> tuple[SliceSource, ...]:
-    layers = layer_count(models[template])
-    participants = list(config.listed)
-    if method.uses_base and config.base_model not in participants:
-        participants.insert(0, config.base_model)
-    return tuple(SliceSource(name, (0, layers), config.spec(name).parameters) for name in participants)
-
-
-def _layer_suffixes(model: InputModel) -> list[tuple[str, str]]:
-    """(prefix, suffix) of each tensor of layer 0, so layer N's names are prefix + N + suffix."""
-    matches = (LAYER_NAME.match(name) for name in model.tensors)
-    return sorted({(m["prefix"], m["suffix"]) for m in matches if m and m["index"] == "0"})
+    return Plan(method, _pack(ordered, config.out_shard_size), builder.row_maps, template, layers, builder.vocab)
 
 
 def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
@@ -156,8 +130,8 @@ class _Builder:
         self.models = models
         self.method = method
         self.template = template
-        self.row_maps: dict[tuple[str, int], torch.Tensor | None] = {}
-        self._vocabs: dict[str, dict[str, int] | None] = {}
+        self.vocab = VocabPlan(config, models)
+        self.row_maps = self.vocab.row_maps
 
     def tensor(
         self,
@@ -222,25 +196,17 @@ class _Builder:
         if vocab:
             rows = self._vocab_rows(output_name)
             shape = (rows, *first.shape[1:])
-            for ref, info in zip(inputs, infos, strict=True):
-                self._add_row_map(ref.model, info.shape[0], rows)
+            sizes = [(ref.model, info.shape[0]) for ref, info in zip(inputs, infos, strict=True)]
+            for model, model_rows in sizes:
+                self.vocab.add_row_map(model, model_rows, rows)
+            self.vocab.check_inputs(output_name, sizes)
         dtype = TORCH_DTYPES[self.config.dtype] if self.config.dtype else first.dtype
         return OutputTensor(output_name, dtype, shape)
 
     def _vocab_rows(self, output_name: str) -> int:
         source = self.models[self.config.tokenizer_source]
         name = self._existing_name(self.config.tokenizer_source, output_name)
-        return source.tensors[name].shape[0]
-
-    def _vocab(self, model: str) -> dict[str, int] | None:
-        if model not in self._vocabs:
-            self._vocabs[model] = read_vocab(self.models[model].path, model)
-        return self._vocabs[model]
-
-    def _add_row_map(self, model: str, model_rows: int, output_rows: int) -> None:
-        if (model, model_rows) not in self.row_maps:
-            source = self._vocab(self.config.tokenizer_source)
-            self.row_maps[(model, model_rows)] = row_map(source, output_rows, self._vocab(model), model_rows)
+        return self.vocab.rows(source.tensors[name].shape[0])
 
     def _params(self, tensor_name: str, ordered: list[SliceSource], t: float) -> TensorParams:
         values = {}

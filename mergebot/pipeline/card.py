@@ -5,7 +5,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from mergebot.config.merge import MergeConfig, ModelSpec
-from mergebot.pipeline.gate import ValidationReport
+from mergebot.pipeline.report import ValidationReport
 
 
 def model_card(merged: MergeConfig, report: ValidationReport) -> str:
@@ -30,12 +30,16 @@ def model_card(merged: MergeConfig, report: ValidationReport) -> str:
         "",
         "## Validation",
         "",
-        "| model | perplexity |",
-        "| --- | --- |",
-        f"| this merge | {_number(report.merge_ppl)} |",
-        *(f"| {parent.name} | {_number(parent.ppl)} |" for parent in report.parents),
+        "| model | perplexity | KL from it (nats/token) |",
+        "| --- | --- | --- |",
+        f"| this merge | {_number(report.merge_ppl)} | |",
+        *(
+            f"| {parent.name} | {_number(parent.ppl)} | {_number(report.kl.get(parent.name), '.4f')} |"
+            for parent in report.parents
+        ),
         "",
-        f"Gate: perplexity at most {report.max_ppl_ratio} x the worst parent's; "
+        f"Gate: perplexity at most {report.settings.max_ppl_ratio} x the worst healthy parent's, KL from the nearest "
+        f"parent at most {report.settings.max_kl}; "
         + ", ".join(f"{check.name} {'passed' if check.passed else 'FAILED'}" for check in report.checks)
         + ".",
         "",
@@ -60,5 +64,5 @@ def _parents(merged: MergeConfig) -> list[ModelSpec]:
     return base + [spec for spec in merged.models if spec.model != merged.base_model]
 
 
-def _number(value: float | None) -> str:
-    return f"{value:.3f}" if value is not None else "n/a"
+def _number(value: float | None, spec: str = ".3f") -> str:
+    return format(value, spec) if value is not None else "n/a"

@@ -13,29 +13,30 @@ import json
 import math
 import resource
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from mergebot.config.daemon import ValidateSettings
-from mergebot.errors import ConfigError, ModelError, ValidationFailed
+from mergebot.errors import ConfigError, ModelError
 from mergebot.merge.io import TensorInfo, read_header
+from mergebot.pipeline.judge import judge
+from mergebot.pipeline.parents import Parent, SignatureCache, parent_results
 from mergebot.pipeline.perplexity import (
     DEFAULT_MAX_WINDOWS,
     DEFAULT_WINDOW,
-    Parent,
-    ParentResult,
-    PerplexityCache,
+    Signature,
     load_model,
     load_tokenizer,
+    measure,
+    measure_digest,
     one_line,
-    parent_results,
-    perplexity,
     token_ids,
     windows,
 )
+from mergebot.pipeline.report import Check, ValidationReport
 
 # More unknown tokens than this and the perplexity says nothing about the model: the text is mostly <unk>.
 _MAX_UNKNOWN_FRACTION = 0.5
@@ -45,85 +46,43 @@ _MAX_LISTED = 8
 _NOT_BLOCKING = {"finite weights"}
 
 
-@dataclass(frozen=True)
-class Check:
-    """One line of the report: a failed check blocks publishing; `detail` says what was seen."""
-
-    name: str
-    passed: bool
-    detail: str
-
-
-@dataclass(frozen=True)
-class ValidationReport:
-    """Everything the gate saw, for the CLI table, the model card and the run record."""
-
-    out_dir: Path
-    checks: list[Check]
-    merge_ppl: float | None = None
-    parents: list[ParentResult] = field(default_factory=list)
-    max_ppl_ratio: float = ValidateSettings.max_ppl_ratio
-    worst_parent_ppl: float | None = None
-    ratio: float | None = None
-    limit: float | None = None  # perplexity limit: max_ppl_ratio × worst_parent_ppl
-    eval_tokens: int = 0
-    windows: int = 0
-    peak_rss_mb: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
-
-    @property
-    def failed_checks(self) -> list[Check]:
-        return [c for c in self.checks if not c.passed]
-
-    @property
-    def failure_summary(self) -> str:
-        """One line naming every failed check and why."""
-        return "; ".join(f"{c.name}: {c.detail}" for c in self.failed_checks)
-
-    def raise_if_failed(self) -> None:
-        """For pipeline code that must stop before publishing."""
-        if not self.passed:
-            raise ValidationFailed(f"validation of {self.out_dir} failed: {self.failure_summary}")
-
-
 def validate(
     out_dir: Path,
     *,
-    eval_text_path: Path,
+    settings: ValidateSettings,
     parents: dict[str, Parent] | None = None,
-    max_ppl_ratio: float = ValidateSettings.max_ppl_ratio,
-    cache: PerplexityCache | None = None,
+    cache: SignatureCache | None = None,
     window: int = DEFAULT_WINDOW,
     max_windows: int = DEFAULT_MAX_WINDOWS,
 ) -> ValidationReport:
     """Run the gate on `out_dir` and return the report (see module doc for what raises instead).
 
-    `parents` maps a name (repo id or path) to the checkpoint to compare with; their perplexities are kept in
-    `cache` (if given) per (name, revision, eval text, window, max_windows). The default ratio lets a merge be
-    somewhat worse than its worst parent (interpolating two fine-tunes often costs a little) but catches a broken
-    merge (wrong tokenizer rows, mis-scaled tensors, a layer from the wrong model), which lands at several times
-    the parents' perplexity.
+    `parents` maps a name (repo id or path) to the checkpoint to compare with; their signatures are kept in
+    `cache` (if given) per (name, revision, eval text, windows). The parents are measured before the merge is
+    loaded (one model in memory at a time), and the merge is judged against the healthy ones only: a broken parent
+    would otherwise raise the bar it is judged by.
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise ModelError(f"{out_dir}: not a directory")
-    if max_ppl_ratio <= 0 or window < 2 or max_windows < 1:
-        raise ConfigError(
-            f"validate: need max_ppl_ratio > 0, window >= 2, max_windows >= 1 "
-            f"(got {max_ppl_ratio}, {window}, {max_windows})"
-        )
-    text = _read_eval_text(Path(eval_text_path))
+    if window < 2 or max_windows < 1:
+        raise ConfigError(f"validate: need window >= 2 and max_windows >= 1 (got {window}, {max_windows})")
+    text = _read_eval_text(settings.eval_text)
     candidate = _Candidate(out_dir, text, window, max_windows)
     checks: list[Check] = []
-    for step in candidate.steps():
+    for step in candidate.structure_steps():
+        checks.append(check := step())
+        if not check.passed:
+            return _finish(candidate.report(checks, settings))
+    digest = measure_digest(text, window, max_windows)
+    results = parent_results(parents or {}, text, window, max_windows, digest, cache)
+    comparable = [p for p in results if math.isfinite(p.ppl) and torch.equal(p.signature.ids, candidate.ids_tensor)]
+    for step in candidate.model_steps([p.signature for p in comparable]):
         checks.append(check := step())
         if not check.passed and check.name not in _NOT_BLOCKING:
-            return _finish(candidate.report(checks, max_ppl_ratio))
-    results = parent_results(parents or {}, text, window, max_windows, cache)
-    return _finish(_compare(candidate.report(checks, max_ppl_ratio), results))
+            break
+    kl = {p.name: value for p, value in zip(comparable, candidate.kl, strict=False)}
+    return _finish(judge(candidate.report(checks, settings), results, kl))
 
 
 class _Candidate:
@@ -140,25 +99,29 @@ class _Candidate:
         self.ids: list[int] = []
         self.model: torch.nn.Module | None = None
         self.merge_ppl: float | None = None
+        self.references: list[Signature] = []
+        self.kl: list[float] = []
 
-    def steps(self) -> tuple[Callable[[], Check], ...]:
-        return (
-            self.check_config,
-            self.check_weight_files,
-            self.check_tensors,
-            self.check_tokenizer,
-            self.check_load,
-            self.check_finite_weights,
-            self.check_finite_logits,
-        )
+    def structure_steps(self) -> tuple[Callable[[], Check], ...]:
+        """What can be checked from the files alone, before any model is loaded."""
+        return (self.check_config, self.check_weight_files, self.check_tensors, self.check_tokenizer)
 
-    def report(self, checks: list[Check], max_ppl_ratio: float) -> ValidationReport:
+    def model_steps(self, references: list[Signature]) -> tuple[Callable[[], Check], ...]:
+        """Loading the merge and measuring it against the parents' signatures."""
+        self.references = references
+        return (self.check_load, self.check_finite_weights, self.check_finite_logits)
+
+    @property
+    def ids_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.ids)
+
+    def report(self, checks: list[Check], settings: ValidateSettings) -> ValidationReport:
         measured = self.merge_ppl is not None
         return ValidationReport(
             out_dir=self.out_dir,
             checks=checks,
+            settings=settings,
             merge_ppl=self.merge_ppl,
-            max_ppl_ratio=max_ppl_ratio,
             eval_tokens=len(self.ids) if measured else 0,
             windows=len(windows(self.ids, self.window, self.max_windows)) if measured else 0,
         )
@@ -203,33 +166,12 @@ class _Candidate:
         return Check("finite weights", not bad, f"NaN/inf in {_listing(bad)}" if bad else "no NaN or inf in any weight")
 
     def check_finite_logits(self) -> Check:
-        self.merge_ppl, bad_window = perplexity(self.model, self.ids, self.window, self.max_windows)
-        self.model = None  # before the parents load: peak memory is one model, not two
-        if bad_window is not None:
-            return Check("finite logits", False, f"NaN/inf logits in window {bad_window}")
+        result = measure(self.model, self.ids, self.window, self.max_windows, self.references)
+        self.model = None
+        if result.bad_window is not None:
+            return Check("finite logits", False, f"NaN/inf logits in window {result.bad_window}")
+        self.merge_ppl, self.kl = result.signature.ppl, result.kl
         return Check("finite logits", True, "all windows finite")
-
-
-def _compare(report: ValidationReport, parents: list[ParentResult]) -> ValidationReport:
-    """The perplexity check: the merge against the worst parent with a finite perplexity."""
-    assert report.merge_ppl is not None
-    finite = [p.ppl for p in parents if math.isfinite(p.ppl)]
-    if not parents:
-        check = Check("perplexity", True, f"{report.merge_ppl:.3f} (no parents to compare with)")
-        return replace(report, checks=[*report.checks, check])
-    if not finite:
-        check = Check("perplexity", False, "no parent has a finite perplexity to compare with")
-        return replace(report, checks=[*report.checks, check], parents=parents)
-    worst = max(finite)
-    limit = report.max_ppl_ratio * worst
-    ratio = report.merge_ppl / worst
-    ok = report.merge_ppl <= limit
-    detail = (
-        f"{report.merge_ppl:.3f} {'<=' if ok else '>'} limit {limit:.3f} "
-        f"({report.max_ppl_ratio} x worst parent {worst:.3f}; ratio {ratio:.3f})"
-    )
-    checks = [*report.checks, Check("perplexity", ok, detail)]
-    return replace(report, checks=checks, parents=parents, worst_parent_ppl=worst, ratio=ratio, limit=limit)
 
 
 def _read_eval_text(path: Path) -> str:

@@ -1,92 +1,57 @@
-"""Perplexity on the eval text: loading a checkpoint with transformers, cutting the text into windows, measuring,
-and remembering each parent's perplexity so an unchanged parent is measured once."""
+"""How a model predicts the eval text: its perplexity and, per position, its most likely next tokens.
 
-import contextlib
+All windows go through the model in one batched pass, so each weight is read once per validation: a model whose
+weights are memory-mapped (transformers keeps them so when the checkpoint's dtype is kept) is paged in once instead
+of once per window, and anonymous memory stays at the activations. Logits are never held for the whole batch:
+the vocabulary projection runs over a few hundred positions at a time.
+"""
+
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from mergebot.errors import ModelError
-from mergebot.files import write_json_atomic
-
 DEFAULT_WINDOW = 128
 DEFAULT_MAX_WINDOWS = 32
-PPL_CACHE_FILE = "parent_perplexity.json"
+TOP_TOKENS = 64
+"""Tokens per position a parent's prediction keeps for the KL check: the rest of its probability mass is lumped
+into one outcome, so the KL is exact up to the tail (and never larger than the full one)."""
+_LOGIT_ELEMENTS = 1 << 24
+"""float32 logits computed at once (64 MiB): positions per projection step = this / vocabulary size."""
+_MEASURE_VERSION = 2
 
 
 @dataclass(frozen=True)
-class Parent:
-    """A model to compare the merge with: its checkpoint directory and the revision its perplexity is remembered
-    under (the Hub commit sha, or `mergebot.files.local_identity` for a local directory)."""
+class Signature:
+    """A model's predictions on the eval text: what the gate compares a merge with its parents by."""
 
-    path: Path
-    revision: str
-
-
-@dataclass(frozen=True)
-class ParentResult:
-    """A parent's perplexity and the revision it belongs to (`cached`: taken from the cache, not recomputed)."""
-
-    name: str
-    path: Path
-    revision: str
     ppl: float
-    cached: bool
+    ids: torch.Tensor
+    """[tokens] int64: the eval text's token ids it was measured on; signatures compare only on the same ids."""
+    top_ids: torch.Tensor
+    """[positions, TOP_TOKENS] int64: each position's most likely next tokens."""
+    top_logprobs: torch.Tensor
+    """[positions, TOP_TOKENS] float32: their log-probabilities."""
 
 
-class PerplexityCache(Protocol):
-    """Where parent perplexities are remembered, per model name, revision and `measure` (how it was measured: a
-    digest from `perplexity_measure`). `get` is None on a miss; `put` must not raise for a cache that cannot be
-    written, since a lost entry only costs a recomputation. `JsonPerplexityCache` (CLI) and the daemon's state
-    database (`mergebot.pipeline.run`) implement it."""
+@dataclass(frozen=True)
+class Measurement:
+    """A measured model: its signature, the mean KL divergence of each reference's predictions from its own, and
+    the first window whose logits were not finite (the signature is then meaningless)."""
 
-    def get(self, name: str, revision: str, measure: str) -> float | None: ...
+    signature: Signature
+    kl: list[float]
+    bad_window: int | None
 
-    def put(self, name: str, revision: str, measure: str, ppl: float) -> None: ...
 
-
-def perplexity_measure(text: str, window: int, max_windows: int) -> str:
-    """How a perplexity is measured, as one digest: the eval text's sha256, the window length and the window cap."""
+def measure_digest(text: str, window: int, max_windows: int) -> str:
+    """How a signature is measured, as one digest: the eval text, the windows and the kept tokens."""
     text_sha256 = hashlib.sha256(text.encode()).hexdigest()
-    return hashlib.sha256(f"{text_sha256}\0{window}\0{max_windows}".encode()).hexdigest()
-
-
-class JsonPerplexityCache:
-    """A PerplexityCache in one JSON file, `directory/parent_perplexity.json`, for the CLI (which has no state
-    database). An unreadable file counts as empty; a write replaces the file atomically, so a crash never leaves it
-    half-written, and a write that fails is dropped."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-
-    def get(self, name: str, revision: str, measure: str) -> float | None:
-        return self._read().get(_cache_key(name, revision, measure))
-
-    def put(self, name: str, revision: str, measure: str, ppl: float) -> None:
-        with contextlib.suppress(OSError):
-            self.directory.mkdir(parents=True, exist_ok=True)
-            entries = self._read()
-            entries[_cache_key(name, revision, measure)] = ppl
-            write_json_atomic(self.directory / PPL_CACHE_FILE, entries)
-
-    def _read(self) -> dict[str, float]:
-        try:
-            entries = json.loads((self.directory / PPL_CACHE_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(entries, dict):
-            return {}
-        return {k: float(v) for k, v in entries.items() if isinstance(v, int | float)}
-
-
-def _cache_key(name: str, revision: str, measure: str) -> str:
-    return f"{name}@{revision} {measure}"
+    settings = f"{text_sha256}\0{window}\0{max_windows}\0{TOP_TOKENS}\0{_MEASURE_VERSION}"
+    return hashlib.sha256(settings.encode()).hexdigest()
 
 
 def one_line(exc: BaseException) -> str:
@@ -123,53 +88,62 @@ def windows(ids: list[int], window: int, max_windows: int) -> list[list[int]]:
     return [c for c in chunks if len(c) >= 2]
 
 
-def perplexity(model: torch.nn.Module, ids: list[int], window: int, max_windows: int) -> tuple[float, int | None]:
-    """exp(mean next-token NLL) over fixed, non-overlapping windows, log-softmax in float32.
-
-    Returns (perplexity, index of the first window with NaN/inf logits or None).
-    """
-    total_nll = 0.0
-    count = 0
+def measure(
+    model: torch.nn.Module, ids: list[int], window: int, max_windows: int, references: list[Signature] = ()
+) -> Measurement:
+    """Perplexity (exp of the mean next-token NLL, log-softmax in float32), top tokens, and the KL divergence
+    KL(reference ‖ model) per position, averaged, for each reference (each must be measured on the same ids)."""
+    chunks = windows(ids, window, max_windows)
+    hidden, targets, window_of = _final_hidden(model, chunks)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    step = max(16, _LOGIT_ELEMENTS // head.weight.shape[0])
+    nll = 0.0
+    kl = [0.0] * len(references)
+    top_ids, top_logprobs = [], []
     with torch.inference_mode():
-        for k, chunk in enumerate(windows(ids, window, max_windows)):
-            x = torch.tensor([chunk])
-            logits = model(input_ids=x, use_cache=False).logits[0].float()
+        for start in range(0, len(targets), step):
+            logits = head(hidden[start : start + step]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
             if not torch.isfinite(logits).all():
-                return math.nan, k
-            logp = torch.log_softmax(logits[:-1], dim=-1)
-            total_nll -= float(logp.gather(1, x[0, 1:, None]).sum(dtype=torch.float64))
-            count += len(chunk) - 1
-    if count == 0:
-        return math.nan, None
-    return math.exp(total_nll / count), None
+                bad_row = int((~torch.isfinite(logits)).any(-1).nonzero()[0]) + start
+                empty = Signature(math.nan, torch.tensor(ids), torch.empty(0, TOP_TOKENS), torch.empty(0, TOP_TOKENS))
+                return Measurement(empty, [math.nan] * len(references), int(window_of[bad_row]))
+            logp = torch.log_softmax(logits, dim=-1)
+            rows = slice(start, start + step)
+            nll -= float(logp.gather(1, targets[rows, None]).sum(dtype=torch.float64))
+            best = torch.topk(logp, TOP_TOKENS, dim=-1)
+            top_ids.append(best.indices)
+            top_logprobs.append(best.values)
+            for index, reference in enumerate(references):
+                kl[index] += _kl_sum(reference.top_logprobs[rows], logp.gather(1, reference.top_ids[rows]))
+    count = len(targets)
+    signature = Signature(math.exp(nll / count), torch.tensor(ids), torch.cat(top_ids), torch.cat(top_logprobs))
+    return Measurement(signature, [total / count for total in kl], None)
 
 
-def parent_perplexity(path: Path, text: str, window: int, max_windows: int) -> float:
-    """Perplexity of one parent on the eval text with its own tokenizer (NaN when its logits are not finite)."""
-    try:
-        tokenizer = load_tokenizer(path)
-        model = load_model(path)
-    except Exception as exc:  # any failure to load a parent is an input error, not a gate result
-        raise ModelError(f"parent {path}: cannot be loaded for perplexity ({one_line(exc)})") from exc
-    ids, _ = token_ids(tokenizer, text)
-    ppl, _ = perplexity(model, ids, window, max_windows)
-    return ppl
+def _final_hidden(model: torch.nn.Module, chunks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward pass of the decoder over every window at once (right-padded: under causal attention no real
+    token sees the padding). Returns the final hidden state of each predicting position, the token it predicts,
+    and its window's index."""
+    length = max(len(chunk) for chunk in chunks)
+    batch = torch.zeros(len(chunks), length, dtype=torch.long)
+    for row, chunk in enumerate(chunks):
+        batch[row, : len(chunk)] = torch.tensor(chunk)
+    with torch.inference_mode():
+        states = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state
+    hidden = torch.cat([states[row, : len(chunk) - 1] for row, chunk in enumerate(chunks)])
+    targets = torch.cat([batch[row, 1 : len(chunk)] for row, chunk in enumerate(chunks)])
+    window_of = torch.cat([torch.full((len(chunk) - 1,), row) for row, chunk in enumerate(chunks)])
+    return hidden, targets, window_of
 
 
-def parent_results(
-    parents: dict[str, Parent], text: str, window: int, max_windows: int, cache: PerplexityCache | None
-) -> list[ParentResult]:
-    """Each parent's perplexity, from `cache` when it holds this revision measured this way."""
-    measure = perplexity_measure(text, window, max_windows)
-    results = []
-    for name, parent in parents.items():
-        if not parent.path.is_dir():
-            raise ModelError(f"parent {name}: {parent.path} is not a directory")
-        if cache is not None and (ppl := cache.get(name, parent.revision, measure)) is not None:
-            results.append(ParentResult(name, parent.path, parent.revision, ppl, cached=True))
-            continue
-        ppl = parent_perplexity(parent.path, text, window, max_windows)
-        if cache is not None and math.isfinite(ppl):
-            cache.put(name, parent.revision, measure, ppl)
-        results.append(ParentResult(name, parent.path, parent.revision, ppl, cached=False))
-    return results
+def _kl_sum(reference_logp: torch.Tensor, model_logp: torch.Tensor) -> float:
+    """Σ over positions of KL(P ‖ Q) on P's top tokens plus one outcome for the rest of each distribution."""
+    p, q = reference_logp.double().exp(), model_logp.double().exp()
+    p_rest = (1.0 - p.sum(-1)).clamp(min=0.0)
+    q_rest = (1.0 - q.sum(-1)).clamp(min=1e-12)
+    top = (p * (reference_logp.double() - model_logp.double())).sum(-1)
+    rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-12).log() - q_rest.log()), 0.0)
+    return float((top + rest).sum())

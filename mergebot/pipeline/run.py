@@ -9,15 +9,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mergebot import log
-from mergebot.config.daemon import DaemonConfig, Target
+from mergebot.config.daemon import DaemonConfig, Target, ValidateSettings
 from mergebot.hub.client import HubClient
 from mergebot.merge.engine import run_merge
 from mergebot.merge.source import InputModel
-from mergebot.pipeline.gate import ValidationReport, validate
+from mergebot.pipeline.gate import validate
 from mergebot.pipeline.inputs import identities, resolve_inputs
-from mergebot.pipeline.perplexity import Parent, PerplexityCache
+from mergebot.pipeline.parents import Parent, SignatureCache
 from mergebot.pipeline.publish import publish
-from mergebot.pipeline.report import format_report
+from mergebot.pipeline.regression import Baseline, held_reason
+from mergebot.pipeline.report import ValidationReport, format_report
 from mergebot.progress import ShardProgress
 
 
@@ -28,7 +29,10 @@ class TargetRun:
     target: str
     inputs: dict[str, str] = field(default_factory=dict)
     outcome: str = "failed"
+    """published, unchanged, failed (the gate refused the merge) or held (worse than the last publish)."""
     reason: str | None = None
+    culprit: str | None = None
+    """The input blamed for a failed or held run, when one is."""
     published_sha: str | None = None
     computed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
@@ -36,6 +40,7 @@ class TargetRun:
     uploaded: list[str] = field(default_factory=list)
     merge_ppl: float | None = None
     parent_ppl: dict[str, float | None] = field(default_factory=dict)
+    kl: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -47,27 +52,19 @@ def merged_dir(config: DaemonConfig, target: Target) -> Path:
 
 
 def check_merge(
-    out_dir: Path,
-    models: dict[str, InputModel],
-    eval_text: Path,
-    max_ppl_ratio: float,
-    cache: PerplexityCache | None,
+    out_dir: Path, models: dict[str, InputModel], settings: ValidateSettings, cache: SignatureCache | None
 ) -> ValidationReport:
     """The gate, with every input model as a parent to compare against, known by its identity."""
     revisions = identities(models)
-    return validate(
-        out_dir,
-        eval_text_path=eval_text,
-        parents={name: Parent(model.path, revisions[name]) for name, model in models.items()},
-        max_ppl_ratio=max_ppl_ratio,
-        cache=cache,
-    )
+    parents = {name: Parent(model.path, revisions[name]) for name, model in models.items()}
+    return validate(out_dir, settings=settings, parents=parents, cache=cache)
 
 
-def run_pipeline(config: DaemonConfig, target: Target, cache: PerplexityCache | None) -> TargetRun:
-    """Run the whole pipeline for one target; a validation failure raises ValidationFailed after recording why.
-
-    `cache` keeps parent perplexities between runs (the daemon's state database, for the daemon's child)."""
+def run_pipeline(
+    config: DaemonConfig, target: Target, cache: SignatureCache | None, baseline: Baseline | None
+) -> TargetRun:
+    """Run the whole pipeline for one target. A merge the gate refuses, or one the regression check against
+    `baseline` (the last publish) holds, is not published: the run says why, and which input is to blame."""
     started = time.monotonic()
     logger = log.get("pipeline").bind(target=target.name)
     hub = HubClient(endpoint=config.daemon.hub_endpoint)
@@ -80,12 +77,20 @@ def run_pipeline(config: DaemonConfig, target: Target, cache: PerplexityCache | 
     merge = run_merge(target.merge, models, out_dir, ShardProgress())
     run.computed, run.reused, run.fingerprints = merge.computed, merge.reused, merge.fingerprints
     logger.info("merged", computed=len(merge.computed), reused=len(merge.reused))
-    report = check_merge(out_dir, models, target.validate.eval_text, target.validate.max_ppl_ratio, cache)
-    run.merge_ppl = report.merge_ppl
+    report = check_merge(out_dir, models, target.validate, cache)
+    run.merge_ppl, run.kl = report.merge_ppl, report.kl
     run.parent_ppl = {parent.name: parent.ppl for parent in report.parents}
+    run.seconds = round(time.monotonic() - started, 3)
+    hold = held_reason(baseline, report, run.inputs, target.validate) if baseline else None
+    if hold is not None:
+        run.outcome, run.reason, run.culprit = "held", hold.reason, hold.culprit
+        logger.warning("held", reason=hold.reason, report=format_report(report))
+        return run
     if not report.passed:
+        run.reason = f"validation of {out_dir} failed: {report.failure_summary}"
+        run.culprit = next(iter(report.suspects), None)
         logger.warning("validation failed", report=format_report(report))
-    report.raise_if_failed()
+        return run
     merged = target.merge.pinned({name: model.revision for name, model in models.items()})
     result = publish(out_dir, target.repo, hub, report, merged, private=target.private)
     run.published_sha = result.commit

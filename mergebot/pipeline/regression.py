@@ -1,0 +1,64 @@
+"""The daemon's second opinion: a run is compared with the last published merge of its target. An input whose
+perplexity jumped since that publish, or a merge clearly worse than the published one, holds the target at its
+published revision, even when the merge would pass the gate on its own (a broken parent shifts what "its parents"
+means; the last publish does not move)."""
+
+import math
+from dataclasses import dataclass
+
+from mergebot.config.daemon import ValidateSettings
+from mergebot.pipeline.report import ValidationReport
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The last published merge of a target, as its run recorded it."""
+
+    published_sha: str
+    merge_ppl: float
+    inputs: dict[str, tuple[str, float]]
+    """model -> (its identity at that publish, its perplexity then)."""
+
+
+@dataclass(frozen=True)
+class Hold:
+    reason: str
+    culprit: str | None
+
+
+def baseline_from_record(published_sha: str | None, inputs: dict[str, str], details: dict | None) -> Baseline | None:
+    """The baseline from a successful run's record (its input identities and the TargetRun it wrote); None when the
+    record lacks the figures (a run from before they were recorded)."""
+    details = details or {}
+    merge_ppl, parent_ppl = details.get("merge_ppl"), details.get("parent_ppl") or {}
+    if not published_sha or merge_ppl is None:
+        return None
+    known = {model: (identity, parent_ppl[model]) for model, identity in inputs.items() if parent_ppl.get(model)}
+    return Baseline(published_sha, float(merge_ppl), {model: (i, float(p)) for model, (i, p) in known.items()})
+
+
+def held_reason(
+    baseline: Baseline, report: ValidationReport, identities: dict[str, str], settings: ValidateSettings
+) -> Hold | None:
+    """Why this run must not replace the published merge, or None."""
+    holding = f"holding at revision {baseline.published_sha[:12]}"
+    for parent in report.parents:
+        before = baseline.inputs.get(parent.name)
+        if before is None or before[0] == identities.get(parent.name):
+            continue
+        old_identity, old_ppl = before
+        if not math.isfinite(parent.ppl) or parent.ppl > settings.max_input_jump * old_ppl:
+            new = identities.get(parent.name, parent.revision)
+            reason = (
+                f"{parent.name}@{new.removeprefix('local:')[:12]}: perplexity {old_ppl:,.1f} → {parent.ppl:,.1f} "
+                f"since the last publish ({old_identity.removeprefix('local:')[:12]}); {holding}"
+            )
+            return Hold(reason, parent.name)
+    merge_ppl = report.merge_ppl
+    if merge_ppl is not None and merge_ppl > settings.max_regression * baseline.merge_ppl:
+        reason = (
+            f"the merge's perplexity {merge_ppl:,.1f} is {merge_ppl / baseline.merge_ppl:.2f}x the last published "
+            f"merge's {baseline.merge_ppl:,.1f} (limit {settings.max_regression}x); {holding}"
+        )
+        return Hold(reason, None)
+    return None

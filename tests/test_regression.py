@@ -1,0 +1,110 @@
+"""The daemon's comparison with the last publish: the baseline read back from a run record, and when a run is held
+(an input that got worse since that publish, or a merge clearly worse than the published one)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergebot.config.daemon import ValidateSettings
+from mergebot.pipeline.parents import ParentResult
+from mergebot.pipeline.perplexity import TOP_TOKENS, Signature
+from mergebot.pipeline.regression import Baseline, Hold, baseline_from_record, held_reason
+from mergebot.pipeline.report import ValidationReport
+from mergebot.pipeline.run import TargetRun
+
+PUBLISHED = "c0ffee" * 7
+OLD_A, NEW_A = "a" * 40, "1234567890ab" + "f" * 28
+LOCAL_OLD, LOCAL_NEW = "local:" + "0d" * 32, "local:" + "e5" * 32
+SETTINGS = ValidateSettings()
+BASELINE = Baseline(PUBLISHED, merge_ppl=10.0, inputs={"org/a": (OLD_A, 10.0), "org/b": ("b" * 40, 12.0)})
+
+
+def result(name: str, revision: str, ppl: float) -> ParentResult:
+    """A parent as the gate measured it (only its perplexity matters here)."""
+    empty = torch.empty(0, TOP_TOKENS)
+    signature = Signature(ppl, torch.tensor([1, 5]), empty.long(), empty)
+    return ParentResult(name, Path(name), revision, signature, cached=False)
+
+
+def report(merge_ppl: float | None, **ppl: float) -> ValidationReport:
+    """A gate report with a merge perplexity and parents org/a and org/b at the revisions `identities` gives."""
+    ids = identities()
+    parents = [result(f"org/{name}", ids[f"org/{name}"], value) for name, value in ppl.items()]
+    return ValidationReport(out_dir=Path("merged"), checks=[], merge_ppl=merge_ppl, parents=parents)
+
+
+def identities(a: str = NEW_A) -> dict[str, str]:
+    return {"org/a": a, "org/b": "b" * 40}
+
+
+def test_baseline_comes_from_a_published_runs_record() -> None:
+    run = TargetRun("t", inputs=identities(), outcome="published", published_sha=PUBLISHED, merge_ppl=9.5)
+    run.parent_ppl = {"org/a": 10.0, "org/b": None}  # org/b was not measured: nothing to compare it with later
+    baseline = baseline_from_record(PUBLISHED, run.inputs, run.as_dict())
+    assert baseline == Baseline(PUBLISHED, 9.5, {"org/a": (NEW_A, 10.0)})
+
+
+@pytest.mark.parametrize(
+    ("published_sha", "details"),
+    [(PUBLISHED, {"parent_ppl": {"org/a": 10.0}}), (PUBLISHED, None), (None, {"merge_ppl": 9.5}), ("", {})],
+)
+def test_a_record_without_the_figures_gives_no_baseline(published_sha: str | None, details: dict | None) -> None:
+    assert baseline_from_record(published_sha, identities(), details) is None
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "shown_old", "shown_new"),
+    [(OLD_A, NEW_A, "a" * 12, "1234567890ab"), (LOCAL_OLD, LOCAL_NEW, "0d" * 6, "e5" * 6)],
+)
+def test_an_input_that_changed_and_got_worse_holds_naming_it(
+    old: str, new: str, shown_old: str, shown_new: str
+) -> None:
+    baseline = Baseline(PUBLISHED, 10.0, {"org/a": (old, 10.0), "org/b": ("b" * 40, 12.0)})
+    hold = held_reason(baseline, report(10.0, a=15.1, b=12.0), identities(new), SETTINGS)
+    expected = (
+        f"org/a@{shown_new}: perplexity 10.0 → 15.1 since the last publish ({shown_old}); "
+        f"holding at revision {PUBLISHED[:12]}"
+    )
+    assert hold == Hold(expected, "org/a")
+
+
+def test_an_input_whose_perplexity_is_no_longer_finite_holds() -> None:
+    hold = held_reason(BASELINE, report(10.0, a=math.nan, b=12.0), identities(), SETTINGS)
+    assert hold is not None and hold.culprit == "org/a" and "perplexity 10.0 → nan" in hold.reason
+
+
+def test_an_unchanged_input_never_holds() -> None:
+    assert held_reason(BASELINE, report(10.0, a=5000.0, b=12.0), identities(OLD_A), SETTINGS) is None
+
+
+def test_an_input_within_the_jump_or_new_since_the_publish_does_not_hold() -> None:
+    assert held_reason(BASELINE, report(10.0, a=15.0, b=12.0), identities(), SETTINGS) is None  # exactly 1.5x
+    unknown = Baseline(PUBLISHED, 10.0, {"org/b": ("b" * 40, 12.0)})
+    assert held_reason(unknown, report(10.0, a=500.0, b=12.0), identities(), SETTINGS) is None
+
+
+def test_the_limits_come_from_the_settings() -> None:
+    stricter = ValidateSettings(max_input_jump=1.4, max_regression=1.1)
+    assert held_reason(BASELINE, report(10.0, a=15.0, b=12.0), identities(), stricter).culprit == "org/a"
+    assert held_reason(BASELINE, report(11.5, a=10.0, b=12.0), identities(), stricter).culprit is None
+
+
+def test_a_merge_worse_than_the_published_one_holds_blaming_no_input() -> None:
+    hold = held_reason(BASELINE, report(12.6, a=10.0, b=12.0), identities(), SETTINGS)
+    expected = (
+        "the merge's perplexity 12.6 is 1.26x the last published merge's 10.0 (limit 1.25x); "
+        f"holding at revision {PUBLISHED[:12]}"
+    )
+    assert hold == Hold(expected, None)
+
+
+def test_an_input_that_got_worse_is_named_before_the_merge() -> None:
+    hold = held_reason(BASELINE, report(100.0, a=100.0, b=12.0), identities(), SETTINGS)
+    assert hold is not None and hold.culprit == "org/a"
+
+
+@pytest.mark.parametrize("merge_ppl", [12.5, 8.0, None])
+def test_a_run_within_the_limits_is_not_held(merge_ppl: float | None) -> None:
+    assert held_reason(BASELINE, report(merge_ppl, a=14.0, b=12.0), identities(), SETTINGS) is None
