@@ -45,22 +45,31 @@ def _quick_config(args: argparse.Namespace, weighted: list[str]) -> MergeConfig:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from mergebot.merge.engine import run_merge
-    from mergebot.pipeline.inputs import resolve_inputs
-    from mergebot.progress import ShardProgress
+    from mergebot.config.stages import load_stages
 
     if args.method:
         if len(args.paths) < 2:
             raise ConfigError("merge --method: give model[:weight] sources and then OUT_DIR")
-        config = _quick_config(args, args.paths[:-1])
-        out_dir = Path(args.paths[-1])
-    else:
-        if len(args.paths) != 2:
-            raise ConfigError("merge: give CONFIG OUT_DIR (or --method with model[:weight] sources)")
-        config = load_merge_config(Path(args.paths[0]), args.target)
-        out_dir = Path(args.paths[1])
-    models = resolve_inputs(config)
-    result = run_merge(config, models, out_dir, ShardProgress())
+        _merge_one(_quick_config(args, args.paths[:-1]), Path(args.paths[-1]))
+        return ExitCode.OK
+    if len(args.paths) != 2:
+        raise ConfigError("merge: give CONFIG OUT_DIR (or --method with model[:weight] sources)")
+    config_path, out_dir = Path(args.paths[0]), Path(args.paths[1])
+    stages = None if args.target else load_stages(config_path, out_dir)
+    for stage in stages or ():
+        with log.bound(stage=stage.name or "final"):
+            _merge_one(stage.merge, stage.out_dir)
+    if stages is None:
+        _merge_one(load_merge_config(config_path, args.target), out_dir)
+    return ExitCode.OK
+
+
+def _merge_one(config: MergeConfig, out_dir: Path) -> None:
+    from mergebot.merge.engine import run_merge
+    from mergebot.pipeline.inputs import resolve_inputs
+    from mergebot.progress import ShardProgress
+
+    result = run_merge(config, resolve_inputs(config), out_dir, ShardProgress())
     log.get("merge").info(
         "merged",
         out_dir=str(result.out_dir),
@@ -68,7 +77,6 @@ def _merge(args: argparse.Namespace) -> int:
         computed=len(result.computed),
         reused=len(result.reused),
     )
-    return ExitCode.OK
 
 
 def _merged_config(out_dir: Path) -> MergeConfig:
@@ -143,8 +151,12 @@ def _child_run(args: argparse.Namespace) -> int:
         with State.open(config.daemon.state_dir) as state:
             # `mergebot release`: this run is not compared with the last publish
             last = None if args.target in state.releases() else state.last_successful_run(args.target)
-        baseline = baseline_from_record(last.published_sha, last.inputs, last.details) if last else None
-        run = run_pipeline(config, config.targets[args.target], _signature_cache(), baseline)
+        target = config.targets[args.target]
+        baseline = None
+        if last is not None:
+            same_merge = last.config_hash == target.config_hash
+            baseline = baseline_from_record(last.published_sha, last.inputs, last.details, same_merge=same_merge)
+        run = run_pipeline(config, target, _signature_cache(), baseline)
     except MergebotError as error:
         write_json_atomic(args.result, TargetRun(args.target, reason=str(error)).as_dict())
         raise
@@ -302,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     child.add_argument("--result", required=True, type=Path)
     child.set_defaults(handler=_child_run)
 
-    demo = commands.add_parser("demo", help="the whole job on an embedded local Hub, offline, in about a minute")
+    demo = commands.add_parser(
+        "demo", help="the whole job with a real model on an embedded local Hub, offline, in under two minutes"
+    )
     demo.add_argument("--keep", action="store_true", help="keep the demo directory to explore")
     demo.set_defaults(handler=_demo)
 

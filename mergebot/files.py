@@ -23,12 +23,15 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 METADATA_FILES = ("config.json", "generation_config.json", INDEX_FILE, *TOKENIZER_FILES)
+ADAPTER_CONFIG = "adapter_config.json"
+"""A PEFT adapter's settings (its weights are adapter_model.safetensors)."""
 
 
 def is_merge_input(name: str) -> bool:
-    """The files of a checkpoint a merge reads: top-level safetensors, the index, config and tokenizer files.
-    Anything else (README.md, pickles, subfolders) never changes a merge and is never downloaded."""
-    return name in METADATA_FILES or ("/" not in name and name.endswith(".safetensors"))
+    """The files of a checkpoint a merge reads: top-level safetensors, the index, config and tokenizer files, and a
+    LoRA adapter's config. Anything else (README.md, pickles, subfolders) never changes a merge and is never
+    downloaded."""
+    return name in (*METADATA_FILES, ADAPTER_CONFIG) or ("/" not in name and name.endswith(".safetensors"))
 
 
 def git_blob_id(data: bytes) -> str:
@@ -117,6 +120,8 @@ def default_cache_dir() -> Path:
 def local_identity(path: Path) -> str:
     """A local checkpoint directory's identity: a digest of the sha256 of every file a merge reads, so it changes
     exactly when the merge's inputs change (hashes are remembered by file stat, so only changed files are read)."""
+    if not path.is_dir():
+        raise ModelError(f"model {path}: is not a directory")
     hashes = FileHashes(default_cache_dir())
     files = sorted(p for p in path.iterdir() if p.is_file() and is_merge_input(p.name))
     listing = [(file.name, hashes.sha256(file)) for file in files]

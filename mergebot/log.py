@@ -2,6 +2,7 @@
 
 import logging
 import sys
+from contextlib import AbstractContextManager
 
 import structlog
 
@@ -32,3 +33,8 @@ def _stderr_logger(*_args: object) -> structlog.PrintLogger:
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name)
+
+
+def bound(**values: object) -> AbstractContextManager[None]:
+    """Every line logged inside the block carries `values` (e.g. the stage of a multi-stage merge)."""
+    return structlog.contextvars.bound_contextvars(**values)

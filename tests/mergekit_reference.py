@@ -4,10 +4,10 @@ Users arrive with mergekit configs and compare results with mergekit, so where m
 compare with the real thing (mergekit 0.1.5 in its own venv: `.venv-mergekit` beside the checkout, or the venv
 named by $MERGEBOT_MERGEKIT_VENV). Without it, the `mergekit` fixture skips the test and says how to get it.
 
-A test module registers its cases (`register`) when imported, and the test modules using them name this module in
-`pytest_plugins`. The session fixture `mergekit` then merges every case with mergekit in one process of its venv
+A test module registers its cases (`register`) when imported and names tests/mergekit_fixtures.py in
+`pytest_plugins`. Its session fixture `mergekit` merges every case with mergekit in one process of the venv
 (tests/mergekit_driver.py: a Python start with torch and transformers costs seconds, a tiny merge milliseconds);
-each test merges its case with mergebot in the test process (the code under `mergebot merge`) and compares.
+each test then merges its case with mergebot in the test process (the code under `mergebot merge`) and compares.
 
 The inputs are tiny float32 Llama checkpoints whose deltas from the base have distinct magnitudes (a shuffled
 grid, spaced far wider than float32 rounding of `model - base`), so no result hinges on how a top-k breaks ties;
@@ -143,15 +143,23 @@ class Reference:
 
 def merge_with_mergekit(root: Path) -> Reference:
     """Write the models and every case's config under `root`, and merge them all in one mergekit process."""
-    python = mergekit_python()
+    mergekit_python()  # skips before building models in vain
     models = {}
     for name in sorted({model_set for model_set, _ in CASES.values()}):
         base, *fine_tunes = write_models(root / "models" / name, 3, **MODEL_SETS[name])
         models[name] = {"base": base, **{f"m{number}": path for number, path in enumerate(fine_tunes, 1)}}
+    merge_all_with_mergekit(root, {case: template.format(**models[name]) for case, (name, template) in CASES.items()})
+    return Reference(root, models)
+
+
+def merge_all_with_mergekit(root: Path, configs: dict[str, str]) -> None:
+    """Each YAML text as `root/<case>/merge.yml`, merged into `root/<case>/mergekit` by one mergekit process (a
+    case that fails leaves `root/<case>/mergekit.error`, which `Reference.run_both` reports)."""
+    python = mergekit_python()
     arguments = []
-    for case, (name, template) in CASES.items():
+    for case, text in configs.items():
         (root / case).mkdir()
-        (root / case / "merge.yml").write_text(template.format(**models[name]))
+        (root / case / "merge.yml").write_text(text)
         arguments += [str(root / case / "merge.yml"), str(root / case / "mergekit")]
     driver = subprocess.run(
         [python, DRIVER, *arguments],
@@ -162,10 +170,3 @@ def merge_with_mergekit(root: Path) -> Reference:
         timeout=1800,
     )
     assert driver.returncode == 0, f"{DRIVER.name} failed ({driver.returncode}):\n{driver.stderr[-4000:]}"
-    return Reference(root, models)
-
-
-@pytest.fixture(scope="session")
-def mergekit(tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    """Every registered case merged by mergekit, once per session."""
-    return merge_with_mergekit(tmp_path_factory.mktemp("mergekit"))

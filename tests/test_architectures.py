@@ -5,6 +5,7 @@ keys, gives finite logits, and holds exactly the values its config asks for, lay
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,38 @@ from tests.helpers import load_tensors, read_json, run_cli
 from tests.tiny_architectures import ARCHITECTURES, Architecture, assert_loads, build, fine_tune
 
 NAMES = sorted(ARCHITECTURES)
+LINEAR = """merge_method: linear
+models:
+  - model: {a}
+    parameters: {{weight: 0.3}}
+  - model: {b}
+    parameters: {{weight: 0.7}}
+"""
+TIES = """merge_method: ties
+base_model: {base}
+parameters: {{weight: 0.5}}
+models:
+  - model: {a}
+    parameters: {{density: 0.5}}
+  - model: {b}
+"""
+WEIGHT_LISTS = """merge_method: linear
+models:
+  - model: {a}
+    parameters: {{weight: [0.2, 0.8]}}
+  - model: {b}
+    parameters: {{weight: [0.8, 0.2]}}
+"""
+PASSTHROUGH = """merge_method: passthrough
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 3]
+  - sources:
+      - model: {b}
+        layer_range: [1, 3]
+"""
+"""Five layers: a's three, then b's layers 1 and 2."""
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +87,23 @@ def layer_t(name: str, architecture: Architecture) -> tuple[str, float]:
     return "loose", 0.0
 
 
+Inputs = dict[str, dict[str, torch.Tensor]]
+
+
+def assert_every_tensor(out: Path, models: dict[str, Path], expected: Callable[[str, Inputs], torch.Tensor]) -> None:
+    """The output has exactly the base's tensors, each equal to `expected(name, every input's tensors by role)`."""
+    inputs = {role: load_tensors(path) for role, path in models.items()}
+    merged = load_tensors(out)
+    assert sorted(merged) == sorted(inputs["base"])
+    for name, value in merged.items():
+        torch.testing.assert_close(value, expected(name, inputs), msg=name)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_linear_is_the_weighted_average_of_every_tensor(checkpoints, tmp_path, name):
     models = checkpoints[name]
-    out = merge(
-        tmp_path,
-        f"merge_method: linear\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: 0.3}}\n"
-        f"  - model: {models['b']}\n    parameters: {{weight: 0.7}}\n",
-    )
-    a, b, merged = load_tensors(models["a"]), load_tensors(models["b"]), load_tensors(out)
-    assert sorted(merged) == sorted(a)
-    for tensor, value in merged.items():
-        torch.testing.assert_close(value, 0.3 * a[tensor] + 0.7 * b[tensor], msg=tensor)
+    out = merge(tmp_path, LINEAR.format(**models))
+    assert_every_tensor(out, models, lambda n, inputs: 0.3 * inputs["a"][n] + 0.7 * inputs["b"][n])
     base_config = read_json(models["base"] / "config.json")
     for key in DEPTH_KEYS:
         assert read_json(out / "config.json").get(key) == base_config.get(key)
@@ -89,15 +127,8 @@ def ties_reference(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torc
 @pytest.mark.parametrize("name", NAMES)
 def test_ties_trims_elects_and_averages_every_tensor(checkpoints, tmp_path, name):
     models = checkpoints[name]
-    out = merge(
-        tmp_path,
-        f"merge_method: ties\nbase_model: {models['base']}\nparameters: {{weight: 0.5}}\nmodels:\n"
-        f"  - model: {models['a']}\n    parameters: {{density: 0.5}}\n  - model: {models['b']}\n",
-    )
-    base, a, b, merged = (load_tensors(p) for p in (models["base"], models["a"], models["b"], out))
-    assert sorted(merged) == sorted(base)
-    for tensor, value in merged.items():
-        torch.testing.assert_close(value, ties_reference(base[tensor], a[tensor], b[tensor]), msg=tensor)
+    out = merge(tmp_path, TIES.format(**models))
+    assert_every_tensor(out, models, lambda n, inputs: ties_reference(*(inputs[r][n] for r in ("base", "a", "b"))))
     assert_loads(out, ARCHITECTURES[name].layers)
 
 
@@ -106,18 +137,16 @@ def test_a_weight_list_reaches_every_layer_of_every_stack(checkpoints, tmp_path,
     """weight [0.2, 0.8] and [0.8, 0.2]: a's share is 0.2 at the first layer, 0.8 at the last, in between at the
     others, over the decoder's depth and, separately, the vision tower's; 0.2 outside the layers."""
     architecture, models = ARCHITECTURES[name], checkpoints[name]
-    out = merge(
-        tmp_path,
-        f"merge_method: linear\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: [0.2, 0.8]}}\n"
-        f"  - model: {models['b']}\n    parameters: {{weight: [0.8, 0.2]}}\n",
-    )
-    a, b, merged = load_tensors(models["a"]), load_tensors(models["b"]), load_tensors(out)
+    out = merge(tmp_path, WEIGHT_LISTS.format(**models))
     seen = set()
-    for tensor, value in merged.items():
+
+    def expected(tensor: str, inputs: Inputs) -> torch.Tensor:
         where, t = layer_t(tensor, architecture)
         seen.add(where)
         share = 0.2 + 0.6 * t
-        torch.testing.assert_close(value, share * a[tensor] + (1 - share) * b[tensor], msg=tensor)
+        return share * inputs["a"][tensor] + (1 - share) * inputs["b"][tensor]
+
+    assert_every_tensor(out, models, expected)
     expected = {f"decoder.{i}" for i in range(architecture.layers)} | {
         f"vision.{i}" for i in range(architecture.vision_layers)
     }
@@ -130,32 +159,25 @@ def test_passthrough_writes_the_layer_count_under_the_architectures_own_key(chec
     """Five layers from two slices: config.json counts them under its own key (n_layer for GPT-2), per-layer
     settings (layer_types) follow, and output layer 3 is b's layer 1."""
     architecture, models = ARCHITECTURES[name], checkpoints[name]
-    out = merge(
-        tmp_path,
-        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {models['a']}\n        layer_range: [0, 3]\n"
-        f"  - sources:\n      - model: {models['b']}\n        layer_range: [1, 3]\n",
-    )
+    out = merge(tmp_path, PASSTHROUGH.format(**models))
     config, base_config = read_json(out / "config.json"), read_json(models["base"] / "config.json")
     key = next(k for k in DEPTH_KEYS if k in base_config)
     assert config[key] == 5
     if "layer_types" in base_config:
         assert config["layer_types"] == base_config["layer_types"][:3] + base_config["layer_types"][1:3]
     merged, b = load_tensors(out), load_tensors(models["b"])
-    layer_3 = {
-        t[len(f"{architecture.decoder}3") :]: v for t, v in merged.items() if t.startswith(f"{architecture.decoder}3.")
-    }
+    prefix = architecture.decoder
+    layer_3 = {t.removeprefix(f"{prefix}3"): v for t, v in merged.items() if t.startswith(f"{prefix}3.")}
     assert layer_3
     for suffix, value in layer_3.items():
-        assert torch.equal(value, b[f"{architecture.decoder}1{suffix}"]), suffix
+        assert torch.equal(value, b[f"{prefix}1{suffix}"]), suffix
     assert_loads(out, 5)
 
 
 def test_slices_of_a_vision_language_model_are_refused(checkpoints, tmp_path, capsys):
     models = checkpoints["llava"]
     config = tmp_path / "merge.yml"
-    config.write_text(
-        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {models['a']}\n        layer_range: [0, 2]\n"
-    )
+    config.write_text(PASSTHROUGH.format(**models))
     assert run_cli("merge", config, tmp_path / "out") == 2
     error = capsys.readouterr().err
     assert f"{config}: slices:" in error and "vision_tower.encoder.layers.N" in error

@@ -28,7 +28,7 @@ UNKNOWN_KEYS = {
         f"{DAEMON}{TARGET}{MODELS}validate = {{ max_ratio = 2 }}\n",
         8,
         "targets[0].validate.max_ratio",
-        "eval_text, max_ppl_ratio",
+        "eval_text, max_input_jump, max_kl, max_parent_ratio, max_ppl_ratio, max_regression",
     ),
     "models": (
         f'{DAEMON}{TARGET}models = [\n  {{ model = "org/a" }},\n  {{ model = "org/b", revison = "v1" }},\n]\n',

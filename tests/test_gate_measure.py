@@ -1,6 +1,7 @@
 """The gate's measurement on synthetic models: the batched pass against a plain window-by-window loop, the KL
 divergence against one computed over the full vocabulary, non-finite logits, and the parents' signature cache."""
 
+import copy
 import math
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def tiny_signature() -> Signature:
 def plain_logprobs(
     model: torch.nn.Module, ids: list[int], window: int, max_windows: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per window, one model(input_ids) call: float32 log-probabilities at each position, and the next tokens."""
+    """Per window, one model(input_ids) call of a float32 copy (the gate computes in float32 from the model's own
+    weights): log-probabilities at each position, and the next tokens."""
+    model = copy.deepcopy(model).float()
     out = []
     with torch.no_grad():
         for start in range(0, min(len(ids), window * max_windows), window):

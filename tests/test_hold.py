@@ -4,11 +4,14 @@ daemon, its merge children and the local Hub."""
 
 import shutil
 import sqlite3
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import requests
+import torch
 from safetensors.torch import load_file, save_file
 
 from mergebot.daemon.scheduler import Daemon
@@ -190,9 +193,11 @@ def test_a_held_target_waits_until_a_release_or_new_content(daemon):
     run_id = daemon.state.start_run("t", t.config_hash, {"org/ft1": "a2"})
     daemon._record(t, run_id, ExitCode.RETRY_LATER, {"reason": "Hub 503", "digests": bad})
     assert daemon.state.releases() == {"t"}
-    # the retry is held again (the child read the release too late, say): the release is used up all the same
-    hold_run(daemon, bad)
+    # the retry fails the gate: it ended for good, so the release is used up, and new inputs are compared again
+    run_id = daemon.state.start_run("t", t.config_hash, {"org/ft1": "a2"})
+    daemon._record(t, run_id, ExitCode.VALIDATION_FAILED, {"reason": "validation failed", "digests": bad})
     assert daemon.state.releases() == set()
+    assert daemon.state.target_status("t").state == TargetState.WAITING_FOR_CHANGE
 
 
 def test_new_content_runs_a_held_target_with_the_comparison(daemon):
@@ -214,9 +219,9 @@ BROKEN_SCALE = 30.0
 × 100 ~9e21); any input jump above max_input_jump (1.5) holds."""
 
 
-def variant(setup: Setup, name: str, change) -> Path:
+def variant(setup: Setup, name: str, label: str, change: Callable[[str, torch.Tensor], torch.Tensor]) -> Path:
     """A copy of upstream model `name` with `change(tensor_name, tensor)` applied to every tensor."""
-    out = setup.root / "variants" / f"{name}-{len(list((setup.root / 'variants').glob('*')))}"
+    out = setup.root / "variants" / label
     shutil.copytree(setup.local / name, out)
     for shard in out.glob("model-*.safetensors"):
         tensors = load_file(shard)
@@ -230,17 +235,15 @@ def push(setup: Setup, repo: str, folder: Path, message: str) -> str:
 
 def broken_ft1(setup: Setup) -> str:
     """Push a revision of org/ft1 whose lm_head is scaled up; its sha."""
-    (setup.root / "variants").mkdir(exist_ok=True)
-    folder = variant(setup, "ft1", lambda name, t: t * BROKEN_SCALE if name == "lm_head.weight" else t)
+    folder = variant(setup, "ft1", "broken", lambda name, t: t * BROKEN_SCALE if name == "lm_head.weight" else t)
     return push(setup, "org/ft1", folder, "a broken upload")
 
 
 def good_ft1(setup: Setup) -> str:
     """Push a revision of org/ft1 with a small change to one shard that does not hold lm_head; its sha."""
-    (setup.root / "variants").mkdir(exist_ok=True)
     shards = [set(load_file(shard)) for shard in sorted((setup.local / "ft1").glob("model-*.safetensors"))]
     first = next(names for names in shards if "lm_head.weight" not in names)
-    folder = variant(setup, "ft1", lambda name, t: t * 1.01 if name in first else t)
+    folder = variant(setup, "ft1", "good", lambda name, t: t * 1.01 if name in first else t)
     return push(setup, "org/ft1", folder, "a small fix")
 
 
@@ -248,7 +251,7 @@ def logged(setup: Setup, event: str, name: str) -> list[dict]:
     return [e for e in setup.events() if e.get("event") == event and e.get("target") == name]
 
 
-def release(setup: Setup, name: str):
+def release(setup: Setup, name: str) -> subprocess.CompletedProcess:
     return run_cli_process("release", name, "--config", setup.config, env=setup.env, cwd=setup.root)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from tests.mergekit_reference import listed, register
 
-pytest_plugins = ["tests.mergekit_reference"]
+pytest_plugins = ["tests.mergekit_fixtures"]
 
 CONFIGS = {
     "linear": "merge_method: linear\n" + listed(("m1", "weight: 0.6"), ("m2", "weight: 0.3"), ("m3", "weight: 0.45")),

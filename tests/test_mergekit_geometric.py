@@ -10,7 +10,7 @@ import pytest
 
 from tests.mergekit_reference import listed, register
 
-pytest_plugins = ["tests.mergekit_reference"]
+pytest_plugins = ["tests.mergekit_fixtures"]
 
 
 def weighted(*entries: tuple[str, str]) -> str:

@@ -17,7 +17,7 @@ from mergebot.merge.methods import BUILTIN_METHODS
 from tests.helpers import load_tensors
 from tests.mergekit_reference import listed, mergekit_python, register
 
-pytest_plugins = ["tests.mergekit_reference"]
+pytest_plugins = ["tests.mergekit_fixtures"]
 
 HEADER = "dtype: float32\nbase_model: {base}\n"
 """Every config below: float32 output, the first synthetic model as the base."""

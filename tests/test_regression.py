@@ -108,3 +108,13 @@ def test_an_input_that_got_worse_is_named_before_the_merge() -> None:
 @pytest.mark.parametrize("merge_ppl", [12.5, 8.0, None])
 def test_a_run_within_the_limits_is_not_held(merge_ppl: float | None) -> None:
     assert held_reason(BASELINE, report(merge_ppl, a=14.0, b=12.0), identities(), SETTINGS) is None
+
+
+def test_after_a_config_change_only_the_inputs_are_compared() -> None:
+    run = TargetRun("t", inputs=identities(OLD_A), outcome="published", published_sha=PUBLISHED, merge_ppl=10.0)
+    run.parent_ppl = {"org/a": 10.0, "org/b": 12.0}
+    changed = baseline_from_record(PUBLISHED, run.inputs, run.as_dict(), same_merge=False)
+    assert changed is not None and changed.merge_ppl is None
+    assert held_reason(changed, report(30.0, a=10.0, b=12.0), identities(), SETTINGS) is None
+    hold = held_reason(changed, report(30.0, a=40.0, b=12.0), identities(), SETTINGS)
+    assert hold is not None and hold.culprit == "org/a"

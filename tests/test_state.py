@@ -111,7 +111,7 @@ def test_empty_file_is_migrated(tmp_path):
     with State(path) as s:
         assert s.record_revision("org/a", "main", "a1")
     assert user_version(path) == SCHEMA_VERSION
-    expected = {"revisions", "refs", "runs", "run_inputs", "shards", "parent_perplexity", "target_status", "releases"}
+    expected = {"revisions", "refs", "runs", "run_inputs", "shards", "target_status", "releases"}
     assert expected <= tables(path)
 
 
@@ -126,9 +126,7 @@ def test_version_1_file_is_migrated_keeping_its_rows(tmp_path):
         assert run is not None
         assert (run.id, run.published_sha, run.inputs, run.details) == (1, "p1", {"org/a": "a1"}, {"seconds": 10})
         assert s.shard_fingerprints("t") == {"model-00001.safetensors": "fp1"}
-        # the tables version 2 added work
-        s.record_parent_perplexity("org/a", "a1", "e", 7.5)
-        assert s.parent_perplexity("org/a", "a1", "e") == 7.5
+        # the tables version 2 added work (the one that later moved out is gone)
         s.set_target_status("t", TargetState.WAITING_FOR_WINDOW, "waiting for the nightly window", 2000.0)
         assert s.target_status("t").next_check == 2000.0
         assert s.start_run("t", "cfg", {}) == 2
@@ -409,19 +407,6 @@ def test_shard_fingerprints(state):
     state.record_shard("u", "model-00001.safetensors", "other")
     assert state.shard_fingerprints("t") == {"model-00001.safetensors": "fp1b", "model-00002.safetensors": "fp2"}
     assert state.shard_fingerprints("u") == {"model-00001.safetensors": "other"}
-
-
-def test_parent_perplexity(state):
-    assert state.parent_perplexity("org/a", "a1", "e1") is None
-    state.record_parent_perplexity("org/a", "a1", "e1", 12.25)
-    state.record_parent_perplexity("org/a", "a1", "e2", math.inf)
-    state.record_parent_perplexity("org/b", "b1", "e1", math.nan)
-    assert state.parent_perplexity("org/a", "a1", "e1") == 12.25
-    assert state.parent_perplexity("org/a", "a1", "e2") == math.inf
-    assert math.isnan(state.parent_perplexity("org/b", "b1", "e1"))  # cached, not "unknown"
-    assert state.parent_perplexity("org/a", "a2", "e1") is None
-    state.record_parent_perplexity("org/a", "a1", "e1", 11.0)
-    assert state.parent_perplexity("org/a", "a1", "e1") == 11.0
 
 
 def test_target_status(state):

@@ -14,7 +14,7 @@ from mergebot.config.merge import load_merge_config
 from mergebot.dev.synthetic import base_vocabulary, make_model
 from mergebot.errors import ConfigError
 from tests.helpers import load_tensors, read_json, run_cli, tree_digest
-from tests.mergekit_reference import SHAPE, mergekit_yaml, run_both
+from tests.mergekit_reference import SHAPE, Reference, merge_all_with_mergekit, mergekit_python
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 CHAT = [
@@ -157,59 +157,73 @@ def test_tokens_beyond_the_embedding_are_dropped(family, tmp_path):
     assert_loads_with_no_empty_row(out, 64)
 
 
-def test_union_matches_mergekit(family, tmp_path):
-    """Every row of every token, and the padding, as mergekit builds them (tokens compared by string: mergekit's
-    order of a union's new tokens changes from run to run); the chat template renders the same."""
-    text = f"""
+KIT_CASES = {
+    "union": """
 merge_method: linear
 dtype: float32
 models:
-  - model: {family["base"]}
+  - model: {base}
     parameters: {{weight: 0.5}}
-  - model: {family["left"]}
+  - model: {left}
     parameters: {{weight: 0.3}}
-  - model: {family["wide"]}
+  - model: {wide}
     parameters: {{weight: 0.2}}
 tokenizer:
   source: union
   tokens:
-    "<new>": {{source: {{kind: model_token, model: {family["wide"]}, token_id: 70}}}}
-    "1": {{source: {family["left"]}, force: true}}
+    "<new>": {{source: {{kind: model_token, model: {wide}, token_id: 70}}}}
+    "1": {{source: {left}, force: true}}
   pad_to_multiple_of: 32
 chat_template: chatml
-"""
-    run_both(text, tmp_path)
-    (kit_vocab, kit), (bot_vocab, bot) = vocab_rows(tmp_path / "mergekit"), vocab_rows(tmp_path / "mergebot")
-    assert kit_vocab.keys() == bot_vocab.keys() and len(kit_vocab) == 64 + 16 + 2 + 1
-    for name in (EMBED, HEAD):
-        assert kit[name].shape == bot[name].shape == (96, SHAPE["hidden"])
-        for token, row in kit_vocab.items():
-            torch.testing.assert_close(bot[name][bot_vocab[token]], kit[name][row], msg=f"{name} {token!r}")
-        torch.testing.assert_close(bot[name][len(kit_vocab) :], kit[name][len(kit_vocab) :])
-    rendered = [
-        AutoTokenizer.from_pretrained(tmp_path / side).apply_chat_template(CHAT, tokenize=False)
-        for side in ("mergekit", "mergebot")
-    ]
-    assert rendered[0] == rendered[1]
-
-
-def test_base_source_task_arithmetic_matches_mergekit(family, tmp_path):
-    text = f"""
+""",
+    "base_source": """
 merge_method: task_arithmetic
 dtype: float32
-base_model: {family["base"]}
+base_model: {base}
 models:
-  - model: {family["left"]}
+  - model: {left}
     parameters: {{weight: 0.7}}
-  - model: {family["right"]}
+  - model: {right}
     parameters: {{weight: 0.4}}
 tokenizer:
   source: base
   tokens:
-    "a": {{source: {family["left"]}, force: true}}
+    "a": {{source: {left}, force: true}}
   pad_to_multiple_of: 48
-"""
-    outputs = run_both(text, tmp_path)
+""",
+}
+"""Where mergekit is deterministic, and every token a model lacks has one donor (mergebot's weighting differs only
+where several models have it)."""
+
+
+@pytest.fixture(scope="module")
+def kit(family, tmp_path_factory) -> Reference:
+    """mergekit's output of each of KIT_CASES on the family, merged in one process of its venv."""
+    root = tmp_path_factory.mktemp("kit")
+    merge_all_with_mergekit(root, {case: text.format(**family) for case, text in KIT_CASES.items()})
+    return Reference(root, {"family": family})
+
+
+def test_union_matches_mergekit(kit, tmp_path):
+    """Every row of every token, and the padding, as mergekit builds them (tokens compared by string: mergekit's
+    order of a union's new tokens changes from run to run); the chat template renders the same."""
+    kit.run_both("union", tmp_path)
+    sides = {"mergekit": kit.root / "union" / "mergekit", "mergebot": tmp_path / "mergebot"}
+    (kit_vocab, kit_rows), (bot_vocab, bot_rows) = (vocab_rows(path) for path in sides.values())
+    assert kit_vocab.keys() == bot_vocab.keys() and len(kit_vocab) == 64 + 16 + 2 + 1
+    for name in (EMBED, HEAD):
+        assert kit_rows[name].shape == bot_rows[name].shape == (96, SHAPE["hidden"])
+        for token, row in kit_vocab.items():
+            torch.testing.assert_close(bot_rows[name][bot_vocab[token]], kit_rows[name][row], msg=f"{name} {token!r}")
+        torch.testing.assert_close(bot_rows[name][len(kit_vocab) :], kit_rows[name][len(kit_vocab) :])
+    rendered = [
+        AutoTokenizer.from_pretrained(path).apply_chat_template(CHAT, tokenize=False) for path in sides.values()
+    ]
+    assert rendered[0] == rendered[1]
+
+
+def test_base_source_task_arithmetic_matches_mergekit(kit, tmp_path):
+    outputs = kit.run_both("base_source", tmp_path)
     outputs.assert_close()
     assert outputs.mergebot[EMBED].shape[0] == 96
     assert_loads_with_no_empty_row(tmp_path / "mergebot", 64)
@@ -349,7 +363,7 @@ def test_jinja_template_in_a_toml_target(family, tmp_path):
 def test_formats_without_stray_whitespace_render_as_mergekit_files(family, name):
     """mergekit's own files for these two render the same text (its llama3, alpaca and exaone files add newlines
     and indentation that the formats do not have)."""
-    files = sorted(mergekit_yaml().parents[1].glob("lib/python*/site-packages/mergekit/_data/chat_templates"))
+    files = sorted(mergekit_python().parents[1].glob("lib/python*/site-packages/mergekit/_data/chat_templates"))
     tokenizer = AutoTokenizer.from_pretrained(family["base"])
     rendered = [
         tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True, chat_template=template)

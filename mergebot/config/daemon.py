@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergebot.config.chain import reads, target_names, upstream_first
 from mergebot.config.document import Located, listen_address, parse_duration, read_document
 from mergebot.config.merge import MERGE_KEYS, MergeConfig, target_merge
+from mergebot.config.models import Names
 from mergebot.errors import ConfigError
 
 DURATION_KEYS = ("poll_interval", "merge_timeout", "stop_grace", "debounce", "retry_delay")
@@ -57,6 +59,8 @@ class Target:
     when: str = "on_change"
     private: bool = False
     validate: ValidateSettings = field(default_factory=ValidateSettings)
+    reads: tuple[str, ...] = ()
+    """The targets whose merges this one reads (`target:NAME` models)."""
 
 
 @dataclass(frozen=True)
@@ -107,14 +111,21 @@ def check_daemon_config(path: Path, text: str | None = None) -> tuple[DaemonConf
     if not isinstance(raw_targets, list):
         return None, [*problems, located.error("targets", "must be a list of [[targets]] tables")]
     targets: dict[str, Target] = {}
+    positions = {raw.get("name"): number for number, raw in enumerate(raw_targets) if isinstance(raw, dict)}
+    names = target_names(daemon.state_dir, [name for name in positions if isinstance(name, str)])
     for index, raw in enumerate(raw_targets):
         try:
-            target = _target(raw, located, f"targets[{index}].")
+            target = _target(raw, located, f"targets[{index}].", names)
             if target.name in targets:
                 raise located.error(f"targets[{index}].name", f"{target.name!r} is used by two targets")
             targets[target.name] = target
         except ConfigError as error:
             problems.append(error)
+    try:
+        order = upstream_first({name: target.reads for name, target in targets.items()}, positions, located)
+        targets = {name: targets[name] for name in order}
+    except ConfigError as error:
+        problems.append(error)
     return DaemonConfig(path, daemon, targets), problems
 
 
@@ -176,7 +187,7 @@ def _webhook(raw: Any, located: Located) -> dict[str, Any]:
     return settings
 
 
-def _target(raw: Any, located: Located, prefix: str) -> Target:
+def _target(raw: Any, located: Located, prefix: str, names: Names) -> Target:
     if not isinstance(raw, dict):
         raise located.error(prefix.rstrip("."), "must be a [[targets]] table")
     located.check_keys(raw, TARGET_KEYS, prefix)
@@ -197,14 +208,14 @@ def _target(raw: Any, located: Located, prefix: str) -> Target:
         settings["private"] = raw["private"]
     validate_raw = raw.get("validate", {})
     validate = _validate_settings(validate_raw, located, f"{prefix}validate.")
-    merge = target_merge(raw, located, prefix)
+    merge = target_merge(raw, located, prefix, names)
     # The ratio as written (2, not 2.0), as the hash has always been taken: a changed hash re-runs the target.
     ratio = validate_raw.get("max_ppl_ratio", validate.max_ppl_ratio)
     private = settings.get("private", Target.private)
     shaping = [merge.as_dict(), repo, private, str(validate.eval_text), ratio]
     limits = {key: value for key, value in validate_raw.items() if key not in ("eval_text", "max_ppl_ratio")}
     digest = hashlib.sha256(json.dumps(shaping + ([limits] if limits else [])).encode()).hexdigest()
-    return Target(name, repo, merge, digest, validate=validate, **settings)
+    return Target(name, repo, merge, digest, validate=validate, reads=reads(merge), **settings)
 
 
 def _validate_settings(raw: Any, located: Located, prefix: str) -> ValidateSettings:

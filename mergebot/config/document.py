@@ -24,8 +24,11 @@ class Located:
         self.path = path
         self.lines = text.splitlines()
 
-    def error(self, key_path: str, message: str) -> ConfigError:
-        line = self._line(key_path)
+    def error(self, key_path: str, message: str, value: str | None = None) -> ConfigError:
+        """`value`: the text the problem is about, when it pins the line better than the key does (a key written
+        many times, like `model`)."""
+        line = self._value_line(key_path, value) if value else None
+        line = line or self._line(key_path)
         where = f"{self.path}:{line}" if line else str(self.path)
         return ConfigError(f"{where}: {key_path}: {message}")
 
@@ -51,6 +54,15 @@ class Located:
                 if setting.search(text) or header.search(text):
                     return number
         return None
+
+    def _value_line(self, key_path: str, value: str) -> int | None:
+        """The first line, from the key's table on, that sets the key to a text with `value` as a whole word."""
+        name = next((n for n in reversed(re.split(r"[.\[\]]", key_path)) if n and not n.isdigit()), key_path)
+        setting = re.compile(rf"(^|[\s{{,\-])\"?{re.escape(name)}\"?\s*[=:]")
+        written = re.compile(rf"(?<![\w./@+-]){re.escape(value)}(?![\w./-])")
+        start = self._table_start(key_path)
+        lines = enumerate(self.lines[start:], start + 1)
+        return next((n for n, text in lines if setting.search(text) and written.search(text)), None)
 
     def _table_start(self, key_path: str) -> int:
         """Index of the line where the N-th [[targets]] table starts, for keys under targets[N]."""
@@ -88,6 +100,11 @@ def read_document(path: Path, text: str | None = None) -> tuple[dict[str, Any], 
             mark = getattr(error, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
             problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            if isinstance(error, yaml.composer.ComposerError) and "single document" in str(error):
+                problem = (
+                    "several YAML documents: a multi-stage merge, which `mergebot merge FILE OUT_DIR` runs; a daemon "
+                    'target chains stages as targets instead (model = "target:NAME")'
+                )
             raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from error
     else:
         try:

@@ -3,7 +3,7 @@
 `chat_template`, `out_shard_size`), either in TOML or in a mergekit YAML file. Every error names the file, the key
 and, where known, the line.
 
-A model is named by one string, `model`: a local checkpoint directory or a Hub repo id.
+A model is named by one string, `model` (see `mergebot.config.models`).
 """
 
 from collections.abc import Mapping
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mergebot.config.document import Located, parse_size, read_document
+from mergebot.config.models import ModelSpec, Names, Reference, parse_reference
 from mergebot.config.tokenizer import BASE, UNION, TokenizerSettings, parse_chat_template, parse_tokenizer
 from mergebot.errors import ConfigError
 
@@ -41,20 +42,6 @@ DTYPE_ALIASES = {
     "fp32": "float32",
     "float": "float32",
 }
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One input model: a local directory or a Hub repo id, with an optional revision and its own parameters."""
-
-    model: str
-    revision: str | None = None
-    parameters: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_local(self) -> bool:
-        """A checkpoint directory on this machine rather than a Hub repo id: the one place this is decided."""
-        return Path(self.model).expanduser().is_dir()
 
 
 @dataclass(frozen=True)
@@ -89,25 +76,32 @@ class MergeConfig:
     def spec(self, model: str) -> ModelSpec:
         return next(spec for spec in self.models if spec.model == model)
 
-    def pinned(self, revisions: Mapping[str, str | None]) -> "MergeConfig":
-        """The same merge with each model's revision fixed to the sha that was merged (for reproducibility)."""
-        models = tuple(ModelSpec(m.model, revisions.get(m.model) or m.revision, m.parameters) for m in self.models)
-        return replace(self, models=models)
+    @property
+    def sources(self) -> set[str]:
+        """The name of every checkpoint the merge reads files from (Hub repo ids, local paths)."""
+        return {checkpoint.name for spec in self.models for checkpoint in spec.checkpoints}
 
-    def _at_revision(self, model: str) -> str:
-        revision = self.spec(model).revision
-        return f"{model}@{revision}" if revision else model
+    def pinned(self, revisions: Mapping[str, tuple[str | None, str | None]]) -> "MergeConfig":
+        """The same merge with each model's revision (and its adapter's) fixed to the sha that was merged (for
+        reproducibility); `revisions`: model → (its revision, its adapter's revision), None for a local one."""
+        models = []
+        for spec in self.models:
+            base, adapter = revisions.get(spec.model, (None, None))
+            lora = replace(spec.lora, revision=adapter or spec.lora.revision) if spec.lora else None
+            models.append(replace(spec, revision=base or spec.revision, lora=lora))
+        return replace(self, models=tuple(models))
 
     def as_dict(self) -> dict[str, Any]:
         """The merge config in mergekit's field names, for the model card and fingerprints."""
         result: dict[str, Any] = {"merge_method": self.merge_method}
         if self.base_model:
-            result["base_model"] = self._at_revision(self.base_model) if self.slices is not None else self.base_model
+            base = self.spec(self.base_model)
+            result["base_model"] = base.reference() if self.slices is not None else base.model
         if self.slices is not None:
             result["slices"] = [
                 {
                     "sources": [
-                        {"model": self._at_revision(s.model), "layer_range": list(s.layer_range)}
+                        {"model": self.spec(s.model).reference(), "layer_range": list(s.layer_range)}
                         | ({"parameters": dict(s.parameters)} if s.parameters else {})
                         for s in sources
                     ]
@@ -116,8 +110,11 @@ class MergeConfig:
             ]
         else:
             result["models"] = [
-                {"model": m.model}
-                | ({"revision": m.revision} if m.revision else {})
+                (
+                    {"model": m.reference()}
+                    if m.lora
+                    else {"model": m.model} | ({"revision": m.revision} if m.revision else {})
+                )
                 | ({"parameters": dict(m.parameters)} if m.parameters else {})
                 for m in self.models
             ]
@@ -133,23 +130,27 @@ class MergeConfig:
         return result
 
 
-def parse_merge(raw: Mapping[str, Any], located: Located, prefix: str = "") -> MergeConfig:
+def parse_merge(raw: Mapping[str, Any], located: Located, prefix: str = "", names: Names | None = None) -> MergeConfig:
     """Check and type the merge fields of one target (mergekit names)."""
 
     def key(name: str) -> str:
         return f"{prefix}{name}"
 
+    def reference(value: Any, where: str) -> ModelSpec | None:
+        return parse_reference(value, located, where, names)
+
     located.check_keys(raw, MERGE_KEYS, prefix)
     method = raw.get("merge_method")
     if not isinstance(method, str) or not method:
         raise located.error(key("merge_method"), "required, e.g. 'linear', 'slerp', 'ties'")
-    base_model, base_revision = _split_revision(raw.get("base_model"), located, key("base_model"))
+    base = reference(raw.get("base_model"), key("base_model"))
+    base_model = base.model if base else None
     parameters = _parameters(raw.get("parameters", {}), located, key("parameters"))
     specs: dict[str, ModelSpec] = {}
     slices = None
     listed: tuple[str, ...] = ()
     if "slices" in raw:
-        slices = _slices(raw["slices"], located, key("slices"), specs)
+        slices = _slices(raw["slices"], located, key("slices"), specs, reference)
         if "models" in raw:
             raise located.error(key("models"), "give either models or slices, not both")
     else:
@@ -157,24 +158,24 @@ def parse_merge(raw: Mapping[str, Any], located: Located, prefix: str = "") -> M
         if not isinstance(models, list) or not models:
             raise located.error(key("models"), "required: a list of {model = ..., parameters = {...}}")
         for index, entry in enumerate(models):
-            spec = _model_spec(entry, located, key(f"models[{index}]"))
+            spec = _model_spec(entry, located, key(f"models[{index}]"), reference)
             if spec.model in specs:
                 raise located.error(key(f"models[{index}].model"), f"{spec.model} is listed twice")
             specs[spec.model] = spec
         listed = tuple(specs)
-    if base_model and base_model not in specs:
-        specs = {base_model: ModelSpec(base_model, base_revision), **specs}
-    elif base_model and base_revision:
-        specs[base_model] = ModelSpec(base_model, base_revision, specs[base_model].parameters)
+    if base and base.model not in specs:
+        specs = {base.model: base, **specs}
+    elif base and (base.revision or (base.lora and base.lora.revision)):
+        specs[base.model] = replace(base, parameters=specs[base.model].parameters)
     dtype = raw.get("dtype")
     if dtype is not None and DTYPE_ALIASES.get(str(dtype).lower()) is None:
         raise located.error(key("dtype"), f"{dtype!r} is not one of bfloat16, float16, float32")
 
     def model_name(value: Any, where: str) -> str:
-        name = _split_revision(value, located, where)[0] if isinstance(value, str) and value else None
-        if name not in specs:
+        spec = reference(value, where) if isinstance(value, str) and value else None
+        if spec is None or spec.model not in specs:
             raise located.error(where, f"{value!r} is not one of the models")
-        return name
+        return spec.model
 
     tokenizer = parse_tokenizer(raw, located, prefix, model_name)
     first = base_model or next(iter(specs))
@@ -198,36 +199,24 @@ def parse_merge(raw: Mapping[str, Any], located: Located, prefix: str = "") -> M
     )
 
 
-def _split_revision(value: Any, located: Located, where: str) -> tuple[str | None, str | None]:
-    if value is None:
-        return None, None
-    if not isinstance(value, str) or not value:
-        raise located.error(where, "must be a model path or repo id")
-    if "+" in value and not Path(value).exists():
-        raise located.error(where, f"{value!r} is mergekit's model+LoRA form; mergebot cannot apply a LoRA adapter")
-    if "@" in value and not Path(value).exists():
-        model, _, revision = value.rpartition("@")
-        return model, revision
-    return value, None
-
-
-def _model_spec(entry: Any, located: Located, where: str) -> ModelSpec:
+def _model_spec(entry: Any, located: Located, where: str, reference: Reference) -> ModelSpec:
     if isinstance(entry, str):
         entry = {"model": entry}
     if not isinstance(entry, dict):
         raise located.error(where, "must be a table with a 'model' key")
     located.check_keys(entry, MODEL_KEYS, f"{where}.")
-    model, revision = _split_revision(entry.get("model"), located, f"{where}.model")
-    if model is None:
+    spec = reference(entry.get("model"), f"{where}.model")
+    if spec is None:
         raise located.error(f"{where}.model", "required")
-    revision = entry.get("revision", revision)
+    revision = entry.get("revision", spec.revision)
     if revision is not None and not isinstance(revision, str):
         raise located.error(f"{where}.revision", "must be a branch, tag or commit sha")
-    return ModelSpec(model, revision, _parameters(entry.get("parameters", {}), located, f"{where}.parameters"))
+    parameters = _parameters(entry.get("parameters", {}), located, f"{where}.parameters")
+    return replace(spec, revision=revision, parameters=parameters)
 
 
 def _slices(
-    value: Any, located: Located, where: str, specs: dict[str, ModelSpec]
+    value: Any, located: Located, where: str, specs: dict[str, ModelSpec], reference: Reference
 ) -> tuple[tuple[SliceSource, ...], ...]:
     if not isinstance(value, list) or not value:
         raise located.error(where, "must be a list of {sources = [...]}")
@@ -245,7 +234,7 @@ def _slices(
             if not isinstance(source, dict):
                 raise located.error(at, "must be a table with model and layer_range")
             located.check_keys(source, SOURCE_KEYS, f"{at}.")
-            spec = _model_spec({k: v for k, v in source.items() if k != "layer_range"}, located, at)
+            spec = _model_spec({k: v for k, v in source.items() if k != "layer_range"}, located, at, reference)
             layer_range = source.get("layer_range")
             if not (
                 isinstance(layer_range, list)
@@ -254,7 +243,7 @@ def _slices(
                 and 0 <= layer_range[0] < layer_range[1]
             ):
                 raise located.error(f"{at}.layer_range", "must be [first, end) with 0 <= first < end")
-            specs.setdefault(spec.model, ModelSpec(spec.model, spec.revision))
+            specs.setdefault(spec.model, replace(spec, parameters={}))
             parsed.append(SliceSource(spec.model, (layer_range[0], layer_range[1]), spec.parameters))
         lengths = {s.layer_range[1] - s.layer_range[0] for s in parsed}
         if len(lengths) > 1:
@@ -295,27 +284,27 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def load_merge_config(path: Path, target: str | None = None) -> MergeConfig:
+def load_merge_config(path: Path, target: str | None = None, names: Names | None = None) -> MergeConfig:
     """A merge from a TOML target (top-level fields or one of [[targets]]) or a mergekit YAML file."""
     document, located = read_document(path)
     if "targets" in document:
         targets = document["targets"]
         if not isinstance(targets, list) or not targets:
             raise located.error("targets", "must be a list of [[targets]] tables")
-        names = [t.get("name") for t in targets if isinstance(t, dict)]
+        named = [t.get("name") for t in targets if isinstance(t, dict)]
         if target is None and len(targets) > 1:
-            raise ConfigError(f"{path}: several targets ({', '.join(map(str, names))}); choose one with --target")
-        index = 0 if target is None else names.index(target) if target in names else -1
+            raise ConfigError(f"{path}: several targets ({', '.join(map(str, named))}); choose one with --target")
+        index = 0 if target is None else named.index(target) if target in named else -1
         if index < 0:
-            raise ConfigError(f"{path}: no target named {target!r} (targets: {', '.join(map(str, names))})")
-        return target_merge(targets[index], located, f"targets[{index}].")
+            raise ConfigError(f"{path}: no target named {target!r} (targets: {', '.join(map(str, named))})")
+        return target_merge(targets[index], located, f"targets[{index}].", names)
     if "mergekit_config" in document:
         located.check_keys(document, MERGE_KEYS | {"mergekit_config"}, "")
-        return target_merge(document, located, "")
-    return parse_merge(document, located)
+        return target_merge(document, located, "", names)
+    return parse_merge(document, located, names=names)
 
 
-def target_merge(raw: Mapping[str, Any], located: Located, prefix: str) -> MergeConfig:
+def target_merge(raw: Mapping[str, Any], located: Located, prefix: str, names: Names | None = None) -> MergeConfig:
     """The merge part of a target: inline fields, or `mergekit_config` naming a YAML file beside the config."""
     merge_fields = {k: v for k, v in raw.items() if k in MERGE_KEYS}
     if "mergekit_config" in raw:
@@ -324,5 +313,5 @@ def target_merge(raw: Mapping[str, Any], located: Located, prefix: str) -> Merge
             first = next(iter(merge_fields))
             raise located.error(f"{prefix}mergekit_config", f"give mergekit_config or inline {first}, not both")
         document, yaml_located = read_document(yaml_path)
-        return parse_merge(document, yaml_located)
-    return parse_merge(merge_fields, located, prefix)
+        return parse_merge(document, yaml_located, names=names)
+    return parse_merge(merge_fields, located, prefix, names)

@@ -31,6 +31,7 @@ from mergebot.daemon.cleanup import clean_unused_revisions
 from mergebot.daemon.endpoints import start_metrics, start_webhook
 from mergebot.daemon.lock import acquire_lock
 from mergebot.daemon.runs import Outcome
+from mergebot.daemon.stages import reference, running_reader, waits_for_upstream
 from mergebot.daemon.state import State, TargetState
 from mergebot.daemon.status import metrics_text
 from mergebot.daemon.systemd import notify, watchdog_interval
@@ -166,7 +167,8 @@ class Daemon:
         for target in config.targets.values():
             if self.stopping.is_set():
                 return
-            if wanted is not None and not wanted & {m.model for m in target.merge.models}:
+            unasked = wanted is not None and not wanted & target.merge.sources
+            if unasked or waits_for_upstream(target, self.state, self._run_pending, next_check):
                 continue
             try:
                 inputs = self.upstream.check(target, hub, resolved)
@@ -188,13 +190,7 @@ class Daemon:
             self.state.set_target_status(target.name, TargetState.UP_TO_DATE, None, next_check)
             return
         last = self.state.last_run(target.name)
-        unchanged = (
-            last
-            and last.outcome in ("failed", "held")
-            and not last.transient
-            and (last.details or {}).get("digests") == digests
-            and last.config_hash == target.config_hash
-        )
+        unchanged = self._refused_with(target, digests)
         if unchanged and last.outcome == "failed":
             waiting = f"last run failed: {last.reason}; waits for new inputs or a config change"
             self.state.set_target_status(target.name, TargetState.WAITING_FOR_CHANGE, waiting, next_check)
@@ -213,6 +209,18 @@ class Daemon:
         self.log.info("target due", target=target.name, reason=reason)
         self.state.set_target_status(target.name, TargetState.DUE, f"due ({reason}); run scheduled", next_check)
         self._schedule_run(target.name, delay=self.config.daemon.debounce if target.when == "on_change" else 0)
+
+    def _refused_with(self, target: Target, digests: dict[str, str]) -> bool:
+        """The last run was refused (failed for good, or held) on exactly this content and config: running it again
+        would only be refused again."""
+        last = self.state.last_run(target.name)
+        return bool(
+            last
+            and last.outcome in ("failed", "held")
+            and not last.transient
+            and (last.details or {}).get("digests") == digests
+            and last.config_hash == target.config_hash
+        )
 
     def _window_missed(self, target: Target) -> bool:
         """A nightly window that passed since the target's last run (the daemon was down or busy) still counts."""
@@ -253,11 +261,14 @@ class Daemon:
 
     def run_once(self) -> int:
         """For cron users: run every due target now, one after another. A target whose inputs cannot be checked is
-        recorded as such and the others still run; ExitCode.VALIDATION_FAILED (1) when any target failed."""
+        recorded as such and the others still run; one refused before on the same content is not run again.
+        ExitCode.VALIDATION_FAILED (1) when any target failed or is held."""
         hub = self._hub()
         resolved: dict[tuple[str, str | None], str] = {}
         failed = False
         for target in self.config.targets.values():
+            if waits_for_upstream(target, self.state, self._run_pending, None):
+                continue
             try:
                 inputs = self.upstream.check(target, hub, resolved)
             except MergebotError as error:
@@ -269,10 +280,14 @@ class Daemon:
                 self.log.info("up to date", target=target.name)
                 self.state.set_target_status(target.name, TargetState.UP_TO_DATE, None, None)
                 continue
+            if self._refused_with(target, inputs.digests) and target.name not in self.state.releases():
+                self.log.info("still refused: nothing changed since", target=target.name)
+                failed = True
+                continue
             self.log.info("target due", target=target.name, reason=reason)
             self.run_target(target.name)
             last = self.state.last_run(target.name)
-            failed |= last is None or last.outcome == "failed"
+            failed |= last is None or last.outcome in ("failed", "held")
         self.state.close()
         self.lock.close()
         return ExitCode.VALIDATION_FAILED if failed else ExitCode.OK
@@ -284,7 +299,11 @@ class Daemon:
         if target is None:
             return
         with self._lock_for(name), self.slots:
-            if self.stopping.is_set():
+            if self.stopping.is_set() or waits_for_upstream(target, self.state, self._run_pending, None):
+                return
+            if (reader := running_reader(target, self.config, self.state)) is not None:
+                self.log.info("run waits for a reader of the target", target=name, reader=reader)
+                self._schedule_run(name, delay=WATCH_SECONDS)
                 return
             try:
                 inputs = self.upstream.check(target, self._hub(), {})
@@ -299,8 +318,9 @@ class Daemon:
                 return  # still "running" in the state: marked interrupted as the daemon stops
             code, result = finished
             self._record(target, run_id, code, result | {"digests": inputs.digests})
-        # Inputs may have moved while the child ran (a webhook or poll then found the run busy): look again.
-        repos = [model.model for model in target.merge.models]
+        # Inputs may have moved while the child ran (a webhook or poll then found the run busy): look again, and
+        # at the targets that read this one's merge.
+        repos = [*target.merge.sources, reference(name)]
         self.scheduler.add_job(self.poll, args=[repos], id=f"recheck:{name}", replace_existing=True)
 
     def _record(self, target: Target, run_id: int, code: int, result: dict) -> None:

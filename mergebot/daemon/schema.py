@@ -102,6 +102,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # One pending release per target; the run that uses it up deletes it.
         "CREATE TABLE releases (target TEXT PRIMARY KEY, requested REAL NOT NULL) WITHOUT ROWID",
     ),
+    # 5: parents' measurements moved to files in mergebot's cache directory (mergebot.pipeline.parents), which the
+    # CLI and the daemon's child share; the table's perplexities alone no longer make a gate decision.
+    ("DROP TABLE parent_perplexity",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

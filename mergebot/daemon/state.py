@@ -1,4 +1,4 @@
-"""The daemon's memory: upstream revisions seen, runs, per-shard fingerprints, parent perplexities, target status,
+"""The daemon's memory: upstream revisions seen, runs, per-shard fingerprints, target status,
 releases of held targets.
 
 One SQLite file under `state_dir`, in WAL mode so `mergebot status` can read while the daemon writes. Every write
@@ -14,7 +14,6 @@ connections to close and nothing in throughput. Keep `transaction()` blocks shor
 """
 
 import json
-import math
 import sqlite3
 import threading
 import time
@@ -310,29 +309,6 @@ class State:
         with self._reading() as db:
             rows = db.execute("SELECT name, fingerprint FROM shards WHERE target = ? ORDER BY name", (target,))
             return dict(rows.fetchall())
-
-    # --- parent perplexity cache (mergebot.pipeline adapts it to validate's PerplexityCache) --------------------
-
-    def parent_perplexity(self, repo: str, sha: str, eval_hash: str) -> float | None:
-        """The cached perplexity of a parent revision measured as `eval_hash` says, or None if never measured (NaN
-        is kept)."""
-        with self._reading() as db:
-            row = db.execute(
-                "SELECT ppl FROM parent_perplexity WHERE repo = ? AND sha = ? AND eval_hash = ?", (repo, sha, eval_hash)
-            ).fetchone()
-        if row is None:
-            return None
-        return math.nan if row[0] is None else row[0]
-
-    def record_parent_perplexity(self, repo: str, sha: str, eval_hash: str, ppl: float) -> None:
-        """Cache a parent's perplexity: a revision's weights never change, so it is measured once per eval text and
-        window settings (`eval_hash`)."""
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO parent_perplexity (repo, sha, eval_hash, ppl, recorded) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (repo, sha, eval_hash) DO UPDATE SET ppl = excluded.ppl, recorded = excluded.recorded",
-                (repo, sha, eval_hash, None if math.isnan(ppl) else ppl, time.time()),
-            )
 
     # --- releases of held targets -------------------------------------------------------------------------------
 

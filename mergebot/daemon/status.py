@@ -4,12 +4,19 @@ import time
 from datetime import UTC, datetime
 
 from mergebot.config.daemon import DaemonConfig
+from mergebot.config.models import ModelSpec
 from mergebot.daemon.lock import daemon_pid
 from mergebot.daemon.state import STATE_FILE, State, TargetState
 
 
 def _when(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds") if timestamp else None
+
+
+def _latest(state: State, spec: ModelSpec) -> str | None:
+    """The last revision seen of the input (of its base and its adapter, joined by `+`)."""
+    seen = [state.latest_revision(c.name, c.revision or "main") for c in spec.checkpoints]
+    return None if None in seen else "+".join(str(sha) for sha in seen)
 
 
 def collect_status(config: DaemonConfig) -> dict:
@@ -30,7 +37,7 @@ def collect_status(config: DaemonConfig) -> dict:
             result["targets"][name] = {
                 "repo": target.repo,
                 "when": target.when,
-                "inputs": {m.model: state.latest_revision(m.model, m.revision or "main") for m in target.merge.models},
+                "inputs": {m.model: _latest(state, m) for m in target.merge.models},
                 "last_run": None
                 if last is None
                 else {

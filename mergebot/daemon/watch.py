@@ -8,12 +8,12 @@ sha (a commit never changes). A local directory's identity already is a digest o
 import hashlib
 import json
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mergebot import log
 from mergebot.config.daemon import Target
-from mergebot.config.merge import ModelSpec
+from mergebot.config.models import Checkpoint
 from mergebot.daemon.state import State
 from mergebot.errors import HubError
 from mergebot.files import is_merge_input, local_identity
@@ -77,20 +77,32 @@ class Upstream:
         costs one call."""
         shas, digests = {}, {}
         for spec in target.merge.models:
-            if spec.is_local:
-                shas[spec.model] = digests[spec.model] = local_identity(Path(spec.model).expanduser())
-                continue
-            sha = shas[spec.model] = self._resolve(spec, hub, resolved)
-            if (spec.model, sha) not in self._digests:
-                self._digests[(spec.model, sha)] = content_digest(hub, spec.model, sha)
-            digests[spec.model] = self._digests[(spec.model, sha)]
+            parts = [self._identity(checkpoint, hub, resolved) for checkpoint in spec.checkpoints]
+            shas[spec.model] = "+".join(sha for sha, _ in parts)  # a LoRA input: its base's, then its adapter's
+            digests[spec.model] = parts[0][1] if len(parts) == 1 else _joined(digest for _, digest in parts)
         return Inputs(shas, digests)
 
-    def _resolve(self, spec: ModelSpec, hub: HubClient, resolved: dict[tuple[str, str | None], str]) -> str:
-        key = (spec.model, spec.revision)
+    def _identity(
+        self, checkpoint: Checkpoint, hub: HubClient, resolved: dict[tuple[str, str | None], str]
+    ) -> tuple[str, str]:
+        """(what a run records as merged, the digest of what a merge reads) for one checkpoint."""
+        if checkpoint.is_local:
+            identity = local_identity(checkpoint.local_path)
+            return identity, identity
+        sha = self._resolve(checkpoint, hub, resolved)
+        if (checkpoint.name, sha) not in self._digests:
+            self._digests[(checkpoint.name, sha)] = content_digest(hub, checkpoint.name, sha)
+        return sha, self._digests[(checkpoint.name, sha)]
+
+    def _resolve(self, checkpoint: Checkpoint, hub: HubClient, resolved: dict[tuple[str, str | None], str]) -> str:
+        key = (checkpoint.name, checkpoint.revision)
         if key not in resolved:
-            resolved[key] = hub.resolve(spec.model, spec.revision)
-            ref = spec.revision or "main"
-            if self.state.record_revision(spec.model, ref, resolved[key]):
-                self.log.info("new upstream revision", repo=spec.model, ref=ref, sha=resolved[key])
+            resolved[key] = hub.resolve(checkpoint.name, checkpoint.revision)
+            ref = checkpoint.revision or "main"
+            if self.state.record_revision(checkpoint.name, ref, resolved[key]):
+                self.log.info("new upstream revision", repo=checkpoint.name, ref=ref, sha=resolved[key])
         return resolved[key]
+
+
+def _joined(digests: Iterable[str]) -> str:
+    return hashlib.sha256("+".join(digests).encode()).hexdigest()

@@ -216,7 +216,7 @@ def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputMode
     write_json_atomic(work / "config.json", model_config)
     if (template.path / "generation_config.json").exists():
         write_atomic(work / "generation_config.json", (template.path / "generation_config.json").read_bytes())
-    pinned = config.pinned({name: model.revision for name, model in models.items()})
+    pinned = config.pinned({name: model.pins for name, model in models.items()})
     write_atomic(work / MERGE_CONFIG_FILE, yaml.safe_dump(pinned.as_dict(), sort_keys=False).encode())
     write_tokenizer_files(config, plan.vocab.output, models, work)
 

@@ -14,11 +14,15 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mergebot.errors import ModelError
 from mergebot.files import fsync_dir
+
+if TYPE_CHECKING:
+    from mergebot.merge.lora import LoraDelta
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -47,6 +51,8 @@ class TensorInfo:
     file: Path
     offset: int
     nbytes: int
+    lora: "LoraDelta | None" = None
+    """A LoRA adapter's low-rank update of this weight, added to every row read (a `model+lora` input)."""
 
     @property
     def rows(self) -> int:
@@ -142,10 +148,12 @@ class TensorReader:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the map is read-only; the view is only read
             view = torch.frombuffer(mapping, dtype=info.dtype, count=count, offset=first)
-        block = view.to(torch.float32).reshape((stop - start, *info.row_shape) if info.shape else ())
+        block = view.to(torch.float32, copy=True).reshape((stop - start, *info.row_shape) if info.shape else ())
         del view
         page_start = first - first % PAGE
         mapping.madvise(mmap.MADV_DONTNEED, page_start, first + length - page_start)
+        if info.lora is not None:
+            block += info.lora.rows(self, start, stop)
         return block
 
     def _map(self, path: Path) -> mmap.mmap:

@@ -79,7 +79,7 @@ class OutputLayers:
     """The output's decoder layers: the config.json key that counts them, and where each one came from."""
 
     depth_key: tuple[str, ...] | None
-    sources: tuple[tuple[str, int], ...] = ()
+    sources: tuple[tuple[str, int], ...]
     """(model, its layer index) of each output layer, in order."""
 
 
@@ -108,7 +108,7 @@ def find_layout(model: InputModel) -> Layout:
             f"model {model.label}: config.json {'.'.join(depth_key or ())} is {depth}, but no stack of numbered "
             f"layers in its tensors has {depth} layers (stacks: {found})"
         )
-    vocab_names = _vocab_tensor_names(model)
+    vocab_names = _vocab_tensor_names(model, depth_key)
     decoder = max(
         candidates,
         key=lambda s: (max((_shared_parts(s.prefix, n) for n in vocab_names), default=0), sizes[s.prefix], s.prefix),
@@ -120,9 +120,9 @@ def find_layout(model: InputModel) -> Layout:
         depth_key=depth_key,
         loose=tuple(sorted(loose)),
         suffixes={
-            (prefix, index): tuple(sorted(suffixes))
-            for prefix, layers in groups.items()
-            for index, suffixes in layers.items()
+            (stack.prefix, index): tuple(sorted(suffixes))
+            for stack in stacks
+            for index, suffixes in groups[stack.prefix].items()
         },
     )
 
@@ -235,10 +235,9 @@ def _section(config: Mapping[str, Any], path: list[str] | tuple[str, ...]) -> Ma
     return config
 
 
-def _vocab_tensor_names(model: InputModel) -> list[str]:
+def _vocab_tensor_names(model: InputModel, depth_key: tuple[str, ...] | None) -> list[str]:
     """Tensors with one row per token of the language model's vocabulary (its embeddings and lm_head)."""
-    path, _ = _depth_setting(model.config)
-    vocab = _section(model.config, (path or ())[:-1]).get("vocab_size") or model.config.get("vocab_size")
+    vocab = _section(model.config, (depth_key or ())[:-1]).get("vocab_size") or model.config.get("vocab_size")
     return [name for name, info in model.tensors.items() if len(info.shape) == 2 and info.shape[0] == vocab]
 
 

@@ -1,5 +1,6 @@
 """An input model on disk: its safetensors tensors, config and tokenizer files, and each file's sha256."""
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -8,9 +9,20 @@ from mergebot.files import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, read_json
 from mergebot.merge.io import TensorInfo, read_header
 
 
+@dataclass(frozen=True)
+class AdapterSource:
+    """A LoRA adapter applied to a model (`mergebot.merge.lora`): its directory and the revision read (None for a
+    local one)."""
+
+    label: str
+    path: Path
+    revision: str | None = None
+
+
 @dataclass
 class InputModel:
-    """One model as the merge reads it; `label` is what the user wrote (a path or a repo id)."""
+    """One model as the merge reads it; `label` is what the user wrote (a path or a repo id, `base+adapter` for a
+    model with a LoRA adapter applied)."""
 
     label: str
     path: Path
@@ -18,12 +30,26 @@ class InputModel:
     config: dict
     revision: str | None = None
     file_sha256: dict[str, str] = field(default_factory=dict)
+    """By file name; an adapter's file is named unlike any checkpoint shard (adapter_model.safetensors)."""
+    adapter: AdapterSource | None = None
 
     def weight_files(self) -> list[Path]:
-        return sorted({info.file for info in self.tensors.values()})
+        files = {info.file for info in self.tensors.values()}
+        return sorted(files | {info.lora.a.file for info in self.tensors.values() if info.lora})
 
     def sha256_of(self, info: TensorInfo) -> str:
-        return self.file_sha256[info.file.name]
+        """What the tensor's values come from: its file's sha256, and for a LoRA-updated weight also the adapter
+        file's and the scale (set in adapter_config.json, not in the weights)."""
+        digest = self.file_sha256[info.file.name]
+        if info.lora is None:
+            return digest
+        adapter = self.file_sha256[info.lora.a.file.name]
+        return hashlib.sha256(f"{digest}+{adapter}*{info.lora.scale!r}".encode()).hexdigest()
+
+    @property
+    def pins(self) -> tuple[str | None, str | None]:
+        """(the revision merged, its adapter's), for `MergeConfig.pinned`."""
+        return self.revision, self.adapter.revision if self.adapter else None
 
 
 def open_model(label: str, path: Path, revision: str | None = None) -> InputModel:

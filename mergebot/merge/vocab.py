@@ -1,7 +1,7 @@
 """Vocabulary alignment: which row of each model's embedding feeds each output row.
 
-Output rows follow the tokenizer source; a token is matched by its string through each model's tokenizer.json,
-not by row index alone, so models whose vocabularies differ in size or order still line up.
+A token is matched by its string through each model's tokenizer.json, not by row index alone, so models whose
+vocabularies differ in size or order still line up (the output vocabulary itself: vocab_plan.py, tokenizer.py).
 """
 
 import json

@@ -11,8 +11,9 @@ from mergebot.pipeline.report import ValidationReport
 def model_card(merged: MergeConfig, report: ValidationReport) -> str:
     """YAML lineage (base_model, tags, library) and a body with method, parents at their shas, validation, config."""
     parents = _parents(merged)
+    checkpoints = [checkpoint.name for spec in parents for checkpoint in spec.checkpoints]
     data = ModelCardData(
-        base_model=[spec.model for spec in parents],
+        base_model=list(dict.fromkeys(checkpoints)),  # a LoRA input: its base and its adapter
         tags=["merge", "mergebot"],
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -26,7 +27,7 @@ def model_card(merged: MergeConfig, report: ValidationReport) -> str:
         "",
         "| model | revision |",
         "| --- | --- |",
-        *(f"| {spec.model} | `{spec.revision or 'local'}` |" for spec in parents),
+        *(f"| {spec.model} | `{'+'.join(c.revision or 'local' for c in spec.checkpoints)}` |" for spec in parents),
         "",
         "## Validation",
         "",
@@ -54,7 +55,9 @@ def model_card(merged: MergeConfig, report: ValidationReport) -> str:
 
 
 def commit_message(merged: MergeConfig) -> str:
-    parents = ", ".join(f"{spec.model}@{(spec.revision or 'local')[:12]}" for spec in _parents(merged))
+    parents = ", ".join(
+        "+".join(f"{c.name}@{(c.revision or 'local')[:12]}" for c in spec.checkpoints) for spec in _parents(merged)
+    )
     return f"mergebot: {merged.merge_method} merge of {parents}"
 
 

@@ -13,16 +13,9 @@ from safetensors.torch import load, save
 
 from mergebot.errors import ModelError
 from mergebot.files import write_atomic
+from mergebot.merge.lora import adapted_tensors
+from mergebot.merge.source import InputModel
 from mergebot.pipeline.perplexity import Signature, load_model, load_tokenizer, measure, one_line, token_ids
-
-
-@dataclass(frozen=True)
-class Parent:
-    """A model to compare the merge with: its checkpoint directory and the identity its signature is remembered
-    under (the Hub commit sha, or `mergebot.files.local_identity` for a local directory)."""
-
-    path: Path
-    revision: str
 
 
 @dataclass(frozen=True)
@@ -38,6 +31,17 @@ class ParentResult:
     @property
     def ppl(self) -> float:
         return self.signature.ppl
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A model to compare the merge with: its checkpoint directory and the identity its signature is remembered
+    under (the Hub commit sha, or `mergebot.files.local_identity` for a local directory)."""
+
+    path: Path
+    revision: str
+    model: InputModel | None = None
+    """The input as the merge read it, when that differs from the checkpoint at `path` (a LoRA adapter applied)."""
 
 
 class SignatureCache:
@@ -86,19 +90,31 @@ def parent_results(
         if cache is not None and (signature := cache.get(name, parent.revision, measure_digest)) is not None:
             results.append(ParentResult(name, parent.path, parent.revision, signature, cached=True))
             continue
-        signature = _measure_parent(name, parent.path, text, window, max_windows)
+        signature = _measure_parent(name, parent, text, window, max_windows)
         if cache is not None and math.isfinite(signature.ppl):
             cache.put(name, parent.revision, measure_digest, signature)
         results.append(ParentResult(name, parent.path, parent.revision, signature, cached=False))
     return results
 
 
-def _measure_parent(name: str, path: Path, text: str, window: int, max_windows: int) -> Signature:
+def _measure_parent(name: str, parent: Parent, text: str, window: int, max_windows: int) -> Signature:
     """A parent's signature with its own tokenizer (perplexity NaN when its logits are not finite)."""
     try:
-        tokenizer = load_tokenizer(path)
-        model = load_model(path)
+        tokenizer = load_tokenizer(parent.path)
+        model = load_model(parent.path)
     except Exception as exc:  # any failure to load a parent is an input error, not a gate result
-        raise ModelError(f"parent {name}: {path} cannot be loaded for validation ({one_line(exc)})") from exc
+        raise ModelError(f"parent {name}: {parent.path} cannot be loaded for validation ({one_line(exc)})") from exc
+    if parent.model is not None and parent.model.adapter is not None:
+        _apply_adapter(name, model, parent.model)
     ids, _ = token_ids(tokenizer, text)
     return measure(model, ids, window, max_windows).signature
+
+
+def _apply_adapter(name: str, model: torch.nn.Module, merged: InputModel) -> None:
+    """The loaded base becomes the input the merge read: each tensor its adapter changes, in the model's dtype."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for tensor, value in adapted_tensors(merged):
+            if tensor not in state:
+                raise ModelError(f"parent {name}: the loaded model has no parameter {tensor} for its adapter to change")
+            state[tensor].copy_(value)

@@ -8,6 +8,8 @@ the vocabulary projection runs over a few hundred positions at a time.
 
 import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +96,13 @@ def measure(
     """Perplexity (exp of the mean next-token NLL, log-softmax in float32), top tokens, and the KL divergence
     KL(reference ‖ model) per position, averaged, for each reference (each must be measured on the same ids)."""
     chunks = windows(ids, window, max_windows)
+    with _in_float32(model):
+        return _measure(model, chunks, ids, references)
+
+
+def _measure(
+    model: torch.nn.Module, chunks: list[list[int]], ids: list[int], references: list[Signature]
+) -> Measurement:
     hidden, targets, window_of = _final_hidden(model, chunks)
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -121,6 +130,36 @@ def measure(
     count = len(targets)
     signature = Signature(math.exp(nll / count), torch.tensor(ids), torch.cat(top_ids), torch.cat(top_logprobs))
     return Measurement(signature, [total / count for total in kl], None)
+
+
+@contextmanager
+def _in_float32(model: torch.nn.Module) -> Iterator[None]:
+    """Compute in float32 without a float32 copy of the model: bf16 matmuls are several times slower than float32
+    ones on CPUs, and a whole copy would double memory. Each module's own parameters are cast just before it runs
+    and dropped right after, so the weights stay in their mapped file and anonymous memory grows by one module's
+    weights at most."""
+    saved: dict[int, torch.Tensor] = {}
+
+    def cast(module: torch.nn.Module, _args: object) -> None:
+        for param in module.parameters(recurse=False):
+            if param.dtype in (torch.bfloat16, torch.float16):
+                saved[id(param)] = param.data
+                param.data = param.data.float()
+
+    def restore(module: torch.nn.Module, _args: object, _output: object) -> None:
+        for param in module.parameters(recurse=False):
+            if id(param) in saved:
+                param.data = saved.pop(id(param))
+
+    handles = []
+    for module in model.modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            handles += [module.register_forward_pre_hook(cast), module.register_forward_hook(restore)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _final_hidden(model: torch.nn.Module, chunks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,7 +15,8 @@ class Baseline:
     """The last published merge of a target, as its run recorded it."""
 
     published_sha: str
-    merge_ppl: float
+    merge_ppl: float | None
+    """None when the merge itself changed since (its config): a deliberate change is not a regression."""
     inputs: dict[str, tuple[str, float]]
     """model -> (its identity at that publish, its perplexity then)."""
 
@@ -26,15 +27,19 @@ class Hold:
     culprit: str | None
 
 
-def baseline_from_record(published_sha: str | None, inputs: dict[str, str], details: dict | None) -> Baseline | None:
+def baseline_from_record(
+    published_sha: str | None, inputs: dict[str, str], details: dict | None, *, same_merge: bool = True
+) -> Baseline | None:
     """The baseline from a successful run's record (its input identities and the TargetRun it wrote); None when the
-    record lacks the figures (a run from before they were recorded)."""
+    record lacks the figures (a run from before they were recorded). With `same_merge` false (the target's merge
+    config changed since), only the inputs are compared."""
     details = details or {}
     merge_ppl, parent_ppl = details.get("merge_ppl"), details.get("parent_ppl") or {}
     if not published_sha or merge_ppl is None:
         return None
     known = {model: (identity, parent_ppl[model]) for model, identity in inputs.items() if parent_ppl.get(model)}
-    return Baseline(published_sha, float(merge_ppl), {model: (i, float(p)) for model, (i, p) in known.items()})
+    merged = float(merge_ppl) if same_merge else None
+    return Baseline(published_sha, merged, {model: (i, float(p)) for model, (i, p) in known.items()})
 
 
 def held_reason(
@@ -54,11 +59,11 @@ def held_reason(
                 f"since the last publish ({old_identity.removeprefix('local:')[:12]}); {holding}"
             )
             return Hold(reason, parent.name)
-    merge_ppl = report.merge_ppl
-    if merge_ppl is not None and merge_ppl > settings.max_regression * baseline.merge_ppl:
+    merge_ppl, before = report.merge_ppl, baseline.merge_ppl
+    if merge_ppl is not None and before is not None and merge_ppl > settings.max_regression * before:
         reason = (
-            f"the merge's perplexity {merge_ppl:,.1f} is {merge_ppl / baseline.merge_ppl:.2f}x the last published "
-            f"merge's {baseline.merge_ppl:,.1f} (limit {settings.max_regression}x); {holding}"
+            f"the merge's perplexity {merge_ppl:,.1f} is {merge_ppl / before:.2f}x the last published "
+            f"merge's {before:,.1f} (limit {settings.max_regression}x); {holding}"
         )
         return Hold(reason, None)
     return None

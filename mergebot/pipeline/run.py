@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mergebot import log
+from mergebot.config import chain
 from mergebot.config.daemon import DaemonConfig, Target, ValidateSettings
 from mergebot.hub.client import HubClient
 from mergebot.merge.engine import run_merge
@@ -48,7 +49,7 @@ class TargetRun:
 
 
 def merged_dir(config: DaemonConfig, target: Target) -> Path:
-    return config.daemon.state_dir / "targets" / target.name / "merged"
+    return chain.merged_dir(config.daemon.state_dir, target.name)
 
 
 def check_merge(
@@ -56,7 +57,7 @@ def check_merge(
 ) -> ValidationReport:
     """The gate, with every input model as a parent to compare against, known by its identity."""
     revisions = identities(models)
-    parents = {name: Parent(model.path, revisions[name]) for name, model in models.items()}
+    parents = {name: Parent(model.path, revisions[name], model) for name, model in models.items()}
     return validate(out_dir, settings=settings, parents=parents, cache=cache)
 
 
@@ -91,7 +92,7 @@ def run_pipeline(
         run.culprit = next(iter(report.suspects), None)
         logger.warning("validation failed", report=format_report(report))
         return run
-    merged = target.merge.pinned({name: model.revision for name, model in models.items()})
+    merged = target.merge.pinned({name: model.pins for name, model in models.items()})
     result = publish(out_dir, target.repo, hub, report, merged, private=target.private)
     run.published_sha = result.commit
     run.uploaded = result.uploaded
