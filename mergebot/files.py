@@ -126,3 +126,8 @@ def local_identity(path: Path) -> str:
     files = sorted(p for p in path.iterdir() if p.is_file() and is_merge_input(p.name))
     listing = [(file.name, hashes.sha256(file)) for file in files]
     return "local:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def short_identity(identity: str) -> str:
+    """An identity as people read it in a message: a commit sha or a local digest, cut to 12 characters."""
+    return identity.removeprefix("local:")[:12]

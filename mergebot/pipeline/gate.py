@@ -76,7 +76,8 @@ def validate(
             return _finish(candidate.report(checks, settings))
     digest = measure_digest(text, window, max_windows)
     results = parent_results(parents or {}, text, window, max_windows, digest, cache)
-    comparable = [p for p in results if math.isfinite(p.ppl) and torch.equal(p.signature.ids, candidate.ids_tensor)]
+    ids = torch.tensor(candidate.ids)
+    comparable = [p for p in results if math.isfinite(p.ppl) and torch.equal(p.signature.ids, ids)]
     for step in candidate.model_steps([p.signature for p in comparable]):
         checks.append(check := step())
         if not check.passed and check.name not in _NOT_BLOCKING:
@@ -110,10 +111,6 @@ class _Candidate:
         """Loading the merge and measuring it against the parents' signatures."""
         self.references = references
         return (self.check_load, self.check_finite_weights, self.check_finite_logits)
-
-    @property
-    def ids_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.ids)
 
     def report(self, checks: list[Check], settings: ValidateSettings) -> ValidationReport:
         measured = self.merge_ppl is not None

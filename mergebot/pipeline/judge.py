@@ -5,6 +5,7 @@ nearest parent's."""
 import math
 from dataclasses import replace
 
+from mergebot.files import short_identity
 from mergebot.pipeline.parents import ParentResult
 from mergebot.pipeline.report import Check, ValidationReport
 
@@ -47,7 +48,7 @@ def _suspects(parents: list[ParentResult], max_ratio: float) -> dict[str, str]:
     best = min(finite, key=lambda p: p.ppl) if finite else None
     suspects = {}
     for parent in parents:
-        label = f"{parent.name}@{parent.revision.removeprefix('local:')[:12]}"
+        label = f"{parent.name}@{short_identity(parent.revision)}"
         if not math.isfinite(parent.ppl):
             suspects[parent.name] = f"{label}: perplexity is not finite (NaN or inf in its weights?)"
         elif best is not None and parent.ppl > max_ratio * best.ppl:

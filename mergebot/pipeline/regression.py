@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from mergebot.config.daemon import ValidateSettings
+from mergebot.files import short_identity
 from mergebot.pipeline.report import ValidationReport
 
 
@@ -55,8 +56,8 @@ def held_reason(
         if not math.isfinite(parent.ppl) or parent.ppl > settings.max_input_jump * old_ppl:
             new = identities.get(parent.name, parent.revision)
             reason = (
-                f"{parent.name}@{new.removeprefix('local:')[:12]}: perplexity {old_ppl:,.1f} → {parent.ppl:,.1f} "
-                f"since the last publish ({old_identity.removeprefix('local:')[:12]}); {holding}"
+                f"{parent.name}@{short_identity(new)}: perplexity {old_ppl:,.1f} → {parent.ppl:,.1f} "
+                f"since the last publish ({short_identity(old_identity)}); {holding}"
             )
             return Hold(reason, parent.name)
     merge_ppl, before = report.merge_ppl, baseline.merge_ppl
