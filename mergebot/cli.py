@@ -137,6 +137,7 @@ def _child_run(args: argparse.Namespace) -> int:
     goes to --result as JSON."""
     from mergebot.config.daemon import load_daemon_config
     from mergebot.daemon.children import die_with_daemon
+    from mergebot.daemon.runs import Run
     from mergebot.daemon.state import State
     from mergebot.files import write_json_atomic
     from mergebot.pipeline.regression import baseline_from_record
@@ -147,10 +148,14 @@ def _child_run(args: argparse.Namespace) -> int:
         config = load_daemon_config(Path(args.config), sys.stdin.read())
         if args.target not in config.targets:
             raise ConfigError(f"{args.config}: no target named {args.target!r}")
-        # Beside the running daemon: WAL lets it read meanwhile, and the busy timeout waits out its short writes.
-        with State.open(config.daemon.state_dir) as state:
-            # `mergebot release`: this run is not compared with the last publish
-            last = None if args.target in state.releases() else state.last_successful_run(args.target)
+        if args.last_run is not None:  # on a Ray worker: the daemon read the state, which is on its machine
+            record = json.loads(args.last_run.read_text())
+            last = Run(**record) if record else None
+        else:
+            # Beside the running daemon: WAL lets it read meanwhile, and the busy timeout waits out its short writes.
+            with State.open(config.daemon.state_dir) as state:
+                # `mergebot release`: this run is not compared with the last publish
+                last = None if args.target in state.releases() else state.last_successful_run(args.target)
         target = config.targets[args.target]
         baseline = None
         if last is not None:
@@ -312,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     child.add_argument("--config", required=True)
     child.add_argument("--target", required=True)
     child.add_argument("--result", required=True, type=Path)
+    child.add_argument("--last-run", type=Path, help="the last successful run's record, when the state is elsewhere")
     child.set_defaults(handler=_child_run)
 
     demo = commands.add_parser(

@@ -74,3 +74,9 @@ class DiskFullError(MergebotError):
     """The disk filled up while writing; finished work is kept and a later run resumes from it."""
 
     exit_code = ExitCode.RETRY_LATER
+
+
+class ClusterError(MergebotError):
+    """The Ray cluster of `executor = "ray"` cannot be reached; it may be back later."""
+
+    exit_code = ExitCode.RETRY_LATER

@@ -17,8 +17,9 @@ WEBHOOK = '[daemon.webhook]\nlisten = "127.0.0.1:8765"\n'
 SOURCE = "model = 'org/a', layer_range = [0, 2]"
 
 DAEMON_KNOWN = (
-    "debounce, hub_endpoint, max_concurrent_merges, max_retries, merge_timeout, metrics_listen, poll_interval, "
-    "retry_delay, schedule, state_dir, stop_grace, webhook"
+    "debounce, executor, hub_endpoint, max_concurrent_merges, max_retries, merge_timeout, metrics_listen, "
+    "poll_interval, ray, read_endpoint, read_token_env, retry_delay, schedule, state_dir, status_page, stop_grace, "
+    "webhook"
 )
 # For each table: a config with one unknown key, the key's line and path, and the keys the error lists.
 UNKNOWN_KEYS = {
@@ -54,7 +55,7 @@ UNKNOWN_KEYS = {
         "targets[0].parameters.weight[0].filtr",
         "filter, value",
     ),
-    "top-level": (f"{DAEMON}[[target]]\nname = 't'\n", 3, "target", "daemon, targets"),
+    "top-level": (f"{DAEMON}[[target]]\nname = 't'\n", 3, "target", "daemon, notify, targets"),
 }
 
 

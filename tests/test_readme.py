@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from mergebot.cli import build_parser
-from mergebot.config.daemon import DAEMON_KEYS, TARGET_KEYS
+from mergebot.config.daemon import DAEMON_KEYS, NOTIFY_KEYS, TARGET_KEYS
+from mergebot.config.executor import RAY_KEYS
 from mergebot.config.merge import MERGE_KEYS
 from mergebot.merge.methods import BUILTIN_METHODS
 
@@ -27,6 +28,14 @@ def test_daemon_keys_documented():
 
 def test_target_keys_documented():
     assert table_keys("`[[targets]]`") == TARGET_KEYS | MERGE_KEYS
+
+
+def test_notify_keys_documented():
+    assert table_keys("`[[notify]]`") == NOTIFY_KEYS
+
+
+def test_ray_keys_documented():
+    assert table_keys("`[daemon.ray]`") == RAY_KEYS
 
 
 def test_methods_documented_with_their_parameters():

@@ -11,19 +11,37 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mergebot.config.chain import reads, target_names, upstream_first
 from mergebot.config.document import Located, listen_address, parse_duration, read_document
+from mergebot.config.executor import RaySettings, executor_settings
 from mergebot.config.merge import MERGE_KEYS, MergeConfig, target_merge
 from mergebot.config.models import Names
 from mergebot.errors import ConfigError
 
 DURATION_KEYS = ("poll_interval", "merge_timeout", "stop_grace", "debounce", "retry_delay")
 COUNT_KEYS = ("max_concurrent_merges", "max_retries")
-DAEMON_KEYS = {"state_dir", "schedule", "hub_endpoint", "webhook", "metrics_listen", *DURATION_KEYS, *COUNT_KEYS}
+DAEMON_KEYS = {
+    "state_dir",
+    "schedule",
+    "hub_endpoint",
+    "read_endpoint",
+    "read_token_env",
+    "webhook",
+    "metrics_listen",
+    "status_page",
+    "executor",
+    "ray",
+    *DURATION_KEYS,
+    *COUNT_KEYS,
+}
 WEBHOOK_KEYS = {"listen", "secret_env"}
 VALIDATE_KEYS = {"eval_text", "max_ppl_ratio", "max_parent_ratio", "max_kl", "max_input_jump", "max_regression"}
 TARGET_KEYS = {"name", "repo", "when", "private", "validate", "mergekit_config"} | MERGE_KEYS
+NOTIFY_KEYS = {"url", "format", "events", "secret_env", "secret_header"}
+NOTIFY_FORMATS = ("json", "slack", "discord")
+NOTIFY_EVENTS = ("published", "held", "failed", "recovered")
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,12 @@ class DaemonSettings:
     poll_interval: float = 900.0
     schedule: str = "0 3 * * *"
     hub_endpoint: str | None = None
+    """Where merges are published and the published repos read back (None: HF_ENDPOINT, else the Hub)."""
+    read_endpoint: str | None = None
+    """Where upstream repos are read (resolve, list, download), often a mirror; None: `hub_endpoint`."""
+    read_token_env: str | None = None
+    """The variable holding the token for `read_endpoint`. None: the publish token (HF_TOKEN) when both endpoints
+    are the same, and no token at all to another one, so the publish token never reaches a mirror."""
     max_concurrent_merges: int = 1
     merge_timeout: float = 6 * 3600.0
     stop_grace: float = 30.0
@@ -78,6 +102,23 @@ class DaemonSettings:
     webhook_listen: tuple[str, int] | None = None
     webhook_secret_env: str = "MERGEBOT_WEBHOOK_SECRET"
     metrics_listen: tuple[str, int] | None = None
+    status_page: bool = False
+    """Serve the status page (/ and /status.json) on the metrics listener."""
+    ray: RaySettings | None = None
+    """Set with executor = "ray": each run is a task on that Ray cluster; None runs it beside the daemon."""
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    """One receiver of the daemon's events (a `[[notify]]` table)."""
+
+    url: str
+    format: str = "json"
+    """json (mergebot's own payload), slack or discord (their incoming-webhook shapes)."""
+    events: tuple[str, ...] = NOTIFY_EVENTS
+    secret_env: str | None = None
+    """The environment variable whose value is sent in `secret_header`; the config file names it, never holds it."""
+    secret_header: str = "X-Mergebot-Secret"
 
 
 @dataclass(frozen=True)
@@ -85,6 +126,7 @@ class DaemonConfig:
     path: Path
     daemon: DaemonSettings
     targets: dict[str, Target]
+    notify: tuple[NotifySettings, ...] = ()
 
 
 def load_daemon_config(path: Path, text: str | None = None) -> DaemonConfig:
@@ -106,7 +148,17 @@ def check_daemon_config(path: Path, text: str | None = None) -> tuple[DaemonConf
         daemon = _daemon_settings(document.get("daemon", {}), located)
     except ConfigError as error:
         return None, [error]
-    problems = located.unknown_keys(document, {"daemon", "targets"}, "")
+    problems = located.unknown_keys(document, {"daemon", "targets", "notify"}, "")
+    notify: list[NotifySettings] = []
+    raw_notify = document.get("notify", [])
+    if not isinstance(raw_notify, list):
+        problems.append(located.error("notify", "must be a list of [[notify]] tables"))
+        raw_notify = []
+    for index, raw in enumerate(raw_notify):
+        try:
+            notify.append(_notify_settings(raw, located, f"notify[{index}]."))
+        except ConfigError as error:
+            problems.append(error)
     raw_targets = document.get("targets", [])
     if not isinstance(raw_targets, list):
         return None, [*problems, located.error("targets", "must be a list of [[targets]] tables")]
@@ -118,6 +170,10 @@ def check_daemon_config(path: Path, text: str | None = None) -> tuple[DaemonConf
             target = _target(raw, located, f"targets[{index}].", names)
             if target.name in targets:
                 raise located.error(f"targets[{index}].name", f"{target.name!r} is used by two targets")
+            if daemon.ray is not None and target.reads:
+                read = f"target:{target.reads[0]}"
+                why = "needs executor = 'local': a merge made on a Ray worker stays on that worker"
+                raise located.error(f"targets[{index}].model", f"{read} {why}", value=read)
             targets[target.name] = target
         except ConfigError as error:
             problems.append(error)
@@ -126,7 +182,7 @@ def check_daemon_config(path: Path, text: str | None = None) -> tuple[DaemonConf
         targets = {name: targets[name] for name in order}
     except ConfigError as error:
         problems.append(error)
-    return DaemonConfig(path, daemon, targets), problems
+    return DaemonConfig(path, daemon, targets, tuple(notify)), problems
 
 
 def _daemon_settings(raw: Any, located: Located) -> DaemonSettings:
@@ -148,14 +204,19 @@ def _daemon_settings(raw: Any, located: Located) -> DaemonSettings:
             settings[key] = raw[key]
     if "schedule" in raw:
         settings["schedule"] = _schedule(raw["schedule"], located)
-    if "hub_endpoint" in raw:
-        if not isinstance(raw["hub_endpoint"], str):
-            raise located.error("daemon.hub_endpoint", "must be a URL like 'https://huggingface.co'")
-        settings["hub_endpoint"] = raw["hub_endpoint"]
+    settings |= _endpoints(raw, located)
     if "metrics_listen" in raw:
         settings["metrics_listen"] = listen_address(raw["metrics_listen"], "daemon.metrics_listen", located)
+    if "status_page" in raw:
+        if not isinstance(raw["status_page"], bool):
+            raise located.error("daemon.status_page", "must be true or false")
+        if raw["status_page"] and "metrics_listen" not in raw:
+            raise located.error("daemon.status_page", "needs daemon.metrics_listen: the page is served on it")
+        settings["status_page"] = raw["status_page"]
     if "webhook" in raw:
         settings |= _webhook(raw["webhook"], located)
+    if "executor" in raw or "ray" in raw:
+        settings["ray"] = executor_settings(raw, located)
     return DaemonSettings(state_dir=(located.path.parent / Path(state_dir).expanduser()).resolve(), **settings)
 
 
@@ -172,6 +233,21 @@ def _schedule(value: Any, located: Located) -> str:
     return schedule
 
 
+def _endpoints(raw: dict, located: Located) -> dict[str, Any]:
+    """The publish endpoint, the read endpoint and the read token's variable, as DaemonSettings fields."""
+    settings: dict[str, Any] = {}
+    for key, example in (("hub_endpoint", "https://huggingface.co"), ("read_endpoint", "https://hf-mirror.com")):
+        if key in raw:
+            if not isinstance(raw[key], str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", raw[key]):
+                raise located.error(f"daemon.{key}", f"must be a URL like '{example}'")
+            settings[key] = raw[key]
+    if "read_token_env" in raw:
+        if not isinstance(raw["read_token_env"], str) or not re.fullmatch(r"[A-Za-z_]\w*", raw["read_token_env"]):
+            raise located.error("daemon.read_token_env", "must name the environment variable with the read token")
+        settings["read_token_env"] = raw["read_token_env"]
+    return settings
+
+
 def _webhook(raw: Any, located: Located) -> dict[str, Any]:
     """The [daemon.webhook] table as DaemonSettings fields."""
     if not isinstance(raw, dict):
@@ -185,6 +261,37 @@ def _webhook(raw: Any, located: Located) -> dict[str, Any]:
             raise located.error("daemon.webhook.secret_env", "must name the environment variable with the secret")
         settings["webhook_secret_env"] = raw["secret_env"]
     return settings
+
+
+def _notify_settings(raw: Any, located: Located, prefix: str) -> NotifySettings:
+    if not isinstance(raw, dict):
+        raise located.error(prefix.rstrip("."), "must be a [[notify]] table")
+    located.check_keys(raw, NOTIFY_KEYS, prefix)
+    url = raw.get("url")
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise located.error(f"{prefix}url", "required: the http(s) URL to POST each event to")
+    settings: dict[str, Any] = {}
+    if "format" in raw:
+        if raw["format"] not in NOTIFY_FORMATS:
+            raise located.error(f"{prefix}format", f"{raw['format']!r} is not one of {', '.join(NOTIFY_FORMATS)}")
+        settings["format"] = raw["format"]
+    if "events" in raw:
+        events = raw["events"]
+        if not isinstance(events, list) or not events or not set(map(str, events)) <= set(NOTIFY_EVENTS):
+            raise located.error(f"{prefix}events", f"must be a list of some of {', '.join(NOTIFY_EVENTS)}")
+        settings["events"] = tuple(event for event in NOTIFY_EVENTS if event in events)
+    for key in ("secret_env", "secret_header"):
+        if key in raw:
+            if not isinstance(raw[key], str) or not re.fullmatch(r"[A-Za-z0-9_-]+", raw[key]):
+                raise located.error(f"{prefix}{key}", "must be a name: letters, digits, '_' or '-'")
+            settings[key] = raw[key]
+    if "secret_header" in settings and "secret_env" not in settings:
+        raise located.error(f"{prefix}secret_header", "needs secret_env: the variable holding the header's value")
+    return NotifySettings(url, **settings)
 
 
 def _target(raw: Any, located: Located, prefix: str, names: Names) -> Target:

@@ -65,12 +65,14 @@ class Located:
         return next((n for n, text in lines if setting.search(text) and written.search(text)), None)
 
     def _table_start(self, key_path: str) -> int:
-        """Index of the line where the N-th [[targets]] table starts, for keys under targets[N]."""
-        match = re.match(r"targets\[(\d+)\]", key_path)
+        """Index of the line where the N-th [[targets]] or [[notify]] table starts, for keys under targets[N] or
+        notify[N]."""
+        match = re.match(r"(targets|notify)\[(\d+)\]", key_path)
         if not match:
             return 0
-        headers = [n for n, text in enumerate(self.lines) if re.match(r"\s*\[\[\s*targets\s*\]\]", text)]
-        index = int(match.group(1))
+        header = re.compile(rf"\s*\[\[\s*{match.group(1)}\s*\]\]")
+        headers = [n for n, text in enumerate(self.lines) if header.match(text)]
+        index = int(match.group(2))
         return headers[index] if index < len(headers) else 0
 
 

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mergebot.errors import ExitCode
@@ -54,20 +55,33 @@ class Children:
         self._lock = threading.Lock()
         self._stopped = False
 
-    def run(self, config_path: Path, config_text: str, target: str, timeout: float) -> tuple[int, dict] | None:
+    def run(
+        self,
+        config_path: Path,
+        config_text: str,
+        target: str,
+        timeout: float,
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> tuple[int, dict] | None:
         """One run of `target` in a child: its exit code and the result it wrote; None when the daemon is
-        stopping and no child was started."""
+        stopping and no child was started. `args` and `env`: more for the child (on a Ray worker: where its
+        state is)."""
         with tempfile.TemporaryDirectory(prefix="mergebot-run-") as temp:
             result_path = Path(temp) / "result.json"
             command = [
                 sys.executable, "-m", "mergebot.cli", "run-target",
-                "--config", str(config_path), "--target", target, "--result", str(result_path),
+                "--config", str(config_path), "--target", target, "--result", str(result_path), *args,
             ]  # fmt: skip
             with self._lock:
                 if self._stopped:
                     return None
                 child = subprocess.Popen(
-                    command, stdin=subprocess.PIPE, text=True, env=os.environ | {DAEMON_PID: str(os.getpid())}
+                    command,
+                    stdin=subprocess.PIPE,
+                    text=True,
+                    env=os.environ | {DAEMON_PID: str(os.getpid())} | dict(env or {}),
                 )
                 self._running.add(child)
             try:

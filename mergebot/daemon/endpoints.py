@@ -1,4 +1,5 @@
-"""The daemon's HTTP endpoints: the Hub webhook receiver, which only moves a check forward, and Prometheus metrics.
+"""The daemon's HTTP endpoints: the Hub webhook receiver, which only moves a check forward, and Prometheus metrics
+with the status page beside them.
 
 Each serves from its own thread; the caller shuts the returned servers down before it closes the state.
 """
@@ -12,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from mergebot import log
 from mergebot.config.daemon import DaemonSettings
+from mergebot.daemon.page import page_html, page_json
 from mergebot.errors import StateError
 
 _log = log.get("daemon")
@@ -69,21 +71,29 @@ def start_webhook(settings: DaemonSettings, on_update: Callable[[str], None]) ->
     return _serve("webhook", settings.webhook_listen, Handler)
 
 
-def start_metrics(address: tuple[str, int] | None, render: Callable[[], str]) -> ThreadingHTTPServer | None:
-    """Serve `render()` at /metrics in Prometheus text format; None when no address is configured."""
+def start_metrics(
+    address: tuple[str, int] | None, render: Callable[[], str], status: Callable[[], dict] | None
+) -> ThreadingHTTPServer | None:
+    """Serve `render()` at /metrics in Prometheus text format and, given `status` (the page's data), the status
+    page at / and /status.json; None when no address is configured."""
     if address is None:
         return None
+    routes = {"/metrics": lambda: (render(), "text/plain; version=0.0.4")}
+    if status is not None:
+        routes["/"] = lambda: (page_html(status()), "text/html; charset=utf-8")
+        routes["/status.json"] = lambda: (page_json(status()), "application/json")
 
     class Handler(_Quiet):
         def do_GET(self) -> None:
-            if self.path != "/metrics":
+            route = routes.get(self.path.partition("?")[0])
+            if route is None:
                 self.reply(404)
                 return
             try:
-                body = render().encode()
+                body, content_type = route()
             except StateError as error:
                 self.reply(503, f"{error}\n".encode())
                 return
-            self.reply(200, body, "text/plain; version=0.0.4")
+            self.reply(200, body.encode(), content_type)
 
     return _serve("metrics", address, Handler)

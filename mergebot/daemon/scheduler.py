@@ -26,10 +26,12 @@ from apscheduler.triggers.cron import CronTrigger
 
 from mergebot import log
 from mergebot.config.daemon import DaemonConfig, Target, check_daemon_config, load_daemon_config
-from mergebot.daemon.children import Children
 from mergebot.daemon.cleanup import clean_unused_revisions
 from mergebot.daemon.endpoints import start_metrics, start_webhook
+from mergebot.daemon.executor import start_executor
 from mergebot.daemon.lock import acquire_lock
+from mergebot.daemon.notify import Notifier
+from mergebot.daemon.page import page_data
 from mergebot.daemon.runs import Outcome
 from mergebot.daemon.stages import reference, running_reader, waits_for_upstream
 from mergebot.daemon.state import State, TargetState
@@ -38,6 +40,7 @@ from mergebot.daemon.systemd import notify, watchdog_interval
 from mergebot.daemon.watch import RetryUntilStopped, Upstream, due_reason
 from mergebot.errors import ExitCode, MergebotError
 from mergebot.hub.client import HubClient
+from mergebot.hub.endpoints import reader
 
 WATCH_SECONDS = 2.0
 """How often the config file's mtime and the releases in the state are looked at."""
@@ -57,14 +60,16 @@ class Daemon:
         self.lock = acquire_lock(self.config.daemon.state_dir)
         self.state = State.open(self.config.daemon.state_dir)
         self.upstream = Upstream(self.state)
-        self.children = Children()
+        self.executor = start_executor(self.config.daemon, self.state)
         self.stopping = threading.Event()
         self.slots = threading.BoundedSemaphore(self.config.daemon.max_concurrent_merges)
         self.target_locks: dict[str, threading.Lock] = {}
         self.failures: dict[str, int] = {}
+        self.notifier = Notifier()
         self.reload_requested = threading.Event()
+        self.jobs = ThreadPoolExecutor(max_workers=8)
         self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=8)},
+            executors={"default": self.jobs},
             job_defaults={"coalesce": True, "max_instances": 2, "misfire_grace_time": None},
             timezone=datetime.now().astimezone().tzinfo,
         )
@@ -80,7 +85,11 @@ class Daemon:
         self.scheduler.start()
         servers = [
             start_webhook(self.config.daemon, self._poll_soon),
-            start_metrics(self.config.daemon.metrics_listen, lambda: metrics_text(self.config, self.state)),
+            start_metrics(
+                self.config.daemon.metrics_listen,
+                lambda: metrics_text(self.config, self.state),
+                (lambda: page_data(self.config)) if self.config.daemon.status_page else None,
+            ),
         ]
         self.log.info("daemon started", config=str(self.config_path), targets=sorted(self.config.targets))
         notify("READY=1\nSTATUS=watching " + ", ".join(sorted(self.config.targets)))
@@ -107,8 +116,12 @@ class Daemon:
         self.scheduler.pause()
         for server in servers:
             server.shutdown()
-        self.children.stop_all(self.config.daemon.stop_grace)
-        self.scheduler.shutdown(wait=True)
+        self.executor.stop_all(self.config.daemon.stop_grace)
+        # Not scheduler.shutdown(wait=True): it waits holding the job store lock, which a job still running
+        # needs for get_job or add_job, and the two would wait for each other for ever.
+        self.jobs.shutdown(wait=True)
+        self.scheduler.shutdown(wait=False)
+        self.notifier.close()
         self.state.mark_interrupted_runs("the daemon stopped during the run; it resumes from its finished shards")
         self.state.close()
         self.lock.close()
@@ -125,7 +138,8 @@ class Daemon:
         self.scheduler.add_job(self._watch_releases, "interval", seconds=WATCH_SECONDS, id="releases")
 
     def _hub(self) -> HubClient:
-        return HubClient(endpoint=self.config.daemon.hub_endpoint, retry=RetryUntilStopped(stopping=self.stopping))
+        """The client the checks read upstream repos with (the read endpoint)."""
+        return reader(self.config.daemon, retry=RetryUntilStopped(stopping=self.stopping))
 
     # -- configuration -----------------------------------------------------------------------------------------
     def _watch_config(self) -> None:
@@ -149,6 +163,8 @@ class Daemon:
         for name in removed:
             if self.scheduler.get_job(f"run:{name}"):
                 self.scheduler.remove_job(f"run:{name}")
+        if config.daemon.ray != self.config.daemon.ray:
+            self.log.warning("executor settings changed; they take effect when the daemon restarts")
         self.config, self.config_text = config, text
         self.log.info("config reloaded", targets=sorted(config.targets), removed=sorted(removed))
         self.scheduler.add_job(self.poll, id="poll-now", replace_existing=True)
@@ -288,6 +304,7 @@ class Daemon:
             self.run_target(target.name)
             last = self.state.last_run(target.name)
             failed |= last is None or last.outcome in ("failed", "held")
+        self.notifier.close()
         self.state.close()
         self.lock.close()
         return ExitCode.VALIDATION_FAILED if failed else ExitCode.OK
@@ -313,7 +330,7 @@ class Daemon:
                 return
             run_id = self.state.start_run(name, target.config_hash, inputs.shas)
             self.log.info("run started", target=name, run=run_id)
-            finished = self.children.run(self.config_path, self.config_text, name, self.config.daemon.merge_timeout)
+            finished = self.executor.run(self.config_path, self.config_text, name, self.config.daemon.merge_timeout)
             if finished is None or self.stopping.is_set():
                 return  # still "running" in the state: marked interrupted as the daemon stops
             code, result = finished
@@ -338,6 +355,7 @@ class Daemon:
                 self.state.set_target_status(target.name, TargetState.UP_TO_DATE, None, None)
                 self.state.clear_release(target.name)
             self.log.info("run finished", target=target.name, outcome=outcome, sha=result.get("published_sha"))
+            self.notifier.after_run(self.config, target, self.state, run_id)
             self._clean_cache()
             return
         if code == ExitCode.HELD:
@@ -353,8 +371,9 @@ class Daemon:
             return
         # RETRY_LATER, a crash, a signal, a timeout: the same run may succeed later.
         why = reason or (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
-        self.state.finish_run(run_id, "failed", why, transient=True, details=result)
-        self._retry_later(target, why)
+        details = (result | {"gave_up": True}) if self._out_of_retries(target.name) else result
+        self.state.finish_run(run_id, "failed", why, transient=True, details=details)
+        self._retry_later(target, why, run_id)
 
     def _finish_for_good(
         self, target: Target, run_id: int, outcome: Outcome, why: str, result: dict, state: TargetState, waiting: str
@@ -364,19 +383,25 @@ class Daemon:
             self.state.finish_run(run_id, outcome, why, details=result)
             self.state.set_target_status(target.name, state, waiting, None)
             self.state.clear_release(target.name)
+        self.notifier.after_run(self.config, target, self.state, run_id)
 
     def _clean_cache(self) -> None:
         removed, freed = clean_unused_revisions(self.config, self.state)
         if removed:
             self.log.info("cache cleaned", revisions=removed, freed_bytes=freed)
 
-    def _retry_later(self, target: Target, why: str) -> None:
+    def _out_of_retries(self, name: str) -> bool:
+        return self.failures.get(name, 0) >= self.config.daemon.max_retries
+
+    def _retry_later(self, target: Target, why: str, run_id: int | None = None) -> None:
+        """Retry with backoff, or give up (and tell the receivers) until the next check finds the target due."""
         attempt = self.failures.get(target.name, 0)
-        if attempt >= self.config.daemon.max_retries:
+        if self._out_of_retries(target.name):
             waiting = f"gave up after {attempt} retries: {why}"
             self.state.set_target_status(target.name, TargetState.GAVE_UP, waiting, None)
             self.log.error("giving up until the next check", target=target.name, reason=why)
             self.failures.pop(target.name, None)
+            self.notifier.after_run(self.config, target, self.state, run_id, gave_up=waiting)
             return
         self.failures[target.name] = attempt + 1
         delay = self.config.daemon.retry_delay * 2**attempt

@@ -96,15 +96,25 @@ def format_status(status: dict) -> str:
 
 
 def metrics_text(config: DaemonConfig, state: State) -> str:
-    """Prometheus text format: runs by outcome, runs held, last success time and merge duration per target."""
+    """Prometheus text format, per target: runs by outcome, runs held, bytes its runs downloaded and uploaded,
+    last success time, seconds since its last publish, and merge duration."""
     lines = [
         "# HELP mergebot_runs_total Pipeline runs by outcome.",
         "# TYPE mergebot_runs_total counter",
     ]
     gauges: list[str] = []
     holds: list[str] = []
+    transfers: dict[str, list[str]] = {"downloaded": [], "uploaded": []}
+    since_publish: list[str] = []
+    now = time.time()
     for name in sorted(config.targets):
         runs = state.runs(name, limit=1_000_000)
+        for way, samples in transfers.items():
+            total = sum((run.details or {}).get(f"{way}_bytes", 0) for run in runs)
+            samples.append(f'mergebot_{way}_bytes_total{{target="{name}"}} {total}')
+        publish = next((run for run in runs if run.outcome == "published" and run.finished), None)
+        if publish is not None:
+            since_publish.append(f'mergebot_seconds_since_last_publish{{target="{name}"}} {now - publish.finished:.0f}')
         for outcome in sorted({run.outcome for run in runs}):
             count = sum(run.outcome == outcome for run in runs)
             lines.append(f'mergebot_runs_total{{target="{name}",outcome="{outcome}"}} {count}')
@@ -125,5 +135,14 @@ def metrics_text(config: DaemonConfig, state: State) -> str:
         "# HELP mergebot_last_run_seconds Duration of the target's last successful run.",
         "# TYPE mergebot_last_run_seconds gauge",
         *[g for g in gauges if g.startswith("mergebot_last_run")],
+        "# HELP mergebot_downloaded_bytes_total Bytes the target's runs fetched from the Hub (not already cached).",
+        "# TYPE mergebot_downloaded_bytes_total counter",
+        *transfers["downloaded"],
+        "# HELP mergebot_uploaded_bytes_total Bytes the target's runs uploaded to the Hub.",
+        "# TYPE mergebot_uploaded_bytes_total counter",
+        *transfers["uploaded"],
+        "# HELP mergebot_seconds_since_last_publish Seconds since the target last published a new revision.",
+        "# TYPE mergebot_seconds_since_last_publish gauge",
+        *since_publish,
     ]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ huggingface_hub tool; arguments only override them. Files go through the standar
 content, so a shard that did not change between revisions is never downloaded twice.
 """
 
+import hashlib
 import os
 import random
 import re
@@ -13,27 +14,30 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import httpx2
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
     HfApi,
+    RepoFile,
     constants,
     get_token,
     hf_hub_download,
 )
 from huggingface_hub.errors import (
     HfHubHTTPError,
+    LocalEntryNotFoundError,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.file_download import repo_folder_name
 
 from mergebot import log
 from mergebot.errors import HubAuthError, HubError, HubNotFoundError, ModelError, UnsafePathError
-from mergebot.files import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, is_merge_input, read_json
+from mergebot.files import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, git_blob_id, is_merge_input, read_json
 
 T = TypeVar("T")
 SAFE_PATH = re.compile(r"[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*")
@@ -72,6 +76,11 @@ class RemoteRevision:
     files: dict[str, RemoteFile] = field(default_factory=dict)
 
 
+def endpoint_url(endpoint: str | None) -> str:
+    """The endpoint a client made with `endpoint` talks to: it, else HF_ENDPOINT, else the Hub."""
+    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
 def _check_repo_path(repo: str, path: str) -> None:
     """Refuse a repo file name that could escape the cache folder or is not a plain relative path."""
     if path.startswith("/") or "\\" in path or not SAFE_PATH.fullmatch(path) or ".." in path.split("/"):
@@ -84,32 +93,40 @@ class HubClient:
     def __init__(
         self,
         endpoint: str | None = None,
-        token: str | None = None,
+        token: str | Literal[False] | None = None,
         cache_dir: Path | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-        self.token = token or get_token()
+        """`token` False sends none; None takes HF_TOKEN (or the token file)."""
+        self.endpoint = endpoint_url(endpoint)
+        self.token = get_token() if token is None else token
         self.cache_dir = Path(cache_dir or constants.HF_HUB_CACHE)
         self.retry = retry or RetryPolicy()
         self._api = HfApi(endpoint=self.endpoint, token=self.token)
         self._log = log.get("hub")
+        self.downloaded_bytes = 0
+        """What `fetch` brought into the cache: files whose blob the cache did not hold yet."""
+        self.uploaded_bytes = 0
+        """The content of the files `commit` added."""
 
     def resolve(self, repo: str, revision: str | None = None) -> str:
-        """The commit sha a branch, tag or sha points at: one cheap call."""
+        """The commit sha a branch, tag or sha points at: one cheap call. The branch is always named (a mirror
+        does not take a missing revision for main)."""
+        revision = revision or "main"
         info = self._call(repo, revision, lambda: self._api.model_info(repo, revision=revision))
         return info.sha
 
     def list_files(self, repo: str, sha: str) -> RemoteRevision:
-        """Every file of the revision with size and LFS sha256; unsafe names refuse the whole repo."""
-        info = self._call(repo, sha, lambda: self._api.model_info(repo, revision=sha, files_metadata=True))
+        """Every file of the commit with size and LFS sha256, from the tree listing (a mirror's model_info lists
+        names only); unsafe names refuse the whole repo."""
+        entries = self._call(repo, sha, lambda: list(self._api.list_repo_tree(repo, revision=sha, recursive=True)))
         files = {}
-        for sibling in info.siblings or []:
-            _check_repo_path(repo, sibling.rfilename)
-            lfs = sibling.lfs
-            sha256 = lfs.sha256 if lfs else None
-            files[sibling.rfilename] = RemoteFile(sibling.rfilename, sibling.size or 0, sha256, sibling.blob_id)
-        return RemoteRevision(repo, info.sha or sha, files)
+        for entry in entries:
+            if isinstance(entry, RepoFile):
+                _check_repo_path(repo, entry.path)
+                sha256 = entry.lfs.sha256 if entry.lfs else None
+                files[entry.path] = RemoteFile(entry.path, entry.size, sha256, entry.blob_id)
+        return RemoteRevision(repo, sha, files)
 
     def fetch(self, remote: RemoteRevision) -> Path:
         """Download (or find in the cache) what a merge reads; returns the snapshot folder."""
@@ -141,6 +158,11 @@ class HubClient:
         return snapshot
 
     def _download(self, remote: RemoteRevision, name: str) -> Path:
+        known = remote.files.get(name)
+        blob = (known.sha256 or known.oid) if known else None  # the cache names a blob by its ETag, which this is
+        folder = self.cache_dir / repo_folder_name(repo_id=remote.repo, repo_type="model") / "blobs"
+        cached = blob is not None and (folder / blob).is_file()
+
         def download() -> Path:
             return Path(
                 hf_hub_download(
@@ -153,7 +175,29 @@ class HubClient:
                 )
             )
 
-        return self._call(remote.repo, remote.sha, download, what=f"download of {name}")
+        path = self._call(remote.repo, remote.sha, download, what=f"download of {name}", file=name)
+        if not cached:
+            if known is not None:
+                self._verify(remote, known, path)
+            self.downloaded_bytes += path.stat().st_size
+        return path
+
+    def _verify(self, remote: RemoteRevision, known: RemoteFile, path: Path) -> None:
+        """A fresh download must be the file the listing names (size, then LFS sha256 or git blob id): a mirror
+        that serves other bytes, or answers a resumed download from the start, is caught before a merge reads it."""
+        size = path.stat().st_size
+        if known.sha256:
+            with path.open("rb") as handle:
+                same = size == known.size and hashlib.file_digest(handle, "sha256").hexdigest() == known.sha256
+        else:
+            same = known.oid is None or git_blob_id(path.read_bytes()) == known.oid
+        if not same:
+            path.resolve().unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            raise HubError(
+                f"repo {remote.repo}@{remote.sha[:12]}: {known.path} from {self.endpoint} is not the file its "
+                "listing names (size or hash differs); removed from the cache, to be fetched again"
+            )
 
     def create_repo(self, repo: str, *, private: bool) -> None:
         """Create the model repo if it is missing; an existing one is left as it is."""
@@ -173,17 +217,21 @@ class HubClient:
             lambda: self._api.create_commit(repo, operations, commit_message=message, parent_commit=parent),
             "commit",
         )
+        self.uploaded_bytes += sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in add.values())
         return info.oid
 
-    def _call(self, repo: str, revision: str | None, action: Callable[[], T], what: str = "request") -> T:
-        """Run one Hub call; retry what is transient, translate the rest into one clear error."""
+    def _call(
+        self, repo: str, revision: str | None, action: Callable[[], T], what: str = "request", file: str | None = None
+    ) -> T:
+        """Run one Hub call (on `file`, for a download); retry what is transient, translate the rest into one
+        clear error."""
         where = f"{repo}@{revision}" if revision else repo
         for attempt in range(self.retry.attempts):
             try:
                 return action()
-            except (HfHubHTTPError, *TRANSIENT_ERRORS, RuntimeError) as raised:
+            except (HfHubHTTPError, *TRANSIENT_ERRORS, RuntimeError, LocalEntryNotFoundError) as raised:
                 error = _underlying(raised)
-                retry_after = self._classify(error, repo, revision, where, what)
+                retry_after = self._classify(error, repo, revision, where, what, file)
                 failure = f"HTTP {error.response.status_code}" if _status(error) else type(error).__name__
             if attempt + 1 == self.retry.attempts:
                 break
@@ -192,18 +240,23 @@ class HubClient:
             time.sleep(delay)
         raise HubError(f"repo {where}: {what} failed after {self.retry.attempts} attempts ({failure})")
 
-    def _classify(self, error: Exception, repo: str, revision: str | None, where: str, what: str) -> float | None:
+    def _classify(
+        self, error: Exception, repo: str, revision: str | None, where: str, what: str, file: str | None
+    ) -> float | None:
         """Raise the clear error for what is not worth retrying; return the server's Retry-After otherwise."""
         if isinstance(error, RevisionNotFoundError):
-            raise HubNotFoundError(f"repo {repo}: revision {revision!r} not found") from error
-        if isinstance(error, RemoteEntryNotFoundError):
-            raise HubNotFoundError(f"repo {where}: file not found ({what})") from error
-        if isinstance(error, RepositoryNotFoundError):
-            raise HubNotFoundError(
-                f"repo {repo}: not found on {self.endpoint}, or not visible with this token "
-                "(check the repo id, HF_ENDPOINT and HF_TOKEN)"
-            ) from error
+            raise HubNotFoundError(self._revision_not_found(repo, revision)) from error
+        if isinstance(error, RemoteEntryNotFoundError) and file is not None:
+            raise HubNotFoundError(self._file_not_found(where, file)) from error
         status = _status(error)
+        if isinstance(error, RepositoryNotFoundError | RemoteEntryNotFoundError) or status == 500:
+            missing = self._missing(repo, revision, file)
+            if missing is not None:
+                raise HubNotFoundError(missing) from error
+        if isinstance(error, RemoteEntryNotFoundError):
+            raise HubNotFoundError(f"repo {where}: not found ({what})") from error
+        if isinstance(error, RepositoryNotFoundError):
+            raise HubNotFoundError(self._repo_not_found(repo)) from error
         if status in (401, 403):
             raise HubAuthError(
                 f"repo {repo}: access denied (HTTP {status}); set HF_TOKEN to a token that can read it"
@@ -214,11 +267,68 @@ class HubClient:
             raise error
         return _retry_after(error) if isinstance(error, HfHubHTTPError) else None
 
+    def _missing(self, repo: str, revision: str | None, file: str | None) -> str | None:
+        """What is missing, the repo, the revision or the file, asked of the refs, the tree and the paths listing:
+        a mirror answers 401 "repo not found" or 500 for a missing revision or file too. None when all are there,
+        or when the endpoint cannot say (then the failure is what it claims, or transient)."""
+
+        def refs() -> bool:
+            self._api.list_repo_refs(repo)
+            return True
+
+        def tree() -> bool:
+            list(self._api.list_repo_tree(repo, revision=revision))
+            return True
+
+        def paths() -> bool:
+            return bool(self._api.get_paths_info(repo, [file], revision=revision))
+
+        probes: list[tuple[Callable[[], bool], str]] = [(refs, self._repo_not_found(repo))]
+        if revision is not None:
+            probes.append((tree, self._revision_not_found(repo, revision)))
+        if revision is not None and file is not None:
+            probes.append((paths, self._file_not_found(f"{repo}@{revision}", file)))
+        for probe, message in probes:
+            found = _answers(probe)
+            if found is None:
+                return None
+            if not found:
+                return message
+        return None
+
+    def _repo_not_found(self, repo: str) -> str:
+        return (
+            f"repo {repo}: not found on {self.endpoint}, or not visible with this token "
+            "(check the repo id, HF_ENDPOINT and HF_TOKEN)"
+        )
+
+    def _revision_not_found(self, repo: str, revision: str | None) -> str:
+        return f"repo {repo}: revision {revision!r} not found on {self.endpoint}"
+
+    def _file_not_found(self, where: str, file: str) -> str:
+        return f"repo {where}: file {file} not found on {self.endpoint}"
+
+
+def _answers(probe: Callable[[], bool]) -> bool | None:
+    """What a listing call says, False too on a client error (4xx but 429); None when the endpoint cannot say. A
+    connection dropped right after a 500 (uvicorn closes it) is tried once more."""
+    for _ in range(2):
+        try:
+            return probe()
+        except HfHubHTTPError as error:
+            status = _status(error)
+            return False if status is not None and 400 <= status < 500 and status != 429 else None
+        except TRANSIENT_ERRORS:
+            continue
+    return None
+
 
 def _underlying(error: Exception) -> Exception:
-    """huggingface_hub wraps a failed LFS upload in a RuntimeError; what failed is its cause."""
+    """huggingface_hub wraps a failed LFS upload in a RuntimeError, and a failed HEAD of a download (a 5xx, a
+    connection error) in a LocalEntryNotFoundError; what failed is its cause."""
     cause = error.__cause__
-    if isinstance(error, RuntimeError) and isinstance(cause, (HfHubHTTPError, *TRANSIENT_ERRORS)):
+    wrapped = isinstance(error, RuntimeError | LocalEntryNotFoundError)
+    if wrapped and isinstance(cause, (HfHubHTTPError, *TRANSIENT_ERRORS)):
         return cause
     return error
 

@@ -6,25 +6,12 @@ the models that lack it (in every model when forced). Padding rows, rows no mode
 each model's mean row, as mergekit pads: the mean of its rows of the output vocabulary.
 """
 
+import numpy as np
 import torch
 
 from mergebot.errors import ModelError
 from mergebot.merge.io import TensorInfo, TensorReader
 from mergebot.merge.plan import Plan, TensorPlan
-from mergebot.merge.vocab import is_vocab_tensor
-
-
-def aligned_rows(
-    plan: Plan, tensor: TensorPlan, infos: list[TensorInfo], reader: TensorReader, block_rows: int
-) -> "AlignedRows | None":
-    """None when the tensor's input rows are used as they are (not a vocabulary tensor, or nothing to align)."""
-    if not is_vocab_tensor(tensor.output.name):
-        return None
-    maps = [plan.row_map(tensor, ref.model, info) for ref, info in zip(tensor.inputs, infos, strict=True)]
-    rows = tensor.output.shape[0]
-    if all(m is None for m in maps) and not plan.vocab.overrides and (plan.vocab.token_rows or rows) >= rows:
-        return None
-    return AlignedRows(plan, tensor, infos, maps, reader, block_rows)
 
 
 class AlignedRows:
@@ -33,13 +20,13 @@ class AlignedRows:
         plan: Plan,
         tensor: TensorPlan,
         infos: list[TensorInfo],
-        maps: list[torch.Tensor | None],
+        maps: list[np.ndarray | None],
         reader: TensorReader,
         block_rows: int,
     ):
         self.reader = reader
         self.infos = infos
-        self.maps = maps
+        self.maps = [torch.from_numpy(m) if m is not None else None for m in maps]
         self.block_rows = block_rows
         self.name = tensor.output.name
         self.uses_base = plan.method.uses_base

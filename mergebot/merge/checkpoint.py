@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from mergebot.errors import ModelError
-from mergebot.merge.io import DTYPE_NAMES, read_header
+from mergebot.merge.io import read_header
 from mergebot.merge.plan import Plan, ShardPlan
 from mergebot.merge.source import InputModel
 from mergebot.merge.vocab import is_vocab_tensor
@@ -31,12 +31,12 @@ def shard_fingerprint(plan: Plan, shard: ShardPlan, models: dict[str, InputModel
                 {
                     "tensor": ref.tensor,
                     "sha256": model.sha256_of(info),
-                    "rows": hashlib.sha256(row_map.numpy().tobytes()).hexdigest() if row_map is not None else None,
+                    "rows": hashlib.sha256(row_map.tobytes()).hexdigest() if row_map is not None else None,
                 }
             )
         entry = {
             "name": tensor.output.name,
-            "dtype": DTYPE_NAMES[tensor.output.dtype],
+            "dtype": tensor.output.dtype.name,
             "shape": list(tensor.output.shape),
             "parameters": dict(tensor.params.values),
             "per_model": [dict(p) for p in tensor.params.per_model],

@@ -9,23 +9,24 @@ import errno
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 import yaml
 
 from mergebot.config.merge import MergeConfig
 from mergebot.errors import ConfigError, DiskFullError
-from mergebot.files import INDEX_FILE, fsync_dir, write_atomic, write_json_atomic
-from mergebot.merge.align import aligned_rows
+from mergebot.files import INDEX_FILE, default_cache_dir, fsync_dir, write_atomic, write_json_atomic
 from mergebot.merge.checkpoint import FINGERPRINT_KEY, finished_with, shard_fingerprint
 from mergebot.merge.io import ShardWriter, TensorReader
 from mergebot.merge.layout import with_layer_count
-from mergebot.merge.methods import MergeMethod, available_methods
+from mergebot.merge.methods import Block, MergeMethod, RawBlocks, available_methods, method_named
 from mergebot.merge.plan import Plan, ShardPlan, TensorPlan, build_plan
 from mergebot.merge.source import InputModel
+from mergebot.merge.threads import thread_count, use_torch_threads
 from mergebot.merge.tokenizer_files import write_tokenizer_files
 from mergebot.progress import ShardProgress
 
@@ -35,6 +36,9 @@ BLOCK_ELEMENTS = 1 << 20
 """Rows are read in blocks of about this many elements per input (4 MiB in float32): small enough that a
 method's temporaries stay near the cache and peak memory stays flat."""
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+RAW_BITS = {"BF16": np.uint16, "F32": np.uint32}
+_READ_AHEAD = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+"""Reads the next block of a tensor while the merge's threads compute the current one."""
 
 
 @dataclass
@@ -47,10 +51,11 @@ class MergeResult:
 
 
 def resolve_method(name: str, source: str) -> MergeMethod:
-    methods = available_methods()
-    if name not in methods:
-        raise ConfigError(f"{source}: merge_method: unknown method {name!r} (known: {', '.join(sorted(methods))})")
-    return methods[name]
+    method = method_named(name)
+    if method is None:
+        known = ", ".join(sorted(available_methods()))
+        raise ConfigError(f"{source}: merge_method: unknown method {name!r} (known: {known})")
+    return method
 
 
 def _keep_freed_memory() -> None:
@@ -70,6 +75,8 @@ def run_merge(
     """Merge into OUT_DIR; shards already finished (here or in a killed run) with the same fingerprint are kept."""
     plan = build_plan(config, models, resolve_method(config.merge_method, config.source))
     _keep_freed_memory()
+    thread_count()  # a bad MERGEBOT_THREADS is reported before any work
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(default_cache_dir() / "numba"))
     progress = progress or ShardProgress(enabled_bar=False)
     out_dir = out_dir.absolute()
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MERGE_CONFIG_FILE).exists():
@@ -141,9 +148,20 @@ def _compute_shard(
 ) -> None:
     writer = ShardWriter(target, [t.output for t in shard.tensors], {"format": "pt", FINGERPRINT_KEY: fingerprint})
     try:
-        for tensor in shard.tensors:
+        for number, tensor in enumerate(shard.tensors):
+            if number + 1 < len(shard.tensors):
+                for ref in shard.tensors[number + 1].inputs:
+                    reader.will_need(models[ref.model].tensors[ref.tensor])
             writer.begin(tensor.output.name)
             blocks = _BlockSource(plan, tensor, models, reader)
+            fused = plan.method.fused
+            raw = blocks.raw() if fused else None
+            if fused and raw is not None:
+                for bits in fused(raw, tensor.params):
+                    writer.write_bits(bits)
+                    progress.advance(bits.nbytes)
+                continue
+            use_torch_threads()
             for block in plan.method.merge(blocks, tensor.params):
                 writer.write(block)
                 progress.advance(block.numel() * tensor.output.dtype.itemsize)
@@ -161,14 +179,20 @@ class _BlockSource:
 
     def __init__(self, plan: Plan, tensor: TensorPlan, models: dict[str, InputModel], reader: TensorReader):
         self.reader = reader
+        self.output = tensor.output
         self.infos = [models[ref.model].tensors[ref.tensor] for ref in tensor.inputs]
         self.rows = tensor.output.shape[0] if tensor.output.shape else 1
         row_elements = max(1, tensor.output.nbytes // tensor.output.dtype.itemsize // max(1, self.rows))
         self.block_rows = max(1, BLOCK_ELEMENTS // row_elements)
-        self.aligned = aligned_rows(plan, tensor, self.infos, reader, self.block_rows)
-        self._cached: list[tuple[int, list[torch.Tensor]]] | None = None
+        maps = plan.aligned_maps(tensor, self.infos)
+        self.aligned = None
+        if maps is not None:
+            from mergebot.merge.align import AlignedRows  # torch's; a merge that aligns no rows never imports it
 
-    def __call__(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
+            self.aligned = AlignedRows(plan, tensor, self.infos, maps, reader, self.block_rows)
+        self._cached: list[tuple[int, Block]] | None = None
+
+    def __call__(self) -> Iterator[tuple[int, Block]]:
         if self._cached is not None:
             return iter(self._cached)
         if self.rows <= self.block_rows:
@@ -179,10 +203,60 @@ class _BlockSource:
             for start in range(0, self.rows, self.block_rows)
         )
 
-    def _block(self, start: int, stop: int) -> list[torch.Tensor]:
+    def _block(self, start: int, stop: int) -> Block:
         if self.aligned is None:
             return [self.reader.rows(info, start, stop) for info in self.infos]
         return self.aligned.block(start, stop)
+
+    def raw(self) -> RawBlocks | None:
+        """The same blocks as raw bits, when the tensor is plain: a matrix, or a vector in one block; no vocabulary
+        rows to align, no LoRA, every input and the output of one shape in bfloat16 or float32 (one kind for all
+        inputs)."""
+        shape, dtypes = self.output.shape, {info.dtype.name for info in self.infos}
+        if (
+            self.aligned is not None
+            or len(dtypes) != 1
+            or not dtypes <= RAW_BITS.keys()
+            or self.output.dtype.name not in RAW_BITS
+            or any(info.lora is not None or info.shape != shape for info in self.infos)
+            or not (len(shape) == 2 or (len(shape) == 1 and self.rows <= self.block_rows))
+        ):
+            return None
+        bits = RAW_BITS[dtypes.pop()]
+        return RawBlocks(_RawPasses(self, bits), shape, bits, RAW_BITS[self.output.dtype.name])
+
+
+class _RawPasses:
+    """Passes over a plain tensor's raw blocks: the next block is read (by the I/O thread) while the current one is
+    computed; a tensor that fits in one block is read once."""
+
+    def __init__(self, source: _BlockSource, bits: type) -> None:
+        self.source = source
+        self.bits = bits
+        self._cached: list[tuple[int, np.ndarray]] | None = None
+
+    def __call__(self) -> Iterator[tuple[int, np.ndarray]]:
+        rows, step = self.source.rows, self.source.block_rows
+        if rows <= step:
+            if self._cached is None:
+                self._cached = [(0, self._read(0, rows))]
+            return iter(self._cached)
+        return self._stream(rows, step)
+
+    def _stream(self, rows: int, step: int) -> Iterator[tuple[int, np.ndarray]]:
+        pending = _READ_AHEAD.submit(self._read, 0, min(step, rows))
+        for start in range(0, rows, step):
+            block = pending.result()
+            if start + step < rows:
+                pending = _READ_AHEAD.submit(self._read, start + step, min(start + 2 * step, rows))
+            yield start, block
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        infos = self.source.infos
+        block = np.empty((len(infos), (stop - start) * infos[0].row_bytes // infos[0].dtype.itemsize), self.bits)
+        for row, info in zip(block, infos, strict=True):
+            self.source.reader.raw_rows(info, start, stop, row)
+        return block
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -209,7 +283,7 @@ def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputMode
         model_config["vocab_size"] = embedding.shape[0]
     model_config = with_layer_count(model_config, plan.layers, {name: model.config for name, model in models.items()})
     dtype = next(iter(outputs.values())).dtype
-    dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}.get(dtype)
+    dtype_name = dtype.torch_name if dtype.name in ("BF16", "F16", "F32") else None
     if dtype_name:
         for key in [k for k in ("torch_dtype", "dtype") if k in model_config] or ["torch_dtype"]:
             model_config[key] = dtype_name

@@ -9,34 +9,56 @@ import contextlib
 import json
 import mmap
 import os
+import queue
 import struct
+import threading
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from mergebot.errors import ModelError
 from mergebot.files import fsync_dir
 
 if TYPE_CHECKING:
+    import torch
+
     from mergebot.merge.lora import LoraDelta
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+
+@dataclass(frozen=True)
+class DType:
+    """A tensor dtype by its safetensors name; torch's own only where a torch path asks for it (`torch`), so a
+    merge that needs no torch never imports it."""
+
+    name: str
+    itemsize: int
+    torch_name: str
+    floating: bool = False
+
+    @property
+    def torch(self) -> "torch.dtype":
+        import torch
+
+        return getattr(torch, self.torch_name)
+
+
+DTYPES: dict[str, DType] = {
+    "F64": DType("F64", 8, "float64", floating=True),
+    "F32": DType("F32", 4, "float32", floating=True),
+    "F16": DType("F16", 2, "float16", floating=True),
+    "BF16": DType("BF16", 2, "bfloat16", floating=True),
+    "I64": DType("I64", 8, "int64"),
+    "I32": DType("I32", 4, "int32"),
+    "I16": DType("I16", 2, "int16"),
+    "I8": DType("I8", 1, "int8"),
+    "U8": DType("U8", 1, "uint8"),
+    "BOOL": DType("BOOL", 1, "bool"),
 }
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+BY_TORCH_NAME = {dtype.torch_name: dtype for dtype in DTYPES.values()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 PAGE = mmap.PAGESIZE
 
@@ -46,7 +68,7 @@ class TensorInfo:
     """Where one tensor lives: its file and the absolute byte range of its data."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     file: Path
     offset: int
@@ -132,13 +154,38 @@ def _offsets(path: Path, item: tuple[str, object]) -> tuple[int, int]:
 
 
 class TensorReader:
-    """Reads row ranges of tensors from memory-mapped files, giving the pages back after each read."""
+    """Reads row ranges of tensors: as float32 from memory-mapped files, giving the pages back after each read, or
+    as raw bits with pread into a caller's buffer."""
 
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[Path, int] = {}
 
-    def rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    def raw_rows(self, info: TensorInfo, start: int, stop: int, out: np.ndarray) -> None:
+        """The bytes of rows [start, stop) into `out`, a contiguous array of exactly that many bytes."""
+        view = memoryview(out).cast("B")
+        done, first = 0, info.offset + start * info.row_bytes
+        while done < len(view):
+            count = os.preadv(self._file(info.file), [view[done:]], first + done)
+            if count == 0:
+                raise ModelError(f"{info.file}: truncated while reading tensor {info.name}")
+            done += count
+
+    def will_need(self, info: TensorInfo) -> None:
+        """Ask the kernel to start reading a tensor that is coming next, while the current one is computed."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._file(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+
+    def _file(self, path: Path) -> int:
+        descriptor = self._files.get(path)
+        if descriptor is None:
+            descriptor = self._files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return descriptor
+
+    def rows(self, info: TensorInfo, start: int, stop: int) -> "torch.Tensor":
         """Rows [start, stop) as float32 (a copy, so the mapping can be released)."""
+        import torch
+
         mapping = self._map(info.file)
         first = info.offset + start * info.row_bytes
         length = (stop - start) * info.row_bytes
@@ -147,7 +194,7 @@ class TensorReader:
             return torch.zeros((stop - start, *info.row_shape), dtype=torch.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the map is read-only; the view is only read
-            view = torch.frombuffer(mapping, dtype=info.dtype, count=count, offset=first)
+            view = torch.frombuffer(mapping, dtype=info.dtype.torch, count=count, offset=first)
         block = view.to(torch.float32, copy=True).reshape((stop - start, *info.row_shape) if info.shape else ())
         del view
         page_start = first - first % PAGE
@@ -168,6 +215,9 @@ class TensorReader:
         for mapping in self._maps.values():
             mapping.close()
         self._maps.clear()
+        for descriptor in self._files.values():
+            os.close(descriptor)
+        self._files.clear()
 
     def __enter__(self) -> "TensorReader":
         return self
@@ -181,7 +231,7 @@ class OutputTensor:
     """A tensor of the output checkpoint as the shard layout sees it: name, dtype, shape only."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
 
     @property
@@ -195,7 +245,7 @@ def encode_header(tensors: list[OutputTensor], metadata: dict[str, str]) -> byte
     offset = 0
     for tensor in tensors:
         header[tensor.name] = {
-            "dtype": DTYPE_NAMES[tensor.dtype],
+            "dtype": tensor.dtype.name,
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + tensor.nbytes],
         }
@@ -206,7 +256,12 @@ def encode_header(tensors: list[OutputTensor], metadata: dict[str, str]) -> byte
 
 
 class ShardWriter:
-    """Streams tensors, in layout order, into a temporary file that becomes the shard only when complete."""
+    """Streams tensors, in layout order, into a temporary file that becomes the shard only when complete.
+
+    Bytes are written behind, by a thread of their own, while the next block is computed; a write error (a full
+    disk) comes back from the next call."""
+
+    QUEUED_BLOCKS = 4
 
     def __init__(self, path: Path, tensors: list[OutputTensor], metadata: dict[str, str]) -> None:
         self.path = path
@@ -216,6 +271,10 @@ class ShardWriter:
         self._left = 0
         self._handle = self.temp_path.open("wb")
         self._handle.write(encode_header(tensors, metadata))
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(self.QUEUED_BLOCKS)
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._write_behind, name="shard-writer", daemon=True)
+        self._thread.start()
 
     def begin(self, name: str) -> None:
         """Start the next tensor of the layout; its bytes follow through `write`."""
@@ -226,17 +285,41 @@ class ShardWriter:
             raise RuntimeError(f"layout expects {self._current.name}, got {name}")
         self._left = self._current.nbytes
 
-    def write(self, block: torch.Tensor) -> None:
+    def write(self, block: "torch.Tensor") -> None:
         """Append rows of the current tensor, converted to its output dtype."""
+        import torch
+
         assert self._current is not None
-        data = block.to(self._current.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+        converted = block.to(self._current.dtype.torch, copy=True).contiguous().reshape(-1)
+        self.write_bits(converted.view(torch.uint8).numpy())
+
+    def write_bits(self, data: np.ndarray) -> None:
+        """Append the current tensor's next bytes, already in its output dtype; `data` is not touched afterwards."""
+        if self._error is not None:
+            raise self._error
         if data.nbytes > self._left:
-            raise RuntimeError(f"{self._current.name}: more data than its shape holds")
-        self._handle.write(memoryview(data))
+            raise RuntimeError(f"{self._current.name if self._current else '?'}: more data than its shape holds")
         self._left -= data.nbytes
+        self._queue.put(data)
+
+    def _write_behind(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._handle.write(memoryview(data).cast("B"))
+                except OSError as error:
+                    self._error = error
+
+    def _drain(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
     def finish(self) -> Path:
         """fsync and rename: after this the shard exists under its final name, complete."""
+        self._drain()
+        if self._error is not None:
+            raise self._error
         if self._left or next(self._expected, None) is not None:
             raise RuntimeError(f"{self.path.name}: not every tensor was written")
         self._handle.flush()
@@ -247,6 +330,7 @@ class ShardWriter:
         return self.path
 
     def abort(self) -> None:
+        self._drain()
         with contextlib.suppress(OSError):  # closing flushes, and on a full disk that fails again
             self._handle.close()
         self.temp_path.unlink(missing_ok=True)

@@ -131,7 +131,7 @@ def _target(model: InputModel, label: str, name: str, shape: tuple[int, ...] | N
 
 def _delta(weight: TensorInfo, a: TensorInfo, b: TensorInfo, settings: dict[str, Any], label: str) -> LoraDelta:
     module = weight.name.removesuffix(".weight")
-    if not all(t.dtype.is_floating_point for t in (a, b)) or len(weight.shape) != 2:
+    if not all(t.dtype.floating for t in (a, b)) or len(weight.shape) != 2:
         raise ModelError(f"{label}: {module} is not a floating-point linear weight with floating-point A and B")
     rank = a.shape[0] if len(a.shape) == 2 else 0
     if rank == 0 or a.shape != (rank, weight.shape[1]) or b.shape != (weight.shape[0], rank):

@@ -7,18 +7,16 @@ update that changes values keeps every output tensor in the same shard.
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
+import numpy as np
 
 from mergebot.config.merge import MergeConfig, SliceSource
 from mergebot.errors import ConfigError, ModelError
-from mergebot.merge.io import OutputTensor, TensorInfo
+from mergebot.merge.io import BY_TORCH_NAME, OutputTensor, TensorInfo
 from mergebot.merge.layout import OutputLayers, find_layout, layer_tensors, whole_model_slice
 from mergebot.merge.methods import MergeMethod, TensorParams
 from mergebot.merge.source import InputModel
 from mergebot.merge.vocab import is_vocab_tensor
 from mergebot.merge.vocab_plan import VocabPlan
-
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -45,14 +43,25 @@ class ShardPlan:
 class Plan:
     method: MergeMethod
     shards: tuple[ShardPlan, ...]
-    row_maps: dict[tuple[str, int], torch.Tensor | None]
+    row_maps: dict[tuple[str, int], np.ndarray | None]
     """(model, rows of its vocab tensor) → output row → its row or -1; None for the identity."""
     template: str
     """The model whose config.json and layout the output follows."""
     layers: OutputLayers
     vocab: VocabPlan
 
-    def row_map(self, tensor: TensorPlan, model: str, info: TensorInfo) -> torch.Tensor | None:
+    def aligned_maps(self, tensor: TensorPlan, infos: list[TensorInfo]) -> list[np.ndarray | None] | None:
+        """Each input's row map when the tensor's rows are to be aligned (`mergebot.merge.align`); None when its
+        input rows are used as they are (not a vocabulary tensor, or nothing to align)."""
+        if not is_vocab_tensor(tensor.output.name):
+            return None
+        maps = [self.row_map(tensor, ref.model, info) for ref, info in zip(tensor.inputs, infos, strict=True)]
+        rows = tensor.output.shape[0]
+        if all(m is None for m in maps) and not self.vocab.overrides and (self.vocab.token_rows or rows) >= rows:
+            return None
+        return maps
+
+    def row_map(self, tensor: TensorPlan, model: str, info: TensorInfo) -> np.ndarray | None:
         """How the output rows of a vocabulary tensor map to this input's rows (None: the same rows)."""
         if not is_vocab_tensor(tensor.output.name):
             return None
@@ -190,7 +199,7 @@ class _Builder:
                     f"tensor {ref.tensor}: shape {list(info.shape)} in model {ref.model} does not match "
                     f"{list(first.shape)} in model {inputs[0].model}"
                 )
-        if not first.dtype.is_floating_point:
+        if not first.dtype.floating:
             raise ModelError(f"tensor {inputs[0].tensor} in model {inputs[0].model} is not floating point")
         shape = first.shape
         if vocab:
@@ -200,7 +209,7 @@ class _Builder:
             for model, model_rows in sizes:
                 self.vocab.add_row_map(model, model_rows, rows)
             self.vocab.check_inputs(output_name, sizes)
-        dtype = TORCH_DTYPES[self.config.dtype] if self.config.dtype else first.dtype
+        dtype = BY_TORCH_NAME[self.config.dtype] if self.config.dtype else first.dtype
         return OutputTensor(output_name, dtype, shape)
 
     def _vocab_rows(self, output_name: str) -> int:

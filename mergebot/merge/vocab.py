@@ -7,7 +7,7 @@ vocabularies differ in size or order still line up (the output vocabulary itself
 import json
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from mergebot.errors import ModelError
 
@@ -38,12 +38,12 @@ def read_vocab(model_dir: Path, label: str) -> dict[str, int] | None:
 
 def row_map(
     source_vocab: dict[str, int] | None, output_rows: int, model_vocab: dict[str, int] | None, model_rows: int
-) -> torch.Tensor | None:
+) -> np.ndarray | None:
     """For each output row, the model's row holding the same token, or -1; None when it is the identity."""
     if model_rows == output_rows and (source_vocab is None or model_vocab is None or source_vocab == model_vocab):
         return None
-    by_index = torch.arange(output_rows)
-    mapping = torch.where(by_index < model_rows, by_index, -1)
+    by_index = np.arange(output_rows, dtype=np.int64)
+    mapping = np.where(by_index < model_rows, by_index, -1)
     if source_vocab is not None and model_vocab is not None:
         for token, output_id in source_vocab.items():
             if output_id < output_rows:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-import torch
+import numpy as np
 
 from mergebot.config.merge import MergeConfig
 from mergebot.errors import ConfigError
@@ -32,7 +32,7 @@ class VocabPlan:
     def __init__(self, config: MergeConfig, models: dict[str, InputModel]):
         self.config = config
         self.models = models
-        self.row_maps: dict[tuple[str, int], torch.Tensor | None] = {}
+        self.row_maps: dict[tuple[str, int], np.ndarray | None] = {}
         self._vocabs: dict[str, dict[str, int] | None] = {}
 
     @cached_property

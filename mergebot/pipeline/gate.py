@@ -284,8 +284,8 @@ def _compare_tensors(
         got = declared[name]
         if got.shape != tuple(tensor.shape):
             shape_bad.append(f"{name} {list(got.shape)} (config implies {list(tensor.shape)})")
-        if dtype is not None and got.dtype != tensor.dtype:
-            dtype_bad.append(f"{name} {str(got.dtype).removeprefix('torch.')}")
+        if dtype is not None and got.dtype.torch != tensor.dtype:
+            dtype_bad.append(f"{name} {got.dtype.torch_name}")
     problems = []
     if missing:
         problems.append(f"missing: {_listing(missing)}")

@@ -8,7 +8,6 @@ from mergebot.config.merge import MergeConfig
 from mergebot.config.models import Checkpoint, ModelSpec
 from mergebot.files import FileHashes, default_cache_dir, local_identity
 from mergebot.hub.client import HubClient
-from mergebot.merge.lora import apply_lora
 from mergebot.merge.source import AdapterSource, InputModel, open_model
 
 
@@ -21,6 +20,8 @@ def resolve_inputs(config: MergeConfig, hub: HubClient | None = None) -> dict[st
             hub = hub or HubClient()
         model = open_model(spec.model, spec.base.local_path) if spec.is_local else open_hub_model(hub, spec)
         if spec.lora is not None:
+            from mergebot.merge.lora import apply_lora  # torch's: only a merge with an adapter imports it
+
             path, revision, shas = _checkpoint_files(spec.lora, hub)
             model = apply_lora(model, AdapterSource(spec.lora.name, path, revision))
             model.file_sha256.update(shas)

@@ -11,7 +11,7 @@ from pathlib import Path
 from mergebot import log
 from mergebot.config import chain
 from mergebot.config.daemon import DaemonConfig, Target, ValidateSettings
-from mergebot.hub.client import HubClient
+from mergebot.hub.endpoints import publisher, reader
 from mergebot.merge.engine import run_merge
 from mergebot.merge.source import InputModel
 from mergebot.pipeline.gate import validate
@@ -39,6 +39,9 @@ class TargetRun:
     reused: list[str] = field(default_factory=list)
     fingerprints: dict[str, str] = field(default_factory=dict)
     uploaded: list[str] = field(default_factory=list)
+    downloaded_bytes: int = 0
+    """Fetched from the Hub by this run (files the cache did not hold yet)."""
+    uploaded_bytes: int = 0
     merge_ppl: float | None = None
     parent_ppl: dict[str, float | None] = field(default_factory=dict)
     kl: dict[str, float] = field(default_factory=dict)
@@ -68,10 +71,11 @@ def run_pipeline(
     `baseline` (the last publish) holds, is not published: the run says why, and which input is to blame."""
     started = time.monotonic()
     logger = log.get("pipeline").bind(target=target.name)
-    hub = HubClient(endpoint=config.daemon.hub_endpoint)
+    upstream = reader(config.daemon)
     run = TargetRun(target.name)
-    models = resolve_inputs(target.merge, hub)
+    models = resolve_inputs(target.merge, upstream)
     run.inputs = identities(models)
+    run.downloaded_bytes = upstream.downloaded_bytes
     logger.info("inputs resolved", inputs=run.inputs)
     out_dir = merged_dir(config, target)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -93,9 +97,11 @@ def run_pipeline(
         logger.warning("validation failed", report=format_report(report))
         return run
     merged = target.merge.pinned({name: model.pins for name, model in models.items()})
+    hub = publisher(config.daemon)
     result = publish(out_dir, target.repo, hub, report, merged, private=target.private)
     run.published_sha = result.commit
     run.uploaded = result.uploaded
+    run.uploaded_bytes = hub.uploaded_bytes
     run.outcome = "published" if result.uploaded or result.deleted else "unchanged"
     run.seconds = round(time.monotonic() - started, 3)
     logger.info("published", repo=target.repo, sha=result.commit, uploaded=len(result.uploaded))

@@ -1,21 +1,25 @@
 """The merge methods mergebot knows: the built-in families plus plug-ins from the `mergebot.methods` entry point
-group. Methods are pure functions on tensors (see `base`); this package does no I/O."""
+group. Methods are pure functions on tensors (see `base`); this package does no I/O.
+
+The core methods (linear, slerp, the task-arithmetic family, passthrough) are declared here and their torch
+definitions imported on first use: a merge whose tensors all take the fused loops (`fused`) never imports torch,
+which alone costs more than a small merge. The other families are imported with torch when one of them is asked
+for (`method_named`, `BUILTIN_METHODS`, `available_methods`).
+"""
 
 from collections.abc import Callable, Iterator, Mapping
+from functools import cache
+from importlib import import_module
 from importlib.metadata import entry_points
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mergebot.errors import ConfigError
-from mergebot.merge.methods.base import Block, BlockSource, MergeMethod, TensorParams
-from mergebot.merge.methods.fusion import FUSION_METHODS
-from mergebot.merge.methods.geometric import GEOMETRIC_METHODS
-from mergebot.merge.methods.interpolation import linear, passthrough, slerp
-from mergebot.merge.methods.ram import RAM_METHODS
-from mergebot.merge.methods.sce import SCE_METHODS
-from mergebot.merge.methods.sparsify import magprune_problem
-from mergebot.merge.methods.task_arithmetic import make_task_arithmetic
+from mergebot.merge.methods.base import Block, BlockSource, MergeMethod, RawBlocks, TensorParams
+from mergebot.merge.methods.fused import fused_linear, fused_passthrough, fused_slerp, make_fused_task_arithmetic
+from mergebot.merge.methods.shared import magprune_problem
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "BUILTIN_METHODS",
@@ -23,10 +27,30 @@ __all__ = [
     "Block",
     "BlockSource",
     "MergeMethod",
+    "RawBlocks",
     "TensorParams",
     "available_methods",
+    "method_named",
     "whole_tensor_method",
 ]
+_FAMILIES = {"sce": "SCE_METHODS", "ram": "RAM_METHODS", "geometric": "GEOMETRIC_METHODS", "fusion": "FUSION_METHODS"}
+"""Modules of this package, each with its tuple of methods."""
+
+
+def _torch_definition(module: str, name: str, *args: Any) -> Callable[[BlockSource, TensorParams], Iterator]:
+    """A core method's torch definition `module.name` (called with `args` when it is a factory), imported when the
+    first tensor takes it."""
+
+    @cache
+    def load() -> Callable[[BlockSource, TensorParams], Iterator]:
+        found = getattr(import_module(f"mergebot.merge.methods.{module}"), name)
+        return found(*args) if args else found
+
+    def merge(blocks: BlockSource, params: TensorParams) -> Iterator:
+        return load()(blocks, params)
+
+    return merge
+
 
 _GTA_PARAMETERS = {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False}
 """int8_mask is accepted for mergekit configs; it only picks mergekit's mask dtype and changes no number here."""
@@ -44,49 +68,83 @@ _SPARSIFIED_TASK_ARITHMETIC = (
 """(name, pruner, TIES sign election, parameter and per-model defaults beyond the shared ones, check), as in
 mergekit 0.1.5: breadcrumbs_ties does not normalize by default (ties does); `seed` fixes the random masks."""
 
-BUILTIN_METHODS: dict[str, MergeMethod] = {
+CORE_METHODS: dict[str, MergeMethod] = {
     method.name: method
     for method in (
         MergeMethod(
             "linear",
-            linear,
+            _torch_definition("interpolation", "linear"),
             uses_base=False,
             parameters={"normalize": True},
             model_parameters={"weight": None},
+            fused=fused_linear,
         ),
-        MergeMethod("slerp", slerp, uses_base=True, parameters={"t": None}, min_models=1, max_models=1),
+        MergeMethod(
+            "slerp",
+            _torch_definition("interpolation", "slerp"),
+            uses_base=True,
+            parameters={"t": None},
+            min_models=1,
+            max_models=1,
+            fused=fused_slerp,
+        ),
         MergeMethod(
             "task_arithmetic",
-            make_task_arithmetic(None, consensus=False),
+            _torch_definition("task_arithmetic", "make_task_arithmetic", None, False),
             uses_base=True,
             parameters=_GTA_PARAMETERS,
             model_parameters={"weight": None},
+            fused=make_fused_task_arithmetic(None, consensus=False),
         ),
         *(
             MergeMethod(
                 name,
-                make_task_arithmetic(sparsify, consensus),
+                _torch_definition("task_arithmetic", "make_task_arithmetic", sparsify, consensus),
                 uses_base=True,
                 parameters={**_GTA_PARAMETERS, **parameters},
                 model_parameters={**_GTA_MODEL_PARAMETERS, **model_parameters},
                 check=check,
+                fused=make_fused_task_arithmetic(sparsify, consensus),
             )
             for name, sparsify, consensus, parameters, model_parameters, check in _SPARSIFIED_TASK_ARITHMETIC
         ),
-        MergeMethod("passthrough", passthrough, uses_base=False, max_models=1),
-        *SCE_METHODS,
-        *RAM_METHODS,
-        *GEOMETRIC_METHODS,
-        *FUSION_METHODS,
+        MergeMethod(
+            "passthrough",
+            _torch_definition("interpolation", "passthrough"),
+            uses_base=False,
+            max_models=1,
+            fused=fused_passthrough,
+        ),
     )
 }
+
+
+@cache
+def _builtin_methods() -> dict[str, MergeMethod]:
+    methods = dict(CORE_METHODS)
+    for module, name in _FAMILIES.items():
+        for method in getattr(import_module(f"mergebot.merge.methods.{module}"), name):
+            methods[method.name] = method
+    return methods
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BUILTIN_METHODS":
+        return _builtin_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def method_named(name: str) -> MergeMethod | None:
+    """The method of that name (a core one without importing any other), or None."""
+    return CORE_METHODS.get(name) or available_methods().get(name)
+
 
 ENTRY_POINT_GROUP = "mergebot.methods"
 
 
 def whole_tensor_method(
     name: str,
-    function: Callable[[torch.Tensor | None, list[torch.Tensor], TensorParams], torch.Tensor],
+    function: Callable[["torch.Tensor | None", list["torch.Tensor"], TensorParams], "torch.Tensor"],
     *,
     uses_base: bool,
     parameters: Mapping[str, Any] | None = None,
@@ -94,7 +152,9 @@ def whole_tensor_method(
 ) -> MergeMethod:
     """Wrap a plain per-tensor function (whole float32 tensors in, one out) as a method, for plug-ins."""
 
-    def merge(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
+    def merge(blocks: BlockSource, params: TensorParams) -> Iterator["torch.Tensor"]:
+        import torch  # a plug-in's tensors are torch's; importing it here keeps the core merges free of it
+
         parts = [inputs for _, inputs in blocks()]
         whole = [torch.cat(column) for column in zip(*parts, strict=True)]
         base, models = (whole[0], whole[1:]) if uses_base else (None, whole)
@@ -111,7 +171,7 @@ def whole_tensor_method(
 
 def available_methods() -> dict[str, MergeMethod]:
     """Built-in methods plus those that installed packages register in the `mergebot.methods` entry point group."""
-    methods = dict(BUILTIN_METHODS)
+    methods = dict(_builtin_methods())
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         method = entry_point.load()
         if not isinstance(method, MergeMethod):

@@ -9,11 +9,14 @@ published whole-tensor formulas (mergekit's definitions are the reference).
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
-Block = list[torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+Block = list["torch.Tensor"]
 BlockSource = Callable[[], Iterable[tuple[int, Block]]]
 """Calling it starts a fresh pass: (first row of the block, the inputs' rows) in row order, same blocks each pass."""
 
@@ -29,11 +32,44 @@ class TensorParams:
 
 
 @dataclass(frozen=True)
+class RawBlocks:
+    """One output tensor's inputs as raw bit patterns, for a method's fused loops (`mergebot.merge.kernels`).
+
+    Calling it starts a pass: (first row, array[inputs, elements] of the blocks' bits) in row order, the same
+    blocks as the float32 source of the same tensor. bfloat16 bits come as uint16, float32 bits as uint32; the
+    output is written as bits of the same kind."""
+
+    passes: Callable[[], Iterable[tuple[int, np.ndarray]]]
+    shape: tuple[int, ...]
+    input_bits: type
+    output_bits: type
+
+    def __call__(self) -> Iterable[tuple[int, np.ndarray]]:
+        return self.passes()
+
+    @property
+    def shift(self) -> int:
+        """How far an input's bits move up to make float32 bits."""
+        return 16 if self.input_bits is np.uint16 else 0
+
+    @property
+    def output_shift(self) -> int:
+        return 16 if self.output_bits is np.uint16 else 0
+
+    @property
+    def row_elements(self) -> int:
+        count = 1
+        for dim in self.shape[1:]:
+            count *= dim
+        return count
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     """A merge method and the parameters it accepts (with defaults; `None` means required)."""
 
     name: str
-    merge: Callable[[BlockSource, TensorParams], Iterator[torch.Tensor]]
+    merge: Callable[[BlockSource, TensorParams], Iterator["torch.Tensor"]]
     uses_base: bool
     parameters: Mapping[str, Any] = field(default_factory=dict)
     model_parameters: Mapping[str, Any] = field(default_factory=dict)
@@ -44,9 +80,12 @@ class MergeMethod:
     models alone (mergekit's nuslerp, multislerp). `split_base` tells the two cases apart."""
     check: Callable[[TensorParams], str | None] | None = None
     """A method-specific check of one tensor's resolved parameters: the problem, or None."""
+    fused: Callable[[RawBlocks, TensorParams], Iterator[np.ndarray]] | None = None
+    """The same merge in fused loops over the inputs' bits, giving the same bytes: the engine uses it for the
+    tensors it can (plain bfloat16 or float32 inputs and output)."""
 
 
-def split_base(inputs: Block, params: TensorParams) -> tuple[torch.Tensor | None, Block]:
+def split_base(inputs: Block, params: TensorParams) -> tuple["torch.Tensor | None", Block]:
     """The base (None when there is none) and the models: there is a base when the inputs outnumber `per_model`."""
     if len(inputs) > len(params.per_model):
         return inputs[0], inputs[1:]

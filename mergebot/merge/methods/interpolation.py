@@ -1,14 +1,12 @@
 """Interpolation: linear (weighted average), SLERP (along the arc between two tensors) and passthrough."""
 
-import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from mergebot.merge.methods.base import BlockSource, TensorParams, model_weights
-
-SLERP_COLINEAR = 0.9995
-SLERP_EPS = 1e-8
+from mergebot.merge.methods.shared import DOT_SPAN, in_order, slerp_scales
 
 
 def linear(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
@@ -23,23 +21,21 @@ def linear(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
 
 
 def slerp(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
-    t = float(params.values["t"])
-    dot = norm0 = norm1 = 0.0
+    totals = np.zeros(3)
     for _, (v0, v1) in blocks():
-        flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
-        dot += float(torch.dot(flat0, flat1))
-        norm0 += float(torch.dot(flat0, flat0))
-        norm1 += float(torch.dot(flat1, flat1))
-    norm0, norm1 = math.sqrt(norm0), math.sqrt(norm1)
-    cosine = dot / ((norm0 if norm0 > SLERP_EPS else 1.0) * (norm1 if norm1 > SLERP_EPS else 1.0))
-    if abs(cosine) > SLERP_COLINEAR:
-        scale0, scale1 = 1.0 - t, t
-    else:
-        theta = math.acos(cosine)
-        scale0 = math.sin(theta - theta * t) / math.sin(theta)
-        scale1 = math.sin(theta * t) / math.sin(theta)
+        totals += in_order(span_dots(v0, v1))
+    scale0, scale1 = slerp_scales(float(params.values["t"]), totals)
     for _, (v0, v1) in blocks():
         yield torch.add(v0 * scale0, v1, alpha=scale1)
+
+
+def span_dots(v0: torch.Tensor, v1: torch.Tensor) -> np.ndarray:
+    """v0·v1, v0·v0, v1·v1 of each DOT_SPAN elements of a block, float64 products added in element order."""
+    a, b = (v.reshape(-1).to(torch.float64).numpy() for v in (v0, v1))
+    padding = -a.size % DOT_SPAN
+    products = np.stack([a * b, a * a, b * b])
+    products = np.pad(products, ((0, 0), (0, padding))).reshape(3, -1, DOT_SPAN)
+    return np.cumsum(products, axis=2)[:, :, -1].T
 
 
 def passthrough(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:

@@ -3,18 +3,14 @@ Breadcrumbs (arXiv:2312.06795) keeps a band below the largest outliers, and DELL
 at random with a keep probability that rises with the magnitude's rank in its row. Any of them may rescale what is
 kept back to the delta's L1 norm (mergekit 0.1.5's `rescale`, DELLA's included)."""
 
-import hashlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
 
 from mergebot.merge.methods.base import BlockSource, TensorParams
+from mergebot.merge.methods.shared import RESCALE_EPS, DrawGrid, magnitude_ks, outlier_ks
 from mergebot.merge.methods.topk import float_bits, top_cuts
-
-RESCALE_EPS = 1e-7
-RANDOM_CHUNK_ELEMENTS = 1 << 16
 
 
 @dataclass
@@ -65,14 +61,8 @@ class BandMask:
 
 
 @dataclass(frozen=True)
-class RandomMask:
-    """DARE: keep each entry with probability `density`, drawn from a fixed grid of row chunks seeded by
-    (seed, tensor, model, chunk), so the mask depends on the row, never on how the rows were blocked."""
-
-    density: float
-    seed: int
-    tensor_name: str
-    model_index: int
+class RandomMask(DrawGrid):
+    """DARE's mask: keep where the grid's draw (torch.rand from the chunk's seeded generator) is below `density`."""
 
     def keep(self, row_start: int, delta: torch.Tensor) -> torch.Tensor:
         return self.uniform(row_start, delta.shape) < self.density
@@ -80,7 +70,7 @@ class RandomMask:
     def uniform(self, row_start: int, shape: torch.Size) -> torch.Tensor:
         """This model's uniform draws in [0, 1) for the rows row_start.. of the tensor."""
         rows, row_shape = (shape[0], shape[1:]) if len(shape) else (1, ())
-        chunk_rows = max(1, RANDOM_CHUNK_ELEMENTS // max(1, math.prod(row_shape)))
+        chunk_rows = self.chunk_rows(tuple(row_shape))
         first, last = row_start // chunk_rows, (row_start + rows - 1) // chunk_rows
         draws = torch.cat(
             [torch.rand((chunk_rows, *row_shape), generator=self._generator(c)) for c in range(first, last + 1)]
@@ -89,8 +79,7 @@ class RandomMask:
         return draws[offset : offset + rows].reshape(shape)
 
     def _generator(self, chunk: int) -> torch.Generator:
-        key = f"{self.seed}:{self.tensor_name}:{self.model_index}:{chunk}".encode()
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+        return torch.Generator().manual_seed(self.chunk_seed(chunk))
 
     def fresh(self) -> "RandomMask":
         return self
@@ -124,18 +113,6 @@ def rank_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
         return torch.full(delta.shape, density)
     ranks = torch.argsort(torch.argsort(delta.abs(), dim=1, stable=True), dim=1)
     return (density - epsilon) + ranks.to(torch.float32) * (2 * epsilon / (n - 1))
-
-
-def magprune_problem(params: TensorParams) -> str | None:
-    """mergekit refuses an ε that puts density ± ε outside (0, 1) when anything is pruned."""
-    for number, model in enumerate(params.per_model, 1):
-        density, epsilon = float(model["density"]), float(model["epsilon"])
-        if density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
-            return (
-                f"parameters.epsilon: {epsilon} with density {density} (model {number}) puts density ± epsilon "
-                f"outside (0, 1) for tensor {params.tensor_name}"
-            )
-    return None
 
 
 def make_pruners(kind: str | None, blocks: BlockSource, params: TensorParams) -> list:
@@ -181,14 +158,10 @@ def magnitude_cuts(
 
 def magnitude_masks(blocks: BlockSource, densities: list[float]) -> list[TopKMask | None]:
     """TIES: the exact magnitude cut of each delta over the whole tensor, found by streaming."""
-    sparse = [index for index, density in enumerate(densities) if density < 1.0]
+    sparse, choose_ks = magnitude_ks(densities)
     masks: list[TopKMask | None] = [None] * len(densities)
     if not sparse:
         return masks
-
-    def choose_ks(numel: int) -> list[int]:
-        return [max(1, int(densities[index] * numel)) for index in sparse]
-
     for index, mask in zip(sparse, magnitude_cuts(blocks, sparse, choose_ks), strict=True):
         masks[index] = mask
     return masks
@@ -197,19 +170,10 @@ def magnitude_masks(blocks: BlockSource, densities: list[float]) -> list[TopKMas
 def outlier_masks(blocks: BlockSource, densities: list[float], gammas: list[float]) -> list[BandMask | None]:
     """Breadcrumbs: drop the int(γ·n) largest magnitudes (fewer when int(density·n) would not fit below them), keep
     the next int(density·n), drop the rest; density 1 keeps everything (γ is then ignored, as in mergekit)."""
-    sparse = [index for index, density in enumerate(densities) if density < 1.0]
+    sparse, choose_ks = outlier_ks(densities, gammas)
     masks: list[BandMask | None] = [None] * len(densities)
     if not sparse:
         return masks
-
-    def choose_ks(numel: int) -> list[int]:
-        ks = []
-        for index in sparse:
-            target = int(densities[index] * numel)
-            below = max(0, numel - target - int(gammas[index] * numel))
-            ks += [max(0, numel - below), max(0, numel - below - target)]
-        return ks
-
     cuts = magnitude_cuts(blocks, [index for index in sparse for _ in range(2)], choose_ks)
     for number, index in enumerate(sparse):
         masks[index] = BandMask(cuts[2 * number], cuts[2 * number + 1])

@@ -6,9 +6,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from mergebot.merge.methods.base import BlockSource, TensorParams, model_weights
+from mergebot.merge.methods.shared import DIVISOR_EPS
 from mergebot.merge.methods.sparsify import make_pruners, rescale_factors
-
-DIVISOR_EPS = 1e-8
 
 
 def make_task_arithmetic(sparsify: str | None, consensus: bool) -> Callable[..., Iterator[torch.Tensor]]:

@@ -5,17 +5,12 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from mergebot.merge.methods.shared import histogram_pick
+
 
 def float_bits(values: torch.Tensor) -> torch.Tensor:
     """Bit patterns of non-negative float32 values, whose integer order is the values' order."""
     return values.contiguous().view(torch.int32)
-
-
-def _histogram_pick(histogram: torch.Tensor, k: int) -> tuple[int, int]:
-    """The bucket holding the k-th largest entry, and how many entries lie in higher buckets."""
-    above = torch.flip(torch.cumsum(torch.flip(histogram, [0]), 0), [0]) - histogram
-    bucket = int(torch.nonzero((above < k) & (above + histogram >= k))[0])
-    return bucket, int(above[bucket])
 
 
 _SORT_AT_MOST = 1 << 16
@@ -50,7 +45,7 @@ def top_cuts(
             high[index] += torch.bincount((stream_bits >> 16).reshape(-1), minlength=buckets)
     assert high is not None
     ks = choose_ks(int(high[0].sum()))
-    picks = [_histogram_pick(high[index], k) for index, k in enumerate(ks)]
+    picks = [histogram_pick(high[index].numpy(), k) for index, k in enumerate(ks)]
     low = torch.zeros(len(ks), buckets, dtype=torch.int64)
     for bits in streams():
         for index, stream_bits in enumerate(bits):
@@ -58,6 +53,6 @@ def top_cuts(
             low[index] += torch.bincount(in_bucket & 0xFFFF, minlength=buckets)
     results = []
     for index, (k, (bucket, above_bucket)) in enumerate(zip(ks, picks, strict=True)):
-        low_bits, above_low = _histogram_pick(low[index], k - above_bucket)
+        low_bits, above_low = histogram_pick(low[index].numpy(), k - above_bucket)
         results.append(((bucket << 16) | low_bits, above_bucket + above_low, k))
     return results
