@@ -88,16 +88,28 @@ def test_missing_key_points_at_its_table(tmp_path):
     ]
 
 
-def test_merge_command_loads_neither_the_scheduler_nor_transformers(tmp_path):
-    base = make_model(tmp_path / "base")
-    other = make_model(tmp_path / "other", base=base, seed=1)
-    args = ("merge", "--method", "linear", f"{base}:1", f"{other}:1", tmp_path / "out")
-    result = run_cli_process(*args, env={"PYTHONPROFILEIMPORTTIME": "1"})
+def imports_of_merge(tmp_path, method: str, *sources: str) -> set[str]:
+    result = run_cli_process(
+        "merge", "--method", method, *sources, tmp_path / "out", env={"PYTHONPROFILEIMPORTTIME": "1"}
+    )
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "out").glob("*.safetensors"))
-    imported = {
-        line.rpartition("|")[2].strip() for line in result.stderr.splitlines() if line.startswith("import time")
-    }
+    return {line.rpartition("|")[2].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+
+
+def test_a_fused_merge_loads_neither_torch_nor_the_scheduler_nor_transformers(tmp_path):
+    """A merge whose tensors all take the fused loops skips torch's import (over a second of a small merge)."""
+    base = make_model(tmp_path / "base")
+    other = make_model(tmp_path / "other", base=base, seed=1)
+    imported = imports_of_merge(tmp_path, "linear", f"{base}:1", f"{other}:1")
+    assert "numba" in imported
+    assert not {"torch", "apscheduler", "transformers"} & imported
+
+
+def test_a_method_without_fused_loops_loads_torch_but_not_transformers(tmp_path):
+    base = make_model(tmp_path / "base")
+    other = make_model(tmp_path / "other", base=base, seed=1)
+    imported = imports_of_merge(tmp_path, "nearswap", "--base-model", str(base), str(other), "--set", "t=0.01")
     assert "torch" in imported
     assert not {"apscheduler", "transformers"} & imported
 

@@ -37,6 +37,9 @@ BLOCK_ELEMENTS = 1 << 20
 method's temporaries stay near the cache and peak memory stays flat."""
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 RAW_BITS = {"BF16": np.uint16, "F32": np.uint32}
+RAW_KEPT_BYTES = 64 << 20
+"""A tensor read by a multi-pass method (slerp's angle, TIES's cut, DARE's rescale) is kept in memory up to this
+size, so the passes after the first read nothing; the largest (embeddings) are read again each pass."""
 _READ_AHEAD = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
 """Reads the next block of a tensor while the merge's threads compute the current one."""
 
@@ -228,7 +231,7 @@ class _BlockSource:
 
 class _RawPasses:
     """Passes over a plain tensor's raw blocks: the next block is read (by the I/O thread) while the current one is
-    computed; a tensor that fits in one block is read once."""
+    computed; a tensor whose inputs hold at most RAW_KEPT_BYTES is read once, in its first pass, and kept."""
 
     def __init__(self, source: _BlockSource, bits: type) -> None:
         self.source = source
@@ -236,10 +239,11 @@ class _RawPasses:
         self._cached: list[tuple[int, np.ndarray]] | None = None
 
     def __call__(self) -> Iterator[tuple[int, np.ndarray]]:
+        if self._cached is not None:
+            return iter(self._cached)
         rows, step = self.source.rows, self.source.block_rows
-        if rows <= step:
-            if self._cached is None:
-                self._cached = [(0, self._read(0, rows))]
+        if sum(info.nbytes for info in self.source.infos) <= RAW_KEPT_BYTES:
+            self._cached = list(self._stream(rows, step))
             return iter(self._cached)
         return self._stream(rows, step)
 
