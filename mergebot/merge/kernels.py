@@ -44,13 +44,18 @@ def _encode(values_bits, out, out_lo, count, out_shift):
             target[i] = values_bits[i]
 
 
+@_jit
+def _scratch(inputs):
+    """Room for SUB elements of every input and of one delta, each also seen as its bits."""
+    bits = np.empty((inputs, SUB), np.uint32)
+    delta = np.empty(SUB, np.float32)
+    return bits, bits.view(np.float32), delta, delta.view(np.uint32)
+
+
 @_fused
 def linear(raw, shift, lo, hi, scales, out, out_shift):
     """out = x0·s0, then out += xj·sj for each further input (torch's add with alpha: one fused multiply-add)."""
-    scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
-    scratch = scratch_bits.view(np.float32)
-    result = np.empty(SUB, np.float32)
-    result_bits = result.view(np.uint32)
+    scratch_bits, scratch, result, result_bits = _scratch(raw.shape[0])
     for start in range(lo, hi, SUB):
         count = min(SUB, hi - start)
         _decode(raw, shift, start, count, scratch_bits)
@@ -67,10 +72,7 @@ def linear(raw, shift, lo, hi, scales, out, out_shift):
 @_fused
 def slerp(raw, shift, lo, hi, scale0, scale1, out, out_shift):
     """out = v0·scale0 + v1·scale1, the second product fused into the add as torch.add(alpha=) does."""
-    scratch_bits = np.empty((2, SUB), np.uint32)
-    scratch = scratch_bits.view(np.float32)
-    result = np.empty(SUB, np.float32)
-    result_bits = result.view(np.uint32)
+    scratch_bits, scratch, result, result_bits = _scratch(2)
     for start in range(lo, hi, SUB):
         count = min(SUB, hi - start)
         _decode(raw, shift, start, count, scratch_bits)
@@ -166,10 +168,7 @@ def _delta(scratch, row, count, delta):
 def magnitude_histogram(raw, shift, lo, hi, models, buckets, histogram):
     """Counts of |model − base| bit patterns: by their high 16 bits (bucket −1), or by their low 16 bits among
     those whose high 16 bits equal the model's bucket. `models` indexes rows 1.. of `raw` (one may repeat)."""
-    scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
-    scratch = scratch_bits.view(np.float32)
-    delta = np.empty(SUB, np.float32)
-    delta_bits = delta.view(np.uint32)
+    scratch_bits, scratch, delta, delta_bits = _scratch(raw.shape[0])
     for start in range(lo, hi, SUB):
         count = min(SUB, hi - start)
         _decode(raw, shift, start, count, scratch_bits)
@@ -191,10 +190,7 @@ def magnitude_histogram(raw, shift, lo, hi, models, buckets, histogram):
 def count_at(raw, shift, lo, hi, models, thresholds):
     """How many |model − base| bit patterns equal each slot's threshold in [lo, hi)."""
     counts = np.zeros(models.shape[0], np.int64)
-    scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
-    scratch = scratch_bits.view(np.float32)
-    delta = np.empty(SUB, np.float32)
-    delta_bits = delta.view(np.uint32)
+    scratch_bits, scratch, delta, delta_bits = _scratch(raw.shape[0])
     for start in range(lo, hi, SUB):
         count = min(SUB, hi - start)
         _decode(raw, shift, start, count, scratch_bits)
@@ -212,10 +208,7 @@ def count_at(raw, shift, lo, hi, models, thresholds):
 def nth_equal(raw, shift, lo, hi, model, threshold, n):
     """The block index of the n-th (from 0) |model − base| bit pattern equal to `threshold` in [lo, hi); hi when
     there are not that many."""
-    scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
-    scratch = scratch_bits.view(np.float32)
-    delta = np.empty(SUB, np.float32)
-    delta_bits = delta.view(np.uint32)
+    scratch_bits, scratch, delta, delta_bits = _scratch(raw.shape[0])
     seen = 0
     for start in range(lo, hi, SUB):
         count = min(SUB, hi - start)

@@ -3,21 +3,26 @@ the standard cache (only the files a merge reads), a LoRA adapter the same way, 
 input is known by in run records and caches."""
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergebot.config.merge import MergeConfig
 from mergebot.config.models import Checkpoint, ModelSpec
 from mergebot.files import FileHashes, default_cache_dir, local_identity
-from mergebot.hub.client import HubClient
 from mergebot.merge.source import AdapterSource, InputModel, open_model
 
+if TYPE_CHECKING:
+    from mergebot.hub.client import HubClient
 
-def resolve_inputs(config: MergeConfig, hub: HubClient | None = None) -> dict[str, InputModel]:
+
+def resolve_inputs(config: MergeConfig, hub: "HubClient | None" = None) -> dict[str, InputModel]:
     """Open every model the config names, with the sha256 of each weight file (its adapter's included)."""
     hashes = FileHashes(default_cache_dir())
     models = {}
     for spec in config.models:
-        if not all(checkpoint.is_local for checkpoint in spec.checkpoints):
-            hub = hub or HubClient()
+        if not all(checkpoint.is_local for checkpoint in spec.checkpoints) and hub is None:
+            from mergebot.hub.client import HubClient  # huggingface_hub's import: only for a merge that reads a Hub
+
+            hub = HubClient()
         model = open_model(spec.model, spec.base.local_path) if spec.is_local else open_hub_model(hub, spec)
         if spec.lora is not None:
             from mergebot.merge.lora import apply_lora  # torch's: only a merge with an adapter imports it
@@ -32,7 +37,7 @@ def resolve_inputs(config: MergeConfig, hub: HubClient | None = None) -> dict[st
     return models
 
 
-def open_hub_model(hub: HubClient | None, spec: ModelSpec) -> InputModel:
+def open_hub_model(hub: "HubClient | None", spec: ModelSpec) -> InputModel:
     """Resolve the revision to a sha, fetch what changed into the cache, open the snapshot."""
     snapshot, sha, shas = _checkpoint_files(spec.base, hub)
     model = open_model(spec.model, snapshot, revision=sha)
@@ -40,7 +45,7 @@ def open_hub_model(hub: HubClient | None, spec: ModelSpec) -> InputModel:
     return model
 
 
-def _checkpoint_files(checkpoint: Checkpoint, hub: HubClient | None) -> tuple[Path, str | None, dict[str, str]]:
+def _checkpoint_files(checkpoint: Checkpoint, hub: "HubClient | None") -> tuple[Path, str | None, dict[str, str]]:
     """A checkpoint's directory, the commit sha read (None when local) and the LFS sha256 of its files by name."""
     if checkpoint.is_local:
         return checkpoint.local_path, None, {}

@@ -1,6 +1,7 @@
-"""Linear, SLERP and the task-arithmetic family as fused loops over the inputs' bits (`mergebot.merge.kernels`),
-each block's elements split across the merge's threads. Every statistic, cut and random draw is the one the torch
-method takes, so the output bytes are the same; the torch methods stay the definition."""
+"""Linear, SLERP, passthrough and the task-arithmetic family as fused loops over the inputs' bits
+(`mergebot.merge.kernels`), each block's elements split across the merge's threads. Every statistic, cut and
+random draw is the one the torch method takes, so the output bytes are the same; the torch methods stay the
+definition."""
 
 import threading
 from collections.abc import Callable, Iterator
@@ -34,8 +35,8 @@ NOTHING = 0x7FFFFFFF
 
 @cache
 def _loops() -> ModuleType:
-    """The compiled loops, imported on first use: numba's import alone costs about half a second, which only a
-    merge with tensors large enough for the loops should pay."""
+    """The compiled loops, imported on first use: numba's import costs about half a second, which a command that
+    merges nothing, or merges only on the torch path, should not pay."""
     from mergebot.merge import kernels
 
     return kernels
