@@ -37,7 +37,7 @@ from mergebot.daemon.stages import reference, running_reader, waits_for_upstream
 from mergebot.daemon.state import State, TargetState
 from mergebot.daemon.status import metrics_text
 from mergebot.daemon.systemd import notify, watchdog_interval
-from mergebot.daemon.watch import RetryUntilStopped, Upstream, due_reason
+from mergebot.daemon.watch import RetryUntilStopped, Upstream, due_reason, refused_with, window_missed
 from mergebot.errors import ExitCode, MergebotError
 from mergebot.hub.client import HubClient
 from mergebot.hub.endpoints import reader
@@ -206,7 +206,7 @@ class Daemon:
             self.state.set_target_status(target.name, TargetState.UP_TO_DATE, None, next_check)
             return
         last = self.state.last_run(target.name)
-        unchanged = self._refused_with(target, digests)
+        unchanged = refused_with(self.state, target, digests)
         if unchanged and last.outcome == "failed":
             waiting = f"last run failed: {last.reason}; waits for new inputs or a config change"
             self.state.set_target_status(target.name, TargetState.WAITING_FOR_CHANGE, waiting, next_check)
@@ -217,7 +217,8 @@ class Daemon:
             return
         if self._run_pending(target.name):
             return
-        if target.when == "nightly" and not self._window_missed(target):
+        timezone = self.scheduler.timezone
+        if target.when == "nightly" and not window_missed(self.state, target, self.config.daemon.schedule, timezone):
             fire = self.scheduler.get_job("nightly").next_run_time
             waiting = f"due ({reason}); waits for the nightly window {fire}"
             self.state.set_target_status(target.name, TargetState.WAITING_FOR_WINDOW, waiting, next_check)
@@ -225,26 +226,6 @@ class Daemon:
         self.log.info("target due", target=target.name, reason=reason)
         self.state.set_target_status(target.name, TargetState.DUE, f"due ({reason}); run scheduled", next_check)
         self._schedule_run(target.name, delay=self.config.daemon.debounce if target.when == "on_change" else 0)
-
-    def _refused_with(self, target: Target, digests: dict[str, str]) -> bool:
-        """The last run was refused (failed for good, or held) on exactly this content and config: running it again
-        would only be refused again."""
-        last = self.state.last_run(target.name)
-        return bool(
-            last
-            and last.outcome in ("failed", "held")
-            and not last.transient
-            and (last.details or {}).get("digests") == digests
-            and last.config_hash == target.config_hash
-        )
-
-    def _window_missed(self, target: Target) -> bool:
-        """A nightly window that passed since the target's last run (the daemon was down or busy) still counts."""
-        last = self.state.last_run(target.name)
-        since = datetime.fromtimestamp(last.started if last else 0, self.scheduler.timezone)
-        trigger = CronTrigger.from_crontab(self.config.daemon.schedule, timezone=self.scheduler.timezone)
-        fire = trigger.get_next_fire_time(None, since)
-        return last is not None and fire is not None and fire <= datetime.now(self.scheduler.timezone)
 
     def _watch_releases(self) -> None:
         """Run each held target a person released (`mergebot release`) now, not at the next poll, whatever its
@@ -296,7 +277,7 @@ class Daemon:
                 self.log.info("up to date", target=target.name)
                 self.state.set_target_status(target.name, TargetState.UP_TO_DATE, None, None)
                 continue
-            if self._refused_with(target, inputs.digests) and target.name not in self.state.releases():
+            if refused_with(self.state, target, inputs.digests) and target.name not in self.state.releases():
                 self.log.info("still refused: nothing changed since", target=target.name)
                 failed = True
                 continue

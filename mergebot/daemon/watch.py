@@ -10,6 +10,9 @@ import json
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, tzinfo
+
+from apscheduler.triggers.cron import CronTrigger
 
 from mergebot import log
 from mergebot.config.daemon import Target
@@ -106,3 +109,24 @@ class Upstream:
 
 def _joined(digests: Iterable[str]) -> str:
     return hashlib.sha256("+".join(digests).encode()).hexdigest()
+
+
+def refused_with(state: State, target: Target, digests: dict[str, str]) -> bool:
+    """The last run was refused (failed for good, or held) on exactly this content and config: running it again
+    would only be refused again."""
+    last = state.last_run(target.name)
+    return bool(
+        last
+        and last.outcome in ("failed", "held")
+        and not last.transient
+        and (last.details or {}).get("digests") == digests
+        and last.config_hash == target.config_hash
+    )
+
+
+def window_missed(state: State, target: Target, schedule: str, timezone: tzinfo) -> bool:
+    """A nightly window that passed since the target's last run (the daemon was down or busy) still counts."""
+    last = state.last_run(target.name)
+    since = datetime.fromtimestamp(last.started if last else 0, timezone)
+    fire = CronTrigger.from_crontab(schedule, timezone=timezone).get_next_fire_time(None, since)
+    return last is not None and fire is not None and fire <= datetime.now(timezone)

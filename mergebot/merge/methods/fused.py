@@ -42,6 +42,14 @@ def _loops() -> ModuleType:
     return kernels
 
 
+@cache
+def _draw_loops() -> ModuleType:
+    """DARE's and DELLA's compiled loops, imported on first use (as `_loops`)."""
+    from mergebot.merge import draws
+
+    return draws
+
+
 def _combined(blocks: RawBlocks, raw: np.ndarray, loop: Callable, *settings: object) -> np.ndarray:
     """A block's output from `loop(raw, shift, lo, hi, *settings, out, out_shift)`, its range split over threads."""
     out = np.empty(raw.shape[1], blocks.output_bits)
@@ -138,7 +146,7 @@ def _rank_chances(
     shift: int, raw: np.ndarray, row_elements: int, model: int, low: np.float32, step: np.float32,
     chances: np.ndarray, first_row: int, last_row: int,
 ) -> None:  # fmt: skip
-    _loops().rank_chances(raw, shift, first_row, last_row, row_elements, model, low, step, chances)
+    _draw_loops().rank_chances(raw, shift, first_row, last_row, row_elements, model, low, step, chances)
 
 
 def _count(shift: int, raw: np.ndarray, slots: np.ndarray, thresholds: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -187,7 +195,7 @@ def _draws(blocks: RawBlocks, masks: list[DrawGrid | None], start: int, raw: np.
 
     def draw(lo: int, hi: int) -> None:
         for seed, skip, out in jobs[lo:hi]:
-            _loops().uniform_draws(seed, skip, out.shape[0], out)
+            _draw_loops().uniform_draws(seed, skip, out.shape[0], out)
 
     each_range(draw, len(jobs) * _loops().SUB)
     return draws
