@@ -130,6 +130,10 @@ class Handler(BaseHTTPRequestHandler):
 class BoundedServer(ThreadingHTTPServer):
     """A thread per connection, at most MAX_CONNECTIONS of them; each request within `request_bytes`."""
 
+    request_queue_size = 64
+    """Connections the kernel holds until they are accepted: a burst is accepted (and the excess closed) at once,
+    rather than left to the clients' connect retries."""
+
     def __init__(self, name: str, address: tuple[str, int], handler: type[Handler], request_bytes: int) -> None:
         super().__init__(address, handler)
         self.request_bytes = request_bytes
