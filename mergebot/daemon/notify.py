@@ -292,6 +292,8 @@ class _Receiver:
             try:
                 connection.request("POST", target, body=data, headers=self.headers)
                 response = connection.getresponse()
+                if deadline.passed:  # the answer may have been cut short, its headers read up to the cut
+                    raise TimeoutError
                 with suppress(OSError, http.client.HTTPException, ValueError):  # the status is what counts
                     response.read(ANSWER_BYTES)
             except (OSError, http.client.HTTPException, ValueError) as error:
