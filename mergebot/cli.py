@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except MergebotError as error:
-        print(f"mergebot: error: {error}", file=sys.stderr)
+        print(f"mergebot: error: {log.redact(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("mergebot: interrupted", file=sys.stderr)

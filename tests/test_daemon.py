@@ -297,7 +297,8 @@ def test_webhook_notify_socket_and_metrics(devhub, tmp_path):
         url = f"http://127.0.0.1:{port}/"
         payload = update_payload("org/ft1")
         assert requests.post(url, json=payload, headers={"X-Webhook-Secret": "wrong"}, timeout=5).status_code == 401
-        assert any(e.get("event") == "webhook rejected: bad secret" for e in setup.events())
+        rejects = wait_for(lambda: [e for e in setup.events() if e.get("event") == "webhook requests rejected"])
+        assert (rejects[0]["reason"], rejects[0]["count"]) == ("bad secret", 1)
         setup.change_shard("ft1")
         assert requests.post(url, json=payload, headers={"X-Webhook-Secret": "s3cret"}, timeout=5).status_code == 202
         wait_for(lambda: setup.head("me/hooked") != first, what="webhook-triggered re-merge (poll is 1h)")

@@ -78,6 +78,7 @@ BAD_ENTRIES = {
     "header alone": (URL + 'secret_header = "Authorization"\n', 10, "notify[1].secret_header", "needs secret_env"),
     "env name": (URL + 'secret_env = "MY SECRET"\n', 10, "notify[1].secret_env", "must be a name"),
     "url": ('url = "ftp://x"\n', 9, "notify[1].url", "required: the http(s) URL"),
+    "credentials": ('url = "https://u:p@hooks.example.org/b"\n', 9, "notify[1].url", "must not hold user:password@"),
 }
 
 

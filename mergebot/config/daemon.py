@@ -274,6 +274,9 @@ def _notify_settings(raw: Any, located: Located, prefix: str) -> NotifySettings:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise located.error(f"{prefix}url", "required: the http(s) URL to POST each event to")
+    if "@" in parts.netloc:
+        why = "must not hold user:password@ (a URL's credentials are not sent): use secret_env and secret_header"
+        raise located.error(f"{prefix}url", why)
     settings: dict[str, Any] = {}
     if "format" in raw:
         if raw["format"] not in NOTIFY_FORMATS:

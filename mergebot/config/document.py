@@ -108,11 +108,15 @@ def read_document(path: Path, text: str | None = None) -> tuple[dict[str, Any], 
                     'target chains stages as targets instead (model = "target:NAME")'
                 )
             raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from error
+        except RecursionError as error:
+            raise ConfigError(f"{path}: invalid YAML: nested too deeply") from error
     else:
         try:
             document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: invalid TOML: {error}") from error
+        except RecursionError as error:
+            raise ConfigError(f"{path}: invalid TOML: nested too deeply") from error
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: the config must be a table/mapping at the top level")
     return document, Located(path, text)

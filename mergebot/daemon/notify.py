@@ -12,11 +12,12 @@ import json
 import math
 import os
 import queue
+import re
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +28,7 @@ from mergebot.daemon.page import hub_url
 from mergebot.daemon.runs import Run
 from mergebot.daemon.state import State
 from mergebot.files import short_identity
+from mergebot.log import redact, redact_value
 
 PAYLOAD_VERSION = 1
 """Of the json format; it grows only by new fields, and goes up when a field changes meaning or goes."""
@@ -34,12 +36,18 @@ ATTEMPTS = 5
 FIRST_RETRY_S = 1.0
 """Then 2, 4 and 8 s: an event waits out about 15 s of a receiver restarting."""
 SEND_TIMEOUT_S = 5.0
+"""For the whole of one try: connecting, sending and the answer, however slowly a receiver drips it."""
+ANSWER_BYTES = 4096
+"""What is read of a receiver's answer before the connection is closed: its status is what counts."""
 QUEUE_SIZE = 100
 """Events waiting per receiver; more are dropped (and counted) while it is down."""
 FLUSH_S = 5.0
 """How long a stopping daemon gives its receivers for what is queued: one try each, no retry."""
 RETRY_STATUS = {408, 429}
-"""Besides 5xx: the answers worth trying again. Any other 4xx drops the event at once."""
+"""Besides 5xx: the answers worth trying again. Any other 4xx, or a redirect (never followed: it would carry the
+secret wherever it points), drops the event at once."""
+HEADER_VALUE = re.compile(r"[!-~]([ -~]*[!-~])?")
+"""What a secret may hold: printable ASCII, inner spaces (`Bearer TOKEN`); the variable's value is stripped first."""
 LOOKBACK = 100
 """Runs looked back over to find the one a recovery follows (transient failures in between are skipped)."""
 DISCORD_LIMIT = 2000
@@ -157,7 +165,8 @@ def _finite(value: Any) -> float | None:
 
 
 def body(settings: NotifySettings, event: dict) -> bytes:
-    """What is POSTed: the payload itself (json), or a message in the receiver's incoming-webhook shape."""
+    """What is POSTed: the payload itself (json), or a message in the receiver's incoming-webhook shape; credentials
+    in a URL within it (a reason naming an endpoint) are redacted."""
     if settings.format == "slack":
         shaped: dict = {"text": message(event, lambda text, url: f"<{url}|{text}>", _slack_escape)}
     elif settings.format == "discord":
@@ -165,7 +174,7 @@ def body(settings: NotifySettings, event: dict) -> bytes:
         shaped = {"content": text[:DISCORD_LIMIT], "allowed_mentions": {"parse": []}}
     else:
         shaped = event
-    return json.dumps(shaped).encode()
+    return json.dumps(redact_value(shaped)).encode()
 
 
 def _slack_escape(text: str) -> str:
@@ -216,11 +225,12 @@ class _Receiver:
         self.thread = threading.Thread(target=self._run, name="notify", daemon=True)
         self.enabled = True
         if settings.secret_env is not None:
-            secret = os.environ.get(settings.secret_env, "")
-            if secret:
+            secret = os.environ.get(settings.secret_env, "").strip()  # an env file's trailing newline
+            if HEADER_VALUE.fullmatch(secret):
                 self.headers[settings.secret_header] = secret
-            else:
-                _log.error("notifications disabled: the secret variable is empty", variable=settings.secret_env)
+            else:  # never the value: it may be the secret with a typo
+                why = "is empty" if not secret else "holds characters a header cannot carry"
+                _log.error(f"notifications disabled: the secret variable {why}", variable=settings.secret_env)
                 self.enabled = False
         if self.enabled:
             self.thread.start()
@@ -268,17 +278,36 @@ class _Receiver:
             self.dropped += 1
 
     def _post(self, data: bytes) -> tuple[str | None, bool]:
-        """(None, _) when the receiver took it; else (what went wrong, whether trying again may help)."""
-        request = urllib.request.Request(self.settings.url, data=data, headers=self.headers, method="POST")
+        """(None, _) when the receiver took it; else (what went wrong, whether trying again may help). One try
+        ends within SEND_TIMEOUT_S in all, reads at most ANSWER_BYTES of the answer and follows no redirect."""
         try:
-            with urllib.request.urlopen(request, timeout=SEND_TIMEOUT_S) as response:
-                response.read()
-        except urllib.error.HTTPError as error:
-            return f"HTTP {error.code}", error.code in RETRY_STATUS or error.code >= 500
-        except (OSError, http.client.HTTPException, ValueError) as error:
-            reason = getattr(error, "reason", error)
-            return f"{type(reason).__name__}: {reason}", True
-        return None, False
+            parts = urlsplit(self.settings.url)
+            https = parts.scheme == "https"
+            kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
+            connection = kind(parts.hostname or "", parts.port or (443 if https else 80), timeout=SEND_TIMEOUT_S)
+        except ValueError as error:  # a port out of range
+            return f"{type(error).__name__}: {redact(str(error))}", False
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        with _Deadline(connection, SEND_TIMEOUT_S) as deadline:
+            try:
+                connection.request("POST", target, body=data, headers=self.headers)
+                response = connection.getresponse()
+                if deadline.passed:  # the answer may have been cut short, its headers read up to the cut
+                    raise TimeoutError
+                with suppress(OSError, http.client.HTTPException, ValueError):  # the status is what counts
+                    response.read(ANSWER_BYTES)
+            except (OSError, http.client.HTTPException, ValueError) as error:
+                if deadline.passed:
+                    return f"no answer within {SEND_TIMEOUT_S:g} s", True
+                return f"{type(error).__name__}: {redact(str(error))}", True
+            finally:
+                connection.close()
+        status = response.status
+        if 200 <= status < 300:
+            return None, False
+        if 300 <= status < 400:
+            return f"HTTP {status}: a redirect, not followed", False
+        return f"HTTP {status}", status in RETRY_STATUS or status >= 500
 
     def _failed(self, failure: str, event: str) -> None:
         with self._lock:
@@ -292,3 +321,35 @@ class _Receiver:
             self.failing, self.dropped = False, 0
         if back:
             _log.info("notification receiver back", receiver=self.label, dropped=dropped)
+
+
+class _Deadline:
+    """Bounds every blocking call of one try on `connection`: once `seconds` have passed, its socket is shut down,
+    which ends a read waiting on it. (A socket timeout bounds each read alone, so an answer dripped a byte at a
+    time would hold the receiver's thread for ever.)"""
+
+    def __init__(self, connection: http.client.HTTPConnection, seconds: float) -> None:
+        self.connection = connection
+        self.seconds = seconds
+        self.done = threading.Event()
+        self.passed = False
+        self.thread = threading.Thread(target=self._watch, name="notify-deadline", daemon=True)
+
+    def __enter__(self) -> "_Deadline":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _watch(self) -> None:
+        if self.done.wait(self.seconds):
+            return
+        self.passed = True
+        while not self.done.is_set():  # the socket may appear only now (a connect that was still under way)
+            sock = self.connection.sock
+            if sock is not None:
+                with suppress(OSError):  # the plain socket's shutdown: under TLS too, it leaves the TLS object be
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            self.done.wait(0.05)

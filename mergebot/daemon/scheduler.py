@@ -25,13 +25,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from mergebot import log
-from mergebot.config.daemon import DaemonConfig, Target, check_daemon_config, load_daemon_config
+from mergebot.config.daemon import DaemonConfig, Target
 from mergebot.daemon.cleanup import clean_unused_revisions
 from mergebot.daemon.endpoints import start_metrics, start_webhook
 from mergebot.daemon.executor import start_executor
 from mergebot.daemon.lock import acquire_lock
 from mergebot.daemon.notify import Notifier
 from mergebot.daemon.page import page_data
+from mergebot.daemon.reload import read_config, reread
 from mergebot.daemon.runs import Outcome
 from mergebot.daemon.stages import reference, running_reader, waits_for_upstream
 from mergebot.daemon.state import State, TargetState
@@ -53,8 +54,8 @@ class Daemon:
 
     def __init__(self, config_path: Path) -> None:
         self.config_path = config_path
-        self.config_text = config_path.read_text(encoding="utf-8")
-        self.config: DaemonConfig = load_daemon_config(config_path, self.config_text)
+        self.config: DaemonConfig
+        self.config, self.config_text = read_config(config_path)
         self.config_mtime = config_path.stat().st_mtime_ns
         self.log = log.get("daemon")
         self.lock = acquire_lock(self.config.daemon.state_dir)
@@ -152,19 +153,15 @@ class Daemon:
             self.reload_requested.set()
 
     def reload(self) -> None:
-        """Adopt an edited config; an invalid edit is logged with its line and the running config stays."""
-        text = self.config_path.read_text(encoding="utf-8")
-        config, problems = check_daemon_config(self.config_path, text)
-        if problems or config is None:
-            for problem in problems:
-                self.log.error("config rejected, keeping the running one", problem=str(problem))
+        """Adopt an edited config; one that cannot be adopted is logged and the running config stays (reload.py)."""
+        accepted = reread(self.config_path, self.config)
+        if accepted is None:
             return
+        config, text = accepted
         removed = set(self.config.targets) - set(config.targets)
         for name in removed:
             if self.scheduler.get_job(f"run:{name}"):
                 self.scheduler.remove_job(f"run:{name}")
-        if config.daemon.ray != self.config.daemon.ray:
-            self.log.warning("executor settings changed; they take effect when the daemon restarts")
         self.config, self.config_text = config, text
         self.log.info("config reloaded", targets=sorted(config.targets), removed=sorted(removed))
         self.scheduler.add_job(self.poll, id="poll-now", replace_existing=True)

@@ -28,6 +28,7 @@ from typing import Any, Self
 from mergebot.daemon.runs import OUTCOMES, RUN_COLUMNS, RUNNING, Outcome, Run, run_from_row
 from mergebot.daemon.schema import check_version, enable_wal, migrate
 from mergebot.errors import StateError
+from mergebot.log import redact
 
 STATE_FILE = "state.sqlite3"
 # Long enough to outwait any write the daemon or its child makes (all are small), short enough that a wedged
@@ -236,7 +237,7 @@ class State:
             db.execute(
                 "UPDATE runs SET finished = ?, outcome = ?, reason = ?, transient = ?, published_sha = ?, details = ? "
                 "WHERE id = ?",
-                (time.time(), outcome, reason, transient, published_sha, details_json, run_id),
+                (time.time(), outcome, reason and redact(reason), transient, published_sha, details_json, run_id),
             )
 
     def mark_interrupted_runs(self, reason: str = "the daemon stopped before the run finished") -> list[Run]:
@@ -352,7 +353,7 @@ class State:
                 "INSERT INTO target_status (target, state, waiting_reason, next_check, updated) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (target) DO UPDATE SET state = excluded.state, waiting_reason = excluded.waiting_reason, "
                 "next_check = excluded.next_check, updated = excluded.updated",
-                (target, state.value, waiting_reason, next_check, time.time()),
+                (target, state.value, waiting_reason and redact(waiting_reason), next_check, time.time()),
             )
 
     def target_status(self, target: str) -> TargetStatus | None:

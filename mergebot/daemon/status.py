@@ -7,6 +7,7 @@ from mergebot.config.daemon import DaemonConfig
 from mergebot.config.models import ModelSpec
 from mergebot.daemon.lock import daemon_pid
 from mergebot.daemon.state import STATE_FILE, State, TargetState
+from mergebot.log import redact_value
 
 
 def _when(timestamp: float | None) -> str | None:
@@ -21,13 +22,14 @@ def _latest(state: State, spec: ModelSpec) -> str | None:
 
 def collect_status(config: DaemonConfig) -> dict:
     """Per target: inputs with the last seen sha, last run, published revision, next check, why it waits, and
-    what holds it when its last run was held."""
+    what holds it when its last run was held. Credentials in a URL are redacted (records older than the redaction
+    at recording may hold them)."""
     state_dir = config.daemon.state_dir
     result = {"state_dir": str(state_dir), "daemon_pid": daemon_pid(state_dir), "targets": {}}
     if not (state_dir / STATE_FILE).exists():
         for name, target in config.targets.items():
             result["targets"][name] = {"repo": target.repo, "when": target.when, "waiting": "never checked"}
-        return result
+        return redact_value(result)
     with State.open(state_dir, readonly=True) as state:
         released = state.releases()
         for name, target in config.targets.items():
@@ -62,7 +64,7 @@ def collect_status(config: DaemonConfig) -> dict:
                     "released": name in released,
                 },
             }
-    return result
+    return redact_value(result)
 
 
 def format_status(status: dict) -> str:
