@@ -34,8 +34,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import repo_folder_name
 
 from mergebot import log
-from mergebot.errors import HubAuthError, HubError, HubNotFoundError, ModelError, UnsafePathError
-from mergebot.files import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, is_merge_input, read_json
+from mergebot.errors import FileLimitError, HubAuthError, HubError, HubNotFoundError, ModelError, UnsafePathError
+from mergebot.files import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, is_merge_input, read_json, size_limit
 from mergebot.hub.download import (
     BLOB_ID,
     COMMIT_SHA,
@@ -154,6 +154,12 @@ class HubClient:
                 )
             raise ModelError(f"repo {remote.repo}@{remote.sha[:12]}: no safetensors weights")
         metadata = sorted(names - set(weights))
+        for name in metadata:
+            if remote.files[name].size > size_limit(name):
+                raise FileLimitError(
+                    f"repo {remote.repo}@{remote.sha[:12]}: {name} is listed at {remote.files[name].size} bytes, "
+                    f"over the {size_limit(name)} mergebot reads"
+                )
         snapshot = None
         for name in metadata:
             snapshot = self._download(remote, name).parent
