@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 
+from mergebot.config.document import read_document
 from mergebot.config.merge import ModelSpec
 from mergebot.dev.devhub import DevHub
 from mergebot.dev.synthetic import make_model
-from mergebot.errors import FileLimitError, HubError
+from mergebot.errors import FileLimitError, HubError, MergebotError
 from mergebot.files import JSON_DEPTH_LIMIT, SMALL_FILE_LIMIT
 from mergebot.hub.cache import clean_cache
 from mergebot.hub.client import HubClient, RetryPolicy
@@ -202,3 +203,20 @@ def test_the_command_refuses_a_hostile_download_in_one_line(devhub, tmp_path):
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "org/ft" in errors[0] and "model.safetensors" in errors[0], result.stderr
     assert outside(tmp_path, "home", "work") == []
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("deep.yml", "a: " + "[" * 50_000 + "]" * 50_000, "invalid YAML: nested too deeply"),
+        ("deep.toml", "a = " + "[" * 50_000 + "]" * 50_000, "invalid TOML: nested too deeply"),
+        ("nested.yml", "a: " + "[" * (JSON_DEPTH_LIMIT + 1) + "]" * (JSON_DEPTH_LIMIT + 1), "nested deeper than"),
+        ("huge.yml", "#" * (SMALL_FILE_LIMIT + 1), "huge.yml is 16777217 bytes, over the 16777216 mergebot reads"),
+    ],
+)
+def test_deep_or_huge_config_file_is_one_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(MergebotError, match=message) as raised:
+        read_document(path)
+    assert "\n" not in str(raised.value) and str(path) in str(raised.value)

@@ -215,7 +215,7 @@ class HubClient:
             "commit",
         )
         self.uploaded_bytes += sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in add.values())
-        return info.oid
+        return check_id(COMMIT_SHA, info.oid, "commit sha", f"{repo}@main")
 
     def _call(
         self, repo: str, revision: str | None, action: Callable[[], T], what: str = "request", file: str | None = None
