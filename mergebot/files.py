@@ -174,20 +174,28 @@ class FileHashes:
             self._known = {}
 
     def sha256(self, path: Path) -> str:
-        real = path.resolve()
-        if real.parent.name == "blobs" and len(real.name) == 64:
-            return real.name
-        stat = real.stat()
-        key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+        """The file's sha256; a blob of the HF cache is not taken for what its name says (another tool, or an
+        endpoint it trusted, may have written it): it is hashed once like any file."""
+        key = self._key(path)
         if key not in self._known:
             digest = hashlib.sha256()
-            with real.open("rb") as handle:
+            with path.resolve().open("rb") as handle:
                 while chunk := handle.read(8 << 20):
                     digest.update(chunk)
-            self._known[key] = digest.hexdigest()
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self._path, self._known)
+            self.remember(path, digest.hexdigest())
         return self._known[key]
+
+    def remember(self, path: Path, sha256: str) -> None:
+        """Record a sha256 computed elsewhere (while downloading the file)."""
+        self._known[self._key(path)] = sha256
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self._path, self._known)
+
+    @staticmethod
+    def _key(path: Path) -> str:
+        real = path.resolve()
+        stat = real.stat()
+        return f"{real}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
 
 
 def default_cache_dir() -> Path:

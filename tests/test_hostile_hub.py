@@ -2,6 +2,7 @@
 server sends becomes a path outside the cache, no body is written past its listed size, no small file is parsed
 past its limits, and each refusal is one line naming the repo or file."""
 
+import hashlib
 import json
 import os
 import struct
@@ -220,3 +221,15 @@ def test_deep_or_huge_config_file_is_one_line(tmp_path, name, text, message):
     with pytest.raises(MergebotError, match=message) as raised:
         read_document(path)
     assert "\n" not in str(raised.value) and str(path) in str(raised.value)
+
+
+def test_a_poisoned_cached_blob_is_not_trusted(world, devhub, tmp_path):
+    """Another tool sharing the cache named a blob after what a hostile endpoint said: its bytes are checked once
+    before use, and replaced."""
+    remote = world.list_files("org/ft", world.resolve("org/ft"))
+    shard = next(f for f in remote.files.values() if f.sha256)
+    blob = world.cache_dir / "models--org--ft" / "blobs" / shard.sha256
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"\0" * shard.size)
+    model = open_hub_model(world, ModelSpec("org/ft"))
+    assert hashlib.sha256((model.path / shard.path).read_bytes()).hexdigest() == shard.sha256

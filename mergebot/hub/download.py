@@ -21,7 +21,7 @@ import httpx2
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from mergebot.errors import HubError
-from mergebot.files import fsync_dir
+from mergebot.files import FileHashes, default_cache_dir, fsync_dir
 
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 """A git commit id, as the Hub gives it: 40 lowercase hex digits."""
@@ -60,11 +60,26 @@ class Expected:
 
 
 def cached_file(repo_folder: Path, sha: str, name: str, expected: Expected) -> Path | None:
-    """The snapshot file when its blob is already in the cache at the listed size (the cache is by content)."""
+    """The snapshot file when its blob is already in the cache and is what the listing names. The cache is shared
+    with other tools, which name blobs after what an endpoint said: a blob is hashed once (remembered by its stat)
+    before it is trusted, and one that is not what its name says is removed."""
     blob = repo_folder / "blobs" / expected.blob
-    if not blob.is_file() or blob.stat().st_size != expected.size:
+    if not blob.is_file():
+        return None
+    if blob.stat().st_size != expected.size or _digest(blob, expected) != expected.blob:
+        blob.unlink()  # named by a checked id inside the repo's own blobs folder
         return None
     return _link(repo_folder, sha, name, expected.blob)
+
+
+def _digest(blob: Path, expected: Expected) -> str:
+    if expected.sha256:
+        return FileHashes(default_cache_dir()).sha256(blob)
+    digest = expected.hasher()
+    with blob.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def download(
@@ -84,6 +99,8 @@ def download(
             received = _fill(handle, url, token, expected, where)
             os.replace(partial, blob)
             fsync_dir(blobs)
+            if expected.sha256:
+                FileHashes(default_cache_dir()).remember(blob, expected.sha256)  # hashed as it arrived
     return _link(repo_folder, sha, name, expected.blob), received
 
 
