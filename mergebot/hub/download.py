@@ -92,7 +92,8 @@ def download(
     blobs.mkdir(parents=True, exist_ok=True)
     blob = blobs / expected.blob
     partial = blobs / f"{expected.blob}.incomplete"
-    with partial.open("ab+") as handle:
+    descriptor = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(descriptor, "ab+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         received = 0
         if not (blob.is_file() and blob.stat().st_size == expected.size):
