@@ -212,6 +212,7 @@ def test_the_command_refuses_a_hostile_download_in_one_line(devhub, tmp_path):
         ("deep.yml", "a: " + "[" * 50_000 + "]" * 50_000, "invalid YAML: nested too deeply"),
         ("deep.toml", "a = " + "[" * 50_000 + "]" * 50_000, "invalid TOML: nested too deeply"),
         ("nested.yml", "a: " + "[" * (JSON_DEPTH_LIMIT + 1) + "]" * (JSON_DEPTH_LIMIT + 1), "nested deeper than"),
+        ("alias.yml", "r: &r [*r]", "nested deeper than"),
         ("huge.yml", "#" * (SMALL_FILE_LIMIT + 1), "huge.yml is 16777217 bytes, over the 16777216 mergebot reads"),
     ],
 )
