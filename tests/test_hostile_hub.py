@@ -22,6 +22,8 @@ from mergebot.hub.client import HubClient, RetryPolicy
 from mergebot.merge.vocab import read_vocab
 from mergebot.pipeline.inputs import open_hub_model
 from tests.helpers import run_cli_process
+from tests.test_daemon import Setup
+from tests.test_daemon import target as daemon_target
 
 FAST_RETRY = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.02)
 ESCAPE = "../../../../canary/evil.pth"
@@ -234,3 +236,25 @@ def test_a_poisoned_cached_blob_is_not_trusted(world, devhub, tmp_path):
     blob.write_bytes(b"\0" * shard.size)
     model = open_hub_model(world, ModelSpec("org/ft"))
     assert hashlib.sha256((model.path / shard.path).read_bytes()).hexdigest() == shard.sha256
+
+
+def test_the_daemon_keeps_the_last_good_revision_against_a_hostile_hub(devhub, tmp_path):
+    """`once` publishes, then the Hub turns hostile on the next upstream revision: bad ETags on every download and a
+    changed shard that runs past its listing. Nothing lands outside the cache, the published revision stays, and
+    the reason is one line naming the repo and file."""
+    setup = Setup(devhub, tmp_path)
+    setup.write_config(daemon_target("t"))
+    first = run_cli_process("once", "--config", setup.config, env=setup.env, cwd=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr
+    published = setup.head("me/t")
+    (tmp_path / "canary").mkdir()
+    setup.change_shard("ft1")
+    devhub.inject(r"org/ft1/resolve/.*model-00001", "oversize", times=1000, method="GET", extra=16 << 20)
+    devhub.inject("resolve", "etag", times=1000, value=ESCAPE)
+    second = run_cli_process("once", "--config", setup.config, env=setup.env, cwd=tmp_path, timeout=300)
+    assert second.returncode != 0
+    assert setup.head("me/t") == published
+    reason = setup.status()["targets"]["t"]["last_run"]["reason"]
+    assert "org/ft1" in reason and "model-00001" in reason and "\n" not in reason, reason
+    assert list((tmp_path / "canary").iterdir()) == []
+    assert not [path for path in tmp_path.rglob("evil.pth*")]
