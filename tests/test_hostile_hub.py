@@ -98,9 +98,16 @@ def test_redirect_to_another_host_gets_no_token(world, devhub, tmp_path):
     assert outside(tmp_path, "home", "other") == []
 
 
-def test_redirect_to_a_file_url_is_refused(world, devhub):
-    devhub.inject(r"resolve/.*config\.json", "redirect", times=100, value="file:///etc/passwd")
-    with pytest.raises(HubError, match="redirected to a non-HTTP location"):
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("file:///etc/passwd", "redirected to a non-HTTP location"),
+        ("/org/ft/resolve/main/config.json", "more than 5 redirects"),  # to itself
+    ],
+)
+def test_bad_redirects_are_refused(world, devhub, location, message):
+    devhub.inject(r"resolve/.*config\.json", "redirect", times=100, value=location)
+    with pytest.raises(HubError, match=rf"^repo org/ft@\w+: config.json: {message}"):
         open_hub_model(world, ModelSpec("org/ft"))
 
 

@@ -117,7 +117,7 @@ def _fill(handle: BinaryIO, url: str, token: str | bool | None, expected: Expect
         handle.truncate(0)
         digest, held = expected.hasher(), 0
     received = 0
-    with _get(url, token, held if 0 < held < expected.size else 0) as response:
+    with _get(url, token, held if 0 < held < expected.size else 0, where) as response:
         if held and not (response.status_code == 206 and _range_start(response) == held):
             handle.truncate(0)  # the server sends the whole file (or another range): start over
             digest, held = expected.hasher(), 0
@@ -140,10 +140,11 @@ def _fill(handle: BinaryIO, url: str, token: str | bool | None, expected: Expect
 
 
 @contextmanager
-def _get(url: str, token: str | bool | None, start: int) -> Iterator[httpx2.Response]:
+def _get(url: str, token: str | bool | None, start: int, where: str) -> Iterator[httpx2.Response]:
     """The streamed GET of `url` (with `Range` from `start`), redirects followed by hand: at most MAX_REDIRECTS,
-    http(s) only, and the token only to the endpoint's own origin."""
-    origin, first = _origin(url), url
+    http(s) only, and the token only to the endpoint's own origin. Errors name the file, never a URL (which may
+    hold credentials)."""
+    origin = _origin(url)
     for _ in range(MAX_REDIRECTS + 1):
         headers = build_hf_headers(token=token if _origin(url) == origin else False)
         if start:
@@ -160,8 +161,8 @@ def _get(url: str, token: str | bool | None, start: int) -> Iterator[httpx2.Resp
         response.close()
         url = urljoin(url, response.headers.get("Location", ""))
         if urlsplit(url).scheme not in ("http", "https"):
-            raise HubError(f"{first}: redirected to a non-HTTP location; refusing it")
-    raise HubError(f"{first}: more than {MAX_REDIRECTS} redirects")
+            raise HubError(f"repo {where}: redirected to a non-HTTP location; refusing it")
+    raise HubError(f"repo {where}: more than {MAX_REDIRECTS} redirects")
 
 
 def _raise_for_status(response: httpx2.Response) -> None:
