@@ -44,6 +44,10 @@ class UnsafePathError(ModelError):
     """A repo file name that must not touch the disk (absolute, `..`, backslash, odd type)."""
 
 
+class FileLimitError(ModelError):
+    """A file over the size, or JSON nested deeper than, mergebot reads (see `files.size_limit`)."""
+
+
 class HubError(MergebotError):
     """A Hub call that still failed after its retries; worth trying again later."""
 

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from mergebot.errors import ConfigError
+from mergebot.files import check_depth, read_small
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -89,15 +90,12 @@ _YamlLoader.add_implicit_resolver(
 
 def read_document(path: Path, text: str | None = None) -> tuple[dict[str, Any], Located]:
     """Parse TOML or YAML (by suffix), from the file or from `text` standing for it; syntax errors carry the line."""
-    try:
-        text = path.read_text(encoding="utf-8") if text is None else text
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read config ({error.strerror})") from error
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: config is not UTF-8 text") from error
+    text = read_config_text(path) if text is None else text
     if path.suffix.lower() in (".yml", ".yaml"):
         try:
             document = yaml.load(text, Loader=_YamlLoader)
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
@@ -113,13 +111,24 @@ def read_document(path: Path, text: str | None = None) -> tuple[dict[str, Any], 
     else:
         try:
             document = tomllib.loads(text)
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: invalid TOML: {error}") from error
         except RecursionError as error:
             raise ConfigError(f"{path}: invalid TOML: nested too deeply") from error
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: the config must be a table/mapping at the top level")
+    check_depth(document, str(path), "the config")
     return document, Located(path, text)
+
+
+def read_config_text(path: Path) -> str:
+    """A config file's text, within the small-file size limit."""
+    try:
+        return read_small(path, str(path), ConfigError).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: config is not UTF-8 text") from error
 
 
 def parse_size(value: Any, where: str, located: Located) -> int:

@@ -12,10 +12,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergebot.config.document import Located, read_document
+from mergebot.config.document import Located, read_config_text, read_document
 from mergebot.config.merge import MergeConfig, parse_merge
 from mergebot.config.models import Checkpoint, Names
-from mergebot.errors import ConfigError
+from mergebot.errors import ConfigError, MergebotError
 
 NAME_KEY = "name"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -41,8 +41,8 @@ def load_stages(path: Path, out_dir: Path) -> list[Stage] | None:
     if path.suffix.lower() not in (".yml", ".yaml"):
         return None
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        text = read_config_text(path)
+    except MergebotError:
         return None  # read_document reports it when the file is read as a plain merge
     documents = _documents(path, text)
     if not documents or (len(documents) == 1 and NAME_KEY not in documents[0][0]):

@@ -2,11 +2,11 @@
 create a repo, commit; each retried on transient failures and failing with one clear error otherwise.
 
 Endpoint, token and cache come from HF_ENDPOINT, HF_TOKEN (or the token file) and HF_HOME like every
-huggingface_hub tool; arguments only override them. Files go through the standard cache, which stores blobs by
-content, so a shard that did not change between revisions is never downloaded twice.
+huggingface_hub tool; arguments only override them. Files go into the standard cache layout, which stores blobs by
+content, so a shard that did not change between revisions is never downloaded twice; every identifier a server
+sends (commit sha, LFS sha256, git blob id, file name) is checked for form before it names a path.
 """
 
-import hashlib
 import os
 import random
 import re
@@ -24,11 +24,9 @@ from huggingface_hub import (
     RepoFile,
     constants,
     get_token,
-    hf_hub_download,
 )
 from huggingface_hub.errors import (
     HfHubHTTPError,
-    LocalEntryNotFoundError,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -36,8 +34,18 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import repo_folder_name
 
 from mergebot import log
-from mergebot.errors import HubAuthError, HubError, HubNotFoundError, ModelError, UnsafePathError
-from mergebot.files import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, git_blob_id, is_merge_input, read_json
+from mergebot.errors import FileLimitError, HubAuthError, HubError, HubNotFoundError, ModelError, UnsafePathError
+from mergebot.files import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, is_merge_input, read_json, size_limit
+from mergebot.hub.download import (
+    BLOB_ID,
+    COMMIT_SHA,
+    LFS_SHA256,
+    Expected,
+    cached_file,
+    check_id,
+    download,
+    resolve_url,
+)
 
 T = TypeVar("T")
 SAFE_PATH = re.compile(r"[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*")
@@ -114,18 +122,23 @@ class HubClient:
         does not take a missing revision for main)."""
         revision = revision or "main"
         info = self._call(repo, revision, lambda: self._api.model_info(repo, revision=revision))
-        return info.sha
+        return check_id(COMMIT_SHA, info.sha, "commit sha", f"{repo}@{revision}")
 
     def list_files(self, repo: str, sha: str) -> RemoteRevision:
         """Every file of the commit with size and LFS sha256, from the tree listing (a mirror's model_info lists
         names only); unsafe names refuse the whole repo."""
+        where = f"{repo}@{sha}"
+        check_id(COMMIT_SHA, sha, "commit sha", where)
         entries = self._call(repo, sha, lambda: list(self._api.list_repo_tree(repo, revision=sha, recursive=True)))
         files = {}
         for entry in entries:
             if isinstance(entry, RepoFile):
                 _check_repo_path(repo, entry.path)
-                sha256 = entry.lfs.sha256 if entry.lfs else None
-                files[entry.path] = RemoteFile(entry.path, entry.size, sha256, entry.blob_id)
+                sha256 = check_id(LFS_SHA256, entry.lfs.sha256, "LFS sha256", where) if entry.lfs else None
+                oid = check_id(BLOB_ID, entry.blob_id, "git blob id", where)
+                if not isinstance(entry.size, int) or isinstance(entry.size, bool) or entry.size < 0:
+                    raise HubError(f"repo {where}: the endpoint sent a malformed size for {entry.path}; refusing it")
+                files[entry.path] = RemoteFile(entry.path, entry.size, sha256, oid)
         return RemoteRevision(repo, sha, files)
 
     def fetch(self, remote: RemoteRevision) -> Path:
@@ -141,6 +154,12 @@ class HubClient:
                 )
             raise ModelError(f"repo {remote.repo}@{remote.sha[:12]}: no safetensors weights")
         metadata = sorted(names - set(weights))
+        for name in metadata:
+            if remote.files[name].size > size_limit(name):
+                raise FileLimitError(
+                    f"repo {remote.repo}@{remote.sha[:12]}: {name} is listed at {remote.files[name].size} bytes, "
+                    f"over the {size_limit(name)} mergebot reads"
+                )
         snapshot = None
         for name in metadata:
             snapshot = self._download(remote, name).parent
@@ -158,46 +177,24 @@ class HubClient:
         return snapshot
 
     def _download(self, remote: RemoteRevision, name: str) -> Path:
-        known = remote.files.get(name)
-        blob = (known.sha256 or known.oid) if known else None  # the cache names a blob by its ETag, which this is
-        folder = self.cache_dir / repo_folder_name(repo_id=remote.repo, repo_type="model") / "blobs"
-        cached = blob is not None and (folder / blob).is_file()
-
-        def download() -> Path:
-            return Path(
-                hf_hub_download(
-                    remote.repo,
-                    name,
-                    revision=remote.sha,
-                    cache_dir=self.cache_dir,
-                    endpoint=self.endpoint,
-                    token=self.token,
-                )
-            )
-
-        path = self._call(remote.repo, remote.sha, download, what=f"download of {name}", file=name)
-        if not cached:
-            if known is not None:
-                self._verify(remote, known, path)
-            self.downloaded_bytes += path.stat().st_size
+        """The snapshot file of `name`, from the cache or by mergebot's own bounded GET (see `download`)."""
+        known = remote.files[name]
+        expected = Expected(known.size, known.sha256, known.oid)
+        folder = self.cache_dir / repo_folder_name(repo_id=remote.repo, repo_type="model")
+        path = cached_file(folder, remote.sha, name, expected)
+        if path is not None:
+            return path
+        url = resolve_url(self.endpoint, remote.repo, remote.sha, name)
+        where = f"{remote.repo}@{remote.sha[:12]}: {name}"
+        path, received = self._call(
+            remote.repo,
+            remote.sha,
+            lambda: download(url, self.token, folder, remote.sha, name, expected, where),
+            what=f"download of {name}",
+            file=name,
+        )
+        self.downloaded_bytes += received
         return path
-
-    def _verify(self, remote: RemoteRevision, known: RemoteFile, path: Path) -> None:
-        """A fresh download must be the file the listing names (size, then LFS sha256 or git blob id): a mirror
-        that serves other bytes, or answers a resumed download from the start, is caught before a merge reads it."""
-        size = path.stat().st_size
-        if known.sha256:
-            with path.open("rb") as handle:
-                same = size == known.size and hashlib.file_digest(handle, "sha256").hexdigest() == known.sha256
-        else:
-            same = known.oid is None or git_blob_id(path.read_bytes()) == known.oid
-        if not same:
-            path.resolve().unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
-            raise HubError(
-                f"repo {remote.repo}@{remote.sha[:12]}: {known.path} from {self.endpoint} is not the file its "
-                "listing names (size or hash differs); removed from the cache, to be fetched again"
-            )
 
     def create_repo(self, repo: str, *, private: bool) -> None:
         """Create the model repo if it is missing; an existing one is left as it is."""
@@ -218,7 +215,7 @@ class HubClient:
             "commit",
         )
         self.uploaded_bytes += sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in add.values())
-        return info.oid
+        return check_id(COMMIT_SHA, info.oid, "commit sha", f"{repo}@main")
 
     def _call(
         self, repo: str, revision: str | None, action: Callable[[], T], what: str = "request", file: str | None = None
@@ -229,7 +226,7 @@ class HubClient:
         for attempt in range(self.retry.attempts):
             try:
                 return action()
-            except (HfHubHTTPError, *TRANSIENT_ERRORS, RuntimeError, LocalEntryNotFoundError) as raised:
+            except (HfHubHTTPError, *TRANSIENT_ERRORS, RuntimeError) as raised:
                 error = _underlying(raised)
                 retry_after = self._classify(error, repo, revision, where, what, file)
                 failure = f"HTTP {error.response.status_code}" if _status(error) else type(error).__name__
@@ -324,11 +321,9 @@ def _answers(probe: Callable[[], bool]) -> bool | None:
 
 
 def _underlying(error: Exception) -> Exception:
-    """huggingface_hub wraps a failed LFS upload in a RuntimeError, and a failed HEAD of a download (a 5xx, a
-    connection error) in a LocalEntryNotFoundError; what failed is its cause."""
+    """huggingface_hub wraps a failed LFS upload in a RuntimeError; what failed is its cause."""
     cause = error.__cause__
-    wrapped = isinstance(error, RuntimeError | LocalEntryNotFoundError)
-    if wrapped and isinstance(cause, (HfHubHTTPError, *TRANSIENT_ERRORS)):
+    if isinstance(error, RuntimeError) and isinstance(cause, (HfHubHTTPError, *TRANSIENT_ERRORS)):
         return cause
     return error
 

@@ -19,7 +19,16 @@ import yaml
 
 from mergebot.config.merge import MergeConfig
 from mergebot.errors import ConfigError, DiskFullError
-from mergebot.files import INDEX_FILE, default_cache_dir, fsync_dir, write_atomic, write_json_atomic
+from mergebot.files import (
+    DROPPED_KEY,
+    INDEX_FILE,
+    default_cache_dir,
+    drop_remote_code,
+    fsync_dir,
+    read_small,
+    write_atomic,
+    write_json_atomic,
+)
 from mergebot.merge.checkpoint import FINGERPRINT_KEY, finished_with, shard_fingerprint
 from mergebot.merge.io import ShardWriter, TensorReader
 from mergebot.merge.layout import with_layer_count
@@ -274,11 +283,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputModel], work: Path) -> None:
-    """Index, config.json (vocab size, dtype, layer count right), generation config and the tokenizer files."""
-    weight_map = {t.output.name: shard.file_name for shard in plan.shards for t in shard.tensors}
-    total = sum(t.output.nbytes for shard in plan.shards for t in shard.tensors)
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    write_json_atomic(work / INDEX_FILE, index)
+    """Config.json (vocab size, dtype, layer count right; no remote code), generation config, the tokenizer files,
+    and the index, whose metadata lists the remote-code pointers left out."""
     template = models[plan.template]
     model_config = dict(template.config)
     outputs = {t.output.name: t.output for shard in plan.shards for t in shard.tensors}
@@ -291,12 +297,19 @@ def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputMode
     if dtype_name:
         for key in [k for k in ("torch_dtype", "dtype") if k in model_config] or ["torch_dtype"]:
             model_config[key] = dtype_name
+    model_config, dropped = drop_remote_code(model_config, "config.json")
     write_json_atomic(work / "config.json", model_config)
     if (template.path / "generation_config.json").exists():
-        write_atomic(work / "generation_config.json", (template.path / "generation_config.json").read_bytes())
+        generation = read_small(template.path / "generation_config.json", f"model {template.label}")
+        write_atomic(work / "generation_config.json", generation)
     pinned = config.pinned({name: model.pins for name, model in models.items()})
     write_atomic(work / MERGE_CONFIG_FILE, yaml.safe_dump(pinned.as_dict(), sort_keys=False).encode())
-    write_tokenizer_files(config, plan.vocab.output, models, work)
+    dropped += write_tokenizer_files(config, plan.vocab.output, models, work)
+    weight_map = {t.output.name: shard.file_name for shard in plan.shards for t in shard.tensors}
+    metadata: dict[str, object] = {"total_size": sum(t.output.nbytes for shard in plan.shards for t in shard.tensors)}
+    if dropped:
+        metadata[DROPPED_KEY] = dropped
+    write_json_atomic(work / INDEX_FILE, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def _move_into_place(work: Path, out_dir: Path) -> None:

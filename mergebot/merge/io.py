@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mergebot.errors import ModelError
-from mergebot.files import fsync_dir
+from mergebot.files import SAFETENSORS_HEADER_LIMIT, fsync_dir, parse_json
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +59,6 @@ DTYPES: dict[str, DType] = {
     "BOOL": DType("BOOL", 1, "bool"),
 }
 BY_TORCH_NAME = {dtype.torch_name: dtype for dtype in DTYPES.values()}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 PAGE = mmap.PAGESIZE
 
 
@@ -105,17 +104,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if len(prefix) < 8:
                 raise ModelError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            if header_len > SAFETENSORS_HEADER_LIMIT or 8 + header_len > size:
                 raise ModelError(
                     f"{path}: safetensors header length {header_len} is larger than the file ({size} bytes)"
                 )
             raw = handle.read(header_len)
     except OSError as error:
         raise ModelError(f"{path}: cannot read ({error.strerror})") from error
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelError(f"{path}: safetensors header is not valid JSON ({error})") from error
+    header = parse_json(raw, str(path), "safetensors header")
     if not isinstance(header, dict):
         raise ModelError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

@@ -15,6 +15,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from mergebot.config.tokenizer import UNION, TokenizerSettings
 from mergebot.errors import ModelError
+from mergebot.files import parse_json, read_small
 from mergebot.merge.source import InputModel
 from mergebot.merge.vocab import is_vocab_tensor
 
@@ -58,7 +59,7 @@ def read_document(model: InputModel) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = parse_json(read_small(path, f"model {model.label}"), f"model {model.label}", str(path))
         model_type = document["model"]["type"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelError(f"model {model.label}: cannot read {path} ({error})") from error

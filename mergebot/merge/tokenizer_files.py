@@ -10,7 +10,8 @@ from typing import Any
 from mergebot.config.chat_templates import CHAT_TEMPLATES
 from mergebot.config.merge import MergeConfig
 from mergebot.config.tokenizer import AUTO
-from mergebot.files import TOKENIZER_FILES, read_json, write_atomic
+from mergebot.errors import ModelError
+from mergebot.files import TOKENIZER_FILES, drop_remote_code, read_json, read_small, write_atomic
 from mergebot.merge.source import InputModel
 from mergebot.merge.tokenizer import TOKENIZER_JSON, OutputTokenizer
 
@@ -24,8 +25,10 @@ ADDED_TOKEN_FIELDS = ("content", "lstrip", "normalized", "rstrip", "single_word"
 
 def write_tokenizer_files(
     config: MergeConfig, output: OutputTokenizer | None, models: dict[str, InputModel], work: Path
-) -> None:
+) -> list[str]:
+    """Write them into `work`; returns the remote-code pointers left out of tokenizer_config.json."""
     source = models[config.tokenizer_source]
+    where, dropped = f"model {source.label}", []
     rewritten = output.tokenizer_json if output else None
     template = chat_template(config, models)
     written: dict[str, bytes] = {}
@@ -35,10 +38,12 @@ def write_tokenizer_files(
             continue
         if name == TOKENIZER_JSON and rewritten is not None:
             written[name] = rewritten.encode()
-        elif name == TOKENIZER_CONFIG and (rewritten is not None or template is not None):
-            written[name] = _tokenizer_config(read_json(path, source.label, required=True), rewritten, template)
+        elif name == TOKENIZER_CONFIG:
+            settings, dropped = drop_remote_code(read_json(path, source.label, required=True), TOKENIZER_CONFIG)
+            changed = rewritten is not None or template is not None or dropped
+            written[name] = _tokenizer_config(settings, rewritten, template) if changed else read_small(path, where)
         else:
-            written[name] = path.read_bytes()
+            written[name] = read_small(path, where)
     if template is not None:
         written[CHAT_TEMPLATE_FILE] = template.encode()
     for name in TOKENIZER_FILES:
@@ -46,6 +51,7 @@ def write_tokenizer_files(
             write_atomic(work / name, written[name])
         else:
             (work / name).unlink(missing_ok=True)
+    return dropped
 
 
 def chat_template(config: MergeConfig, models: dict[str, InputModel]) -> str | None:
@@ -61,7 +67,10 @@ def model_template(model_dir: Path) -> str | None:
     """A model's chat template as transformers loads it (chat_template.jinja first), stripped as mergekit
     compares them; a list of named templates gives its "default"."""
     if (model_dir / CHAT_TEMPLATE_FILE).exists():
-        return (model_dir / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8").strip() or None
+        try:
+            return read_small(model_dir / CHAT_TEMPLATE_FILE, f"model {model_dir}").decode().strip() or None
+        except UnicodeDecodeError as error:
+            raise ModelError(f"model {model_dir}: {CHAT_TEMPLATE_FILE} is not UTF-8 text") from error
     template = read_json(model_dir / TOKENIZER_CONFIG, str(model_dir), required=False).get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

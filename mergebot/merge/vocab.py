@@ -4,12 +4,12 @@ A token is matched by its string through each model's tokenizer.json, not by row
 vocabularies differ in size or order still line up (the output vocabulary itself: vocab_plan.py, tokenizer.py).
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from mergebot.errors import ModelError
+from mergebot.files import parse_json, read_small
 
 VOCAB_TENSOR_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_out.weight")
 
@@ -24,7 +24,7 @@ def read_vocab(model_dir: Path, label: str) -> dict[str, int] | None:
     if not path.exists():
         return None
     try:
-        tokenizer = json.loads(path.read_text(encoding="utf-8"))
+        tokenizer = parse_json(read_small(path, f"model {label}"), f"model {label}", str(path))
         vocab = tokenizer["model"].get("vocab") or {}
         if isinstance(vocab, list):
             vocab = {entry[0]: index for index, entry in enumerate(vocab)}

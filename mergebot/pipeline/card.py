@@ -8,8 +8,9 @@ from mergebot.config.merge import MergeConfig, ModelSpec
 from mergebot.pipeline.report import ValidationReport
 
 
-def model_card(merged: MergeConfig, report: ValidationReport) -> str:
-    """YAML lineage (base_model, tags, library) and a body with method, parents at their shas, validation, config."""
+def model_card(merged: MergeConfig, report: ValidationReport, dropped: list[str]) -> str:
+    """YAML lineage (base_model, tags, library) and a body with method, parents at their shas, validation, config,
+    and the remote-code pointers (`dropped`, "file: key") the merge left out."""
     parents = _parents(merged)
     checkpoints = [checkpoint.name for spec in parents for checkpoint in spec.checkpoints]
     data = ModelCardData(
@@ -44,6 +45,7 @@ def model_card(merged: MergeConfig, report: ValidationReport) -> str:
         + ", ".join(f"{check.name} {'passed' if check.passed else 'FAILED'}" for check in report.checks)
         + ".",
         "",
+        *_remote_code(dropped),
         "## Merge configuration",
         "",
         "```yaml",
@@ -65,6 +67,19 @@ def _parents(merged: MergeConfig) -> list[ModelSpec]:
     """Every model the merge read, the base first."""
     base = [merged.spec(merged.base_model)] if merged.base_model else []
     return base + [spec for spec in merged.models if spec.model != merged.base_model]
+
+
+def _remote_code(dropped: list[str]) -> list[str]:
+    if not dropped:
+        return []
+    keys = ", ".join(f"`{item}`" for item in dropped)
+    return [
+        "## Remote code",
+        "",
+        f"An upstream model named remote Python code ({keys}); mergebot dropped it from this merge, which loads "
+        "with the library's own classes only.",
+        "",
+    ]
 
 
 def _number(value: float | None, spec: str = ".3f") -> str:

@@ -9,7 +9,6 @@ Only headers are read before loading: safetensors headers are checked by `mergeb
 pickle files are never opened.
 """
 
-import json
 import math
 import resource
 from collections.abc import Callable
@@ -20,7 +19,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from mergebot.config.daemon import ValidateSettings
-from mergebot.errors import ConfigError, ModelError
+from mergebot.errors import ConfigError, MergebotError, ModelError
+from mergebot.files import read_json
 from mergebot.merge.io import TensorInfo, read_header
 from mergebot.pipeline.judge import judge
 from mergebot.pipeline.parents import Parent, SignatureCache, parent_results
@@ -201,7 +201,7 @@ def _read_config(out_dir: Path) -> tuple[dict, PretrainedConfig | None, torch.nn
     """Parse config.json and build its architecture on the meta device (no memory, no remote code)."""
     path = out_dir / "config.json"
     try:
-        config_dict = json.loads(path.read_text())
+        config_dict = read_json(path, str(out_dir), required=True)
         config = AutoConfig.from_pretrained(out_dir, local_files_only=True)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -222,10 +222,10 @@ def _declared_tensors(out_dir: Path) -> tuple[dict[str, TensorInfo], list[str], 
     index_path = out_dir / "model.safetensors.index.json"
     if index_path.exists():
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            weight_map = read_json(index_path, str(out_dir), required=True)["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (MergebotError, KeyError, TypeError) as exc:
             return {}, [], [f"{index_path}: unreadable index ({exc})"], ""
     elif (out_dir / "model.safetensors").exists():
         weight_map = None

@@ -10,7 +10,15 @@ from pathlib import Path
 
 from mergebot.config.merge import MergeConfig
 from mergebot.errors import HubNotFoundError, PublishError
-from mergebot.files import INDEX_FILE, METADATA_FILES, FileHashes, default_cache_dir, git_blob_id
+from mergebot.files import (
+    DROPPED_KEY,
+    INDEX_FILE,
+    METADATA_FILES,
+    FileHashes,
+    default_cache_dir,
+    git_blob_id,
+    read_json,
+)
 from mergebot.hub.client import HubClient, RemoteFile
 from mergebot.merge.engine import MERGE_CONFIG_FILE
 from mergebot.pipeline.card import commit_message, model_card
@@ -54,7 +62,9 @@ def publish(
     shards = sorted(p.name for p in out_dir.glob("*.safetensors"))
     small = [name for name in (*METADATA_FILES, MERGE_CONFIG_FILE) if (out_dir / name).exists()]
     contents: dict[str, Path | bytes] = {name: out_dir / name for name in (*shards, *small)}
-    contents["README.md"] = model_card(merged, report).encode()
+    index = read_json(out_dir / INDEX_FILE, str(out_dir), required=True)
+    dropped = [str(item) for item in (index.get("metadata") or {}).get(DROPPED_KEY) or []]
+    contents["README.md"] = model_card(merged, report, dropped).encode()
     hashes = FileHashes(default_cache_dir())
     unchanged = [name for name, content in contents.items() if _same(remote.get(name), content, hashes)]
     upload = {name: content for name, content in contents.items() if name not in unchanged}

@@ -1,6 +1,8 @@
-"""Failures a test asks the devhub to inject: HTTP 500, 429 with Retry-After, a connection dropped mid-body, a delay.
+"""Failures a test asks the devhub to inject: HTTP 500, 429 with Retry-After, a connection dropped mid-body, a delay,
+and the lies of a hostile Hub (see `hostile`).
 
-They let tests drive the client's retries against a real server; each fault is used up by the requests it matches.
+They let tests drive the client's retries and defences against a real server; each fault is used up by the
+requests it matches.
 """
 
 import re
@@ -10,11 +12,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mergebot.dev.devhub.api import ROUTE_KINDS
+from mergebot.dev.devhub.hostile import HOSTILE_KINDS, HostileKind, tamper
 from mergebot.dev.devhub.messages import Response, error_response
 from mergebot.dev.devhub.store import HubError
 
-FaultKind = Literal["500", "429", "drop", "slow"]
-FAULT_KINDS: tuple[FaultKind, ...] = ("500", "429", "drop", "slow")
+FaultKind = Literal["500", "429", "drop", "slow"] | HostileKind
+FAULT_KINDS: tuple[str, ...] = ("500", "429", "drop", "slow", *HOSTILE_KINDS)
 
 
 @dataclass
@@ -27,6 +30,8 @@ class Fault:
     method: str | None = None
     retry_after: int = 1  # seconds, for "429"
     seconds: float = 1.0  # delay, for "slow"
+    value: str = ""  # what a hostile kind sends
+    extra: int = 0  # bytes beyond the file, for "oversize"
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -47,6 +52,10 @@ class Fault:
         if self.kind == "slow":
             time.sleep(self.seconds)
         return None
+
+    def tamper(self, response: Response) -> Response:
+        """The route's response as a hostile Hub sends it (unchanged for the other kinds)."""
+        return tamper(self.kind, response, self.value, self.extra)
 
 
 class Faults:

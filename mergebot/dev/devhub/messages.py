@@ -81,6 +81,7 @@ class Response:
     start: int = 0
     length: int = 0
     counted: tuple[str, str] | None = None  # (repo, path) whose served bytes go to the stats
+    padding: int = 0  # bytes sent after the body, beyond what the file holds (a hostile Hub's oversize body)
 
 
 def json_response(status: int, data: Any, content_type: str = "application/json") -> Response:

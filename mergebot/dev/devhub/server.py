@@ -97,7 +97,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, response: Response, *, drop: bool) -> None:
         """Write the response; a "drop" fault sends the headers and half the body, then closes the socket."""
-        length = response.length if response.file else len(response.body)
+        length = (response.length if response.file else len(response.body)) + response.padding
         if drop and (self.command == "HEAD" or length == 0):
             self._hang_up()  # no body to cut short: the client gets no response at all
             return
@@ -112,13 +112,17 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 if response.file is None:
                     self.wfile.write(response.body[:limit])
+                    sent = min(limit, len(response.body))
                 else:
                     with response.file.open("rb") as f:
-                        while sent < limit:
+                        while sent < limit - response.padding:
                             n = self.connection.sendfile(f, response.start + sent, min(_SEND_CHUNK, limit - sent))
                             if n == 0:
                                 break
                             sent += n
+                while sent < limit:  # a hostile Hub's bytes beyond the file
+                    self.wfile.write(b"\0" * min(_SEND_CHUNK, limit - sent))
+                    sent += min(_SEND_CHUNK, limit - sent)
             except OSError:
                 self.close_connection = True
             if response.counted:
@@ -201,14 +205,17 @@ class DevHub:
         method: str | None = None,
         retry_after: int = 1,
         seconds: float = 1.0,
+        value: str = "",
+        extra: int = 0,
     ) -> None:
         """Fail the next `times` requests whose route kind is `match` (see `api.ROUTE_KINDS`) or whose decoded path
         `match` searches as a regex, optionally only for one HTTP method.
 
         "500" and "429" (with `Retry-After: retry_after`) answer instead of the route, so nothing changes on the
-        server; "slow" waits `seconds` first; "drop" runs the route, then sends half the body and hangs up.
+        server; "slow" waits `seconds` first; "drop" runs the route, then sends half the body and hangs up; the
+        hostile kinds (`hostile.HOSTILE_KINDS`) run the route and lie in its answer with `value` or `extra`.
         """
-        self._faults.add(Fault(match, fault, times, method, retry_after, seconds))
+        self._faults.add(Fault(match, fault, times, method, retry_after, seconds, value, extra))
 
     def clear_faults(self) -> None:
         self._faults.clear()
@@ -253,6 +260,8 @@ class DevHub:
         if response is None:
             req.token = bearer_token(req.headers, self._tokens)
             response = handler(self._api, req)
+            if fault is not None:
+                response = fault.tamper(response)
         return response, fault
 
     def _control(self, req: Request) -> Response:
@@ -264,7 +273,7 @@ class DevHub:
                 self.reset_stats()
             case "POST", "/_devhub/faults":
                 data = req.json()
-                options = {k: data[k] for k in ("method", "retry_after", "seconds") if k in data}
+                options = {k: data[k] for k in ("method", "retry_after", "seconds", "value", "extra") if k in data}
                 self.inject(data["match"], data["fault"], data.get("times", 1), **options)
             case "DELETE", "/_devhub/faults":
                 self.clear_faults()
