@@ -36,7 +36,7 @@ def test_a_reload_never_stops_the_daemon_and_keeps_the_running_config(tmp_path):
         lone.config.unlink()  # an editor's save, half done
         lone.process.send_signal(signal.SIGHUP)
         missing = wait_for(lambda: lone.logged(REJECTED)[1:], 30, "the reload of a missing file to be rejected")
-        assert missing[0]["problem"] == f"{lone.config}: cannot read config (No such file or directory)"
+        assert missing[0]["problem"] == f"{lone.config}: cannot read {lone.config.name} (No such file or directory)"
 
         replace(lone.config, good.replace(b"[[targets]]", b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n[[targets]]"))
         deep = wait_for(lambda: lone.logged(REJECTED)[2:], 30, "the deeply nested edit to be rejected")

@@ -106,8 +106,6 @@ def read_document(path: Path, text: str | None = None) -> tuple[dict[str, Any], 
                     'target chains stages as targets instead (model = "target:NAME")'
                 )
             raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from error
-        except RecursionError as error:
-            raise ConfigError(f"{path}: invalid YAML: nested too deeply") from error
     else:
         try:
             document = tomllib.loads(text)
@@ -115,8 +113,6 @@ def read_document(path: Path, text: str | None = None) -> tuple[dict[str, Any], 
             raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: invalid TOML: {error}") from error
-        except RecursionError as error:
-            raise ConfigError(f"{path}: invalid TOML: nested too deeply") from error
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: the config must be a table/mapping at the top level")
     check_depth(document, str(path), "the config")
@@ -128,7 +124,7 @@ def read_config_text(path: Path) -> str:
     try:
         return read_small(path, str(path), ConfigError).decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: config is not UTF-8 text") from error
+        raise ConfigError(f"{path}: config is not UTF-8 text (byte {error.start})") from error
 
 
 def parse_size(value: Any, where: str, located: Located) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mergebot import log
 from mergebot.config.daemon import DaemonConfig, check_daemon_config
+from mergebot.config.document import read_config_text
 from mergebot.errors import ConfigError
 
 RESTART_ONLY = {
@@ -31,7 +32,7 @@ _log = log.get("daemon")
 def read_config(path: Path) -> tuple[DaemonConfig, str]:
     """The config and the text it was read from, which the merge children are handed; the first problem is
     raised."""
-    text = _read(path)
+    text = read_config_text(path)
     config, problems = check_daemon_config(path, text)
     if problems or config is None:
         raise problems[0]
@@ -41,7 +42,7 @@ def read_config(path: Path) -> tuple[DaemonConfig, str]:
 def reread(path: Path, running: DaemonConfig) -> tuple[DaemonConfig, str] | None:
     """The edited config and its text to adopt, or None when the running config stays (and the log says why)."""
     try:
-        text = _read(path)
+        text = read_config_text(path)
         config, problems = check_daemon_config(path, text)
     except ConfigError as error:
         config, problems = None, [error]
@@ -57,12 +58,3 @@ def reread(path: Path, running: DaemonConfig) -> tuple[DaemonConfig, str] | None
         _log.error("config change needs a restart, keeping the running one", path=str(path), keys=changed)
         return None
     return config, text
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read config ({error.strerror or error})") from error
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: config is not UTF-8 text (byte {error.start})") from error
