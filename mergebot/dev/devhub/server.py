@@ -186,7 +186,8 @@ class DevHub:
 
     def stats(self) -> dict[str, Any]:
         """A snapshot: `requests` and `requests_by_method` ("GET resolve") counts per route kind, and per repo
-        and file the bytes `bytes_served` by resolve GETs and `bytes_received` through commits and LFS uploads."""
+        and file the bytes `bytes_served` by resolve GETs (under `xet:REPO`, per xorb, by Xet downloads) and
+        `bytes_received` through commits, LFS uploads and Xet xorbs (a new xorb counts for the first file in it)."""
         return self._stats.snapshot()
 
     def reset_stats(self) -> None:
@@ -216,6 +217,10 @@ class DevHub:
     def add_webhook(self, url: str, secret: str) -> None:
         """POST a `repo.content` update event to `url` after every commit, with `X-Webhook-Secret: secret`."""
         self._webhooks.add(url, secret)
+
+    def create_repo(self, repo_id: str, *, xet: bool = True, repo_type: RepoType = "model") -> None:
+        """Create a repo with Xet storage (as the Hub does) or without it, listing and serving files as LFS only."""
+        self._store.create_repo(repo_type, repo_id, private=False, xet=xet)
 
     def commit_files(
         self,

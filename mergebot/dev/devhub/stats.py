@@ -19,6 +19,7 @@ class Stats:
             self._served: defaultdict[str, Counter[str]] = defaultdict(Counter)
             self._received: defaultdict[str, Counter[str]] = defaultdict(Counter)
             self._unclaimed: Counter[tuple[str, str]] = Counter()  # LFS bytes until a commit names their path
+            self._xorbs: Counter[tuple[str, str]] = Counter()  # Xet xorb bytes until a commit names a file in them
 
     def request(self, kind: str, method: str) -> None:
         with self._lock:
@@ -40,6 +41,15 @@ class Stats:
     def lfs_committed(self, repo: str, path: str, sha256: str) -> None:
         with self._lock:
             self._received[repo][path] += self._unclaimed.pop((repo, sha256), 0)
+
+    def xorb_uploaded(self, repo: str, xorb: str, size: int) -> None:
+        with self._lock:
+            self._xorbs[(repo, xorb)] += size
+
+    def xet_committed(self, repo: str, path: str, xorbs: list[str]) -> None:
+        """Count a new xorb for the first committed file that reads it (the client packs several files in one)."""
+        with self._lock:
+            self._received[repo][path] += sum(self._xorbs.pop((repo, xorb), 0) for xorb in dict.fromkeys(xorbs))
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
