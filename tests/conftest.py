@@ -16,6 +16,7 @@ os.environ.setdefault(
 )
 os.environ["MERGEBOT_CACHE_DIR"] = tempfile.mkdtemp(prefix="mergebot-test-cache-")
 os.environ.pop("HF_HUB_DISABLE_XET", None)
+os.environ["HF_XET_CLIENT_RETRY_BASE_DELAY"] = "20ms"  # hf_xet waits 3 s, 6 s, 12 s... between retries
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.pop("HF_TOKEN", None)

@@ -203,7 +203,6 @@ def run_demo(keep: bool) -> int:
     os.environ.update(
         {
             "HF_HOME": str(root / "hf-home"),
-            "HF_HUB_DISABLE_XET": "1",
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
             "MERGEBOT_CACHE_DIR": str(root / "cache"),
@@ -290,6 +289,12 @@ def run_demo(keep: bool) -> int:
 
 
 def _megabytes(served: dict[str, dict[str, int]], suffix: str) -> str:
-    """What the Hub served of the files whose names end with `suffix`, over all repos."""
-    total = sum(size for files in served.values() for path, size in files.items() if path.endswith(suffix))
+    """What the Hub served of the files whose names end with `suffix`, over all repos, with what it served through
+    Xet (xorbs hold only the LFS files, the weights)."""
+    total = sum(
+        size
+        for repo, files in served.items()
+        for path, size in files.items()
+        if path.endswith(suffix) or repo.startswith("xet:")
+    )
     return f"{total / 1e6:.1f} MB"

@@ -1,8 +1,10 @@
-"""Failures a test asks the devhub to inject: HTTP 500, 429 with Retry-After, a connection dropped mid-body, a delay.
+"""Failures a test asks the devhub to inject: HTTP 500, 429 with Retry-After, a connection dropped mid-body, a delay,
+and hostile answers (bytes that are not what was asked, a Xet reconstruction pointing outside its xorbs).
 
 They let tests drive the client's retries against a real server; each fault is used up by the requests it matches.
 """
 
+import json
 import re
 import threading
 import time
@@ -13,8 +15,8 @@ from mergebot.dev.devhub.api import ROUTE_KINDS
 from mergebot.dev.devhub.messages import Response, error_response
 from mergebot.dev.devhub.store import HubError
 
-FaultKind = Literal["500", "429", "drop", "slow"]
-FAULT_KINDS: tuple[FaultKind, ...] = ("500", "429", "drop", "slow")
+FaultKind = Literal["500", "429", "drop", "slow", "hostile"]
+FAULT_KINDS: tuple[FaultKind, ...] = ("500", "429", "drop", "slow", "hostile")
 
 
 @dataclass
@@ -47,6 +49,20 @@ class Fault:
         if self.kind == "slow":
             time.sleep(self.seconds)
         return None
+
+
+def hostile(response: Response) -> Response:
+    """A "hostile" answer in place of the route's: a file's bytes inverted, or each term of a Xet reconstruction
+    (and the ranges it names to fetch) pushed past the end of its xorb."""
+    if response.file is not None:
+        with response.file.open("rb") as f:
+            f.seek(response.start)
+            body = f.read(response.length).translate(bytes(range(255, -1, -1)))
+        return Response(response.status, response.headers, body, counted=response.counted)
+    data = json.loads(response.body or b"{}")
+    for item in [*data.get("terms", []), *(e for v in data.get("fetch_info", {}).values() for e in v)]:
+        item["range"]["end"] += 1000
+    return Response(response.status, response.headers, json.dumps(data).encode())
 
 
 class Faults:

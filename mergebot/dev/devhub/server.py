@@ -19,7 +19,7 @@ from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from mergebot.dev.devhub.api import HubApi, route
-from mergebot.dev.devhub.faults import Fault, FaultKind, Faults
+from mergebot.dev.devhub.faults import Fault, FaultKind, Faults, hostile
 from mergebot.dev.devhub.messages import Body, Request, Response, bearer_token, error_response, json_response
 from mergebot.dev.devhub.stats import Stats
 from mergebot.dev.devhub.store import DEFAULT_BRANCH, Commit, Delete, HubError, Repo, RepoType, Store
@@ -207,7 +207,8 @@ class DevHub:
         `match` searches as a regex, optionally only for one HTTP method.
 
         "500" and "429" (with `Retry-After: retry_after`) answer instead of the route, so nothing changes on the
-        server; "slow" waits `seconds` first; "drop" runs the route, then sends half the body and hangs up.
+        server; "slow" waits `seconds` first; "drop" runs the route, then sends half the body and hangs up;
+        "hostile" runs the route and answers other bytes (`faults.hostile`).
         """
         self._faults.add(Fault(match, fault, times, method, retry_after, seconds))
 
@@ -258,6 +259,8 @@ class DevHub:
         if response is None:
             req.token = bearer_token(req.headers, self._tokens)
             response = handler(self._api, req)
+        if fault is not None and fault.kind == "hostile" and response.status < 300:
+            response = hostile(response)
         return response, fault
 
     def _control(self, req: Request) -> Response:
