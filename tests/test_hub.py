@@ -39,7 +39,11 @@ def served(devhub, repo: str) -> dict[str, int]:
 
 
 @pytest.fixture
-def uploaded(devhub, tmp_path) -> dict[str, Path]:
+def uploaded(devhub, tmp_path, request) -> dict[str, Path]:
+    """org/base and org/ft, in repos with Xet storage (as on the Hub) or, with the param False, without."""
+    if not getattr(request, "param", True):
+        devhub.create_repo("org/base", xet=False)
+        devhub.create_repo("org/ft", xet=False)
     base = make_model(tmp_path / "local" / "base", shard_size=60_000)
     ft = make_model(tmp_path / "local" / "ft", base=base, seed=1, shard_size=60_000)
     upload(devhub, "org/base", base)
@@ -61,11 +65,12 @@ def test_merge_from_hub_ids_equals_merge_of_local_copies(hub_env, uploaded, tmp_
     )
 
 
-def test_new_revision_downloads_only_the_changed_shard(hub_env, uploaded, devhub, tmp_path):
-    client = hub_env
+@pytest.mark.parametrize("uploaded", [True, False], ids=["xet", "lfs"], indirect=True)
+def test_new_revision_downloads_only_the_changed_shard(hub_env, uploaded, devhub, tmp_path, request):
+    client, xet = hub_env, "xet" in request.node.callspec.id
     first = open_hub_model(client, ModelSpec("org/ft"))
     shards = sorted(p.name for p in first.path.glob("model-*.safetensors"))
-    assert set(served(devhub, "org/ft")) >= set(shards)
+    assert set(served(devhub, "org/ft")).isdisjoint(shards) == xet  # through Xet, or through resolve
     devhub.reset_stats()
     changed = uploaded["ft"] / shards[1]
     tensors = load_file(changed)
@@ -74,7 +79,11 @@ def test_new_revision_downloads_only_the_changed_shard(hub_env, uploaded, devhub
     new_sha = upload(devhub, "org/ft", uploaded["ft"], "change one shard")
     second = open_hub_model(client, ModelSpec("org/ft"))
     assert second.revision == new_sha != first.revision
-    assert served(devhub, "org/ft") == {shards[1]: changed.stat().st_size}
+    if xet:  # the xorb ranges of the changed shard, and no other file's
+        assert served(devhub, "xet:org/ft") == devhub.xet_ranges("org/ft", shards[1])
+        assert not [name for name in served(devhub, "org/ft") if name.endswith(".safetensors")]
+    else:
+        assert served(devhub, "org/ft") == {shards[1]: changed.stat().st_size}
 
 
 def test_readme_only_revision_downloads_nothing(hub_env, uploaded, devhub, tmp_path):

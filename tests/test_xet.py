@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import requests
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
@@ -26,6 +27,8 @@ from mergebot.dev.devhub.xetformat import (
     merkle_root,
     verification_hash,
 )
+from mergebot.errors import HubError
+from mergebot.hub.client import HubClient, RetryPolicy
 
 REPO = "org/model"
 TOKEN = "test-token"
@@ -178,3 +181,48 @@ def test_hostile_xorbs_and_shards_are_refused(devhub):
     assert requests.get(f"{devhub.url}/{REPO}/resolve/main/w.bin").content == data
     recon = requests.get(f"{devhub.url}/v1/reconstructions/{'0' * 64}", headers=auth)
     assert recon.status_code == 404
+
+
+# --- faults and hostile answers on the CAS routes -------------------------------------------------------------------
+
+
+def test_faults_on_the_cas_routes_are_retried(devhub, tmp_path):
+    weights = content(300_000)
+    api(devhub).create_repo(REPO)
+    devhub.inject("xorb_upload", "500", times=2)
+    devhub.inject("shard_upload", "429", retry_after=0)
+    devhub.inject("xet_token", "500")
+    upload(devhub, {"model.safetensors": weights})
+    requests_by_method = devhub.stats()["requests_by_method"]
+    assert requests_by_method["POST xorb_upload"] == 3 and requests_by_method["POST shard_upload"] == 2
+    devhub.reset_stats()
+    devhub.inject("reconstruction", "500")
+    devhub.inject("xorb_download", "drop", method="GET")  # the range cut short mid-body
+    assert download(devhub, tmp_path / "cache", "model.safetensors") == weights
+    requests_by_method = devhub.stats()["requests_by_method"]
+    assert requests_by_method["GET reconstruction"] >= 2 and requests_by_method["GET xorb_download"] >= 2
+
+
+def test_a_publish_the_xet_storage_keeps_failing_changes_nothing(devhub):
+    client = HubClient(endpoint=devhub.url, token=TOKEN, retry=RetryPolicy(attempts=2, base_delay=0.01))
+    client.create_repo(REPO, private=False)
+    head = api(devhub).model_info(REPO).sha
+    devhub.inject("xorb_upload", "500", times=100)
+    with pytest.raises(HubError, match=r"commit failed after 2 attempts \(Xet storage: HTTP 500 on /v1/xorbs/"):
+        client.commit(REPO, {"model.safetensors": content(100_000)}, [], "publish", head)
+    assert api(devhub).model_info(REPO).sha == head and "commit" not in devhub.stats()["requests"]
+
+
+@pytest.mark.parametrize("route", ["reconstruction", "xorb_download"])
+def test_hostile_xet_answers_are_refused_by_mergebot(devhub, tmp_path, route):
+    """A reconstruction pointing past its xorbs, or xorb bytes that are not the ones stored: no file reaches the
+    cache, and the error names the repo and file."""
+    upload(devhub, {"model.safetensors": content(300_000), "config.json": b"{}"})
+    client = HubClient(endpoint=devhub.url, token=TOKEN, cache_dir=tmp_path / "cache", retry=RetryPolicy(attempts=2))
+    remote = client.list_files(REPO, api(devhub).model_info(REPO).sha)
+    devhub.inject(route, "hostile", times=1000)
+    with pytest.raises(HubError, match=r"download of model.safetensors failed after 2 attempts \(Xet storage: ") as err:
+        client.fetch(remote)
+    assert str(err.value).startswith(f"repo {REPO}@") and not list((tmp_path / "cache").rglob("*.safetensors"))
+    devhub.clear_faults()
+    assert (client.fetch(remote) / "model.safetensors").read_bytes() == content(300_000)

@@ -223,6 +223,16 @@ class DevHub:
         """Create a repo with Xet storage (as the Hub does) or without it, listing and serving files as LFS only."""
         self._store.create_repo(repo_type, repo_id, private=False, xet=xet)
 
+    def xet_ranges(self, repo_id: str, path: str, revision: str = DEFAULT_BRANCH) -> dict[str, int]:
+        """Per xorb, the bytes a Xet download of a file fetches (the ranges its reconstruction names): what a test
+        compares with `bytes_served["xet:REPO"]`."""
+        repo = self._store.repo("model", repo_id)
+        entry = self._store.resolve(repo, revision).tree[path] if repo else None
+        if entry is None or entry.xet_hash is None:
+            raise KeyError(f"{repo_id}@{revision}: {path} is not a Xet file")
+        fetch = self._api.cas.storage.reconstruction(entry.xet_hash, None, "")["fetch_info"]
+        return {x: sum(e["url_range"]["end"] + 1 - e["url_range"]["start"] for e in v) for x, v in fetch.items()}
+
     def commit_files(
         self,
         repo_id: str,
