@@ -120,7 +120,7 @@ def test_second_publish_uploads_only_the_changed_shard(hub, merged, tmp_path, de
     assert uploaded_shards == [shard.name]
     received = devhub.stats()["bytes_received"].get("me/merged", {})
     weights = {path: size for path, size in received.items() if path.endswith(".safetensors")}
-    assert list(weights) == [shard.name] and 0 < weights[shard.name] <= shard.stat().st_size * 1.01  # its xorbs
+    assert weights == {shard.name: shard.stat().st_size}
     third = publish(merged, "me/merged", client, gate(merged, tmp_path), merged_config(merged))
     assert third.uploaded == [] and third.commit == second.commit
 

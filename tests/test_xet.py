@@ -55,7 +55,7 @@ def download(hub: DevHub, cache: Path, name: str, repo: str = REPO) -> bytes:
 
 
 def xet_served(hub: DevHub, repo: str = REPO) -> dict[str, int]:
-    return hub.stats()["bytes_served"].get(f"xet:{repo}", {})
+    return hub.stats()["xorb_bytes_served"].get(repo, {})
 
 
 def test_upload_and_download_through_xet_are_byte_identical(devhub, tmp_path):

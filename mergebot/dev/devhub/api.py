@@ -250,14 +250,16 @@ class HubApi:
         commit, old = self.store.commit(
             repo, branch, operations, header["summary"], header.get("description", ""), header.get("parentCommit")
         )
+        xet_files = []
         for op in operations:
             if isinstance(op, PutFile):
                 self.stats.received(repo.key, op.path, len(op.content))
             elif isinstance(op, PutLfs):
                 self.stats.lfs_committed(repo.key, op.path, op.sha256)
                 if xet := self.cas.storage.file_by_sha256(op.sha256):
-                    xorbs = [term[0] for term in self.cas.storage.file(xet)["terms"]]
-                    self.stats.xet_committed(repo.key, op.path, xorbs)
+                    record = self.cas.storage.file(xet)
+                    xet_files.append((op.path, record["size"], [term[0] for term in record["terms"]]))
+        self.stats.xet_committed(repo.key, xet_files)
         self.on_commit(repo, branch, commit, old, req.base_url)
         return json_response(
             200,

@@ -186,8 +186,9 @@ class DevHub:
 
     def stats(self) -> dict[str, Any]:
         """A snapshot: `requests` and `requests_by_method` ("GET resolve") counts per route kind, and per repo
-        and file the bytes `bytes_served` by resolve GETs (under `xet:REPO`, per xorb, by Xet downloads) and
-        `bytes_received` through commits, LFS uploads and Xet xorbs (a new xorb counts for the first file in it)."""
+        and file the bytes `bytes_served` by resolve GETs (under `xet:REPO`, per xorb, by Xet downloads), the
+        bytes of each file `bytes_received` through a commit, an LFS upload or new Xet xorbs, and per repo the
+        `xorb_bytes_received` (what Xet uploads really sent: compressed, only the chunks the Hub lacked)."""
         return self._stats.snapshot()
 
     def reset_stats(self) -> None:

@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 
 from mergebot.dev.devhub.messages import Request, Response, byte_range, json_response
 from mergebot.dev.devhub.stats import Stats
-from mergebot.dev.devhub.store import DEFAULT_BRANCH, HubError, Store
+from mergebot.dev.devhub.store import DEFAULT_BRANCH, HubError, Repo, Store
 from mergebot.dev.devhub.xetformat import MAX_XORB
 from mergebot.dev.devhub.xetstore import XetStore
 
@@ -35,25 +35,25 @@ class Cas:
         self.storage = XetStore(store)
         self.stats = stats
         self._lock = threading.Lock()
-        self._tokens: dict[str, tuple[str, bool, float]] = {}  # token → (repo key, may write, expiry)
+        self._tokens: dict[str, tuple[Repo, str | None, bool, float]] = {}  # → (repo, commit, may write, expiry)
 
-    def issue(self, repo_key: str, write: bool) -> tuple[str, int]:
+    def issue(self, repo: Repo, commit: str | None, write: bool) -> tuple[str, int]:
         token, expiry = "xet_" + secrets.token_urlsafe(24), int(time.time()) + TOKEN_SECONDS
         with self._lock:
-            self._tokens[token] = (repo_key, write, expiry)
+            self._tokens[token] = (repo, commit, write, expiry)
         return token, expiry
 
-    def authorize(self, req: Request, *, write: bool) -> str:
-        """The repo key a request's CAS token was issued for: 401 without a valid one, 403 for a read token that
-        tries to write."""
+    def authorize(self, req: Request, *, write: bool) -> tuple[Repo, str | None]:
+        """The repo (and commit) a request's CAS token was issued for: 401 without a valid one, 403 for a read
+        token that tries to write."""
         scheme, _, token = req.headers.get("Authorization", "").partition(" ")
         with self._lock:
             grant = self._tokens.get(token) if scheme.lower() == "bearer" else None
-        if grant is None or grant[2] < time.time():
+        if grant is None or grant[3] < time.time():
             raise HubError(401, "Invalid or expired Xet token")
-        if write and not grant[1]:
+        if write and not grant[2]:
             raise HubError(403, "A Xet read token cannot upload")
-        return grant[0]
+        return grant[0], grant[1]
 
 
 def _body(req: Request, limit: int, what: str) -> bytes:
@@ -71,9 +71,10 @@ def xet_token(api: "HubApi", req: Request) -> Response:
     write = req.params["scope"] == "write"
     repo = api._repo(req, write=write)
     revision = req.params.get("rev", DEFAULT_BRANCH)
-    if not (write and revision == "None"):  # the client asks for "None" before a pull request exists
-        api.store.resolve(repo, revision)
-    token, expiry = api.cas.issue(repo.key, write)
+    commit = None  # the client asks a write token for revision "None" before a pull request exists
+    if not (write and revision == "None"):
+        commit = api.store.resolve(repo, revision).id
+    token, expiry = api.cas.issue(repo, commit, write)
     response = json_response(200, {"accessToken": token, "exp": expiry, "casUrl": req.base_url})
     response.headers |= {
         "X-Xet-Cas-Url": req.base_url,
@@ -84,11 +85,11 @@ def xet_token(api: "HubApi", req: Request) -> Response:
 
 
 def xorb_upload(api: "HubApi", req: Request) -> Response:
-    repo_key = api.cas.authorize(req, write=True)
+    repo, _ = api.cas.authorize(req, write=True)
     body = _body(req, MAX_XORB, "Xorb")
     inserted = api.cas.storage.put_xorb(req.params["hash"], body)
     if inserted:
-        api.stats.xorb_uploaded(repo_key, req.params["hash"], len(body))
+        api.stats.xorb_uploaded(repo.key, req.params["hash"], len(body))
     return json_response(200, {"was_inserted": inserted})
 
 
@@ -120,10 +121,17 @@ def chunk_dedupe(api: "HubApi", req: Request) -> Response:
 
 
 def reconstruction(api: "HubApi", req: Request) -> Response:
-    repo_key = api.cas.authorize(req, write=False)
+    """The terms and xorb ranges of a file; the file's bytes they deliver count as served for the path that holds
+    it at the token's revision, as a resolve GET's do (the xorb bytes count apart, per xorb)."""
+    repo, commit = api.cas.authorize(req, write=False)
     url = f"{req.base_url}/v1/xorbs/default/"
     data = api.cas.storage.reconstruction(req.params["hash"], req.headers.get("Range"), url)
-    suffix = "?" + urlencode({"repo": repo_key})  # whose download the served bytes count for
+    size = api.cas.storage.file(req.params["hash"])["size"]
+    _, length = byte_range(req.headers.get("Range"), size) or (0, size)
+    tree = api.store.resolve(repo, commit).tree if commit else {}
+    for path in [p for p, entry in sorted(tree.items()) if entry.xet_hash == req.params["hash"]][:1]:
+        api.stats.served(repo.key, path, length)
+    suffix = "?" + urlencode({"repo": repo.key})  # whose download the served xorb bytes count for
     for entries in data["fetch_info"].values():
         for entry in entries:
             entry["url"] += suffix
