@@ -125,9 +125,11 @@ class XetStore:
         write_atomic(self._path("sha256", sha256), name.encode())
 
     def _content(self, terms: list[list[Any]]) -> Iterator[bytes]:
+        loaded, data = None, b""  # consecutive terms often read the same xorb
         for xorb, start, end, _ in terms:
             chunks = self.chunks(xorb) or []
-            data = self.xorb_path(xorb).read_bytes()
+            if xorb != loaded:
+                loaded, data = xorb, self.xorb_path(xorb).read_bytes()
             for _, raw in iter_chunks(data, chunks[start].start, chunks[end - 1].end):
                 yield raw
 
