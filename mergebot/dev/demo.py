@@ -289,12 +289,6 @@ def run_demo(keep: bool) -> int:
 
 
 def _megabytes(served: dict[str, dict[str, int]], suffix: str) -> str:
-    """What the Hub served of the files whose names end with `suffix`, over all repos, with what it served through
-    Xet (xorbs hold only the LFS files, the weights)."""
-    total = sum(
-        size
-        for repo, files in served.items()
-        for path, size in files.items()
-        if path.endswith(suffix) or repo.startswith("xet:")
-    )
+    """What the Hub served of the files whose names end with `suffix`, over all repos."""
+    total = sum(size for files in served.values() for path, size in files.items() if path.endswith(suffix))
     return f"{total / 1e6:.1f} MB"
