@@ -29,7 +29,6 @@ from mergebot.daemon.children import stop_process
 REPOS = ("org/base", "org/ft1", "org/ft2")
 TARGETS = 10
 QUIET = {
-    "HF_HUB_DISABLE_XET": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_TOKEN": "x",

@@ -35,7 +35,6 @@ INDEX = "model.safetensors.index.json"
 COLUMNS = {"s": (7, 2), "shard s": (7, 2), "weights MB": (10, 1), "other KB": (9, 1), "calls": (6, 0)}
 COLUMNS |= {"computed": (8, 0), "reused": (6, 0), "RSS MB": (7, 0)}  # name: (width, decimals)
 QUIET = {
-    "HF_HUB_DISABLE_XET": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_TOKEN": "x",

@@ -78,7 +78,7 @@ def test_tree_reports_git_oids_and_lfs_sha256(devhub: DevHub, tmp_path: Path) ->
     assert set(entries) == {".gitattributes", "config.json", "model.safetensors", "notes", "notes/readme.txt"}
     assert entries["config.json"].blob_id == git_oid(CONFIG) and entries["config.json"].lfs is None
     weights = entries["model.safetensors"]
-    assert weights.size == len(WEIGHTS) and weights.xet_hash is None
+    assert weights.size == len(WEIGHTS) and len(weights.xet_hash) == 64  # uploaded through Xet, the default
     assert weights.lfs.sha256 == hashlib.sha256(WEIGHTS).hexdigest()
     pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{weights.lfs.sha256}\nsize {len(WEIGHTS)}\n"
     assert weights.blob_id == git_oid(pointer.encode()) and weights.lfs.pointer_size == len(pointer)
@@ -134,8 +134,8 @@ def test_unchanged_files_are_not_uploaded_again(devhub: DevHub, tmp_path: Path) 
     api = client(devhub)
     api.upload_file(path_or_fileobj=WEIGHTS, path_in_repo="copy.safetensors", repo_id=REPO)
     stats = devhub.stats()
-    assert stats["bytes_received"][REPO] == {"copy.safetensors": 0}  # the LFS object was already stored
-    assert "lfs_upload" not in stats["requests"]
+    assert stats["bytes_received"][REPO] == {"copy.safetensors": 0}  # every chunk was already stored
+    assert "lfs_upload" not in stats["requests"] and "xorb_upload" not in stats["requests"]
 
 
 def test_branches_and_tags(devhub: DevHub, tmp_path: Path) -> None:
@@ -162,6 +162,7 @@ def test_branches_and_tags(devhub: DevHub, tmp_path: Path) -> None:
 
 
 def test_download_counts_bytes_and_cached_file_is_not_fetched_again(devhub: DevHub, tmp_path: Path) -> None:
+    devhub.create_repo(REPO, xet=False)  # an LFS repo: downloads take the resolve route (test_xet: the Xet way)
     sha = upload_model(devhub, tmp_path)
     devhub.reset_stats()
     path = download(devhub, tmp_path, "model.safetensors")
@@ -268,6 +269,7 @@ def test_fault_500_then_success(devhub: DevHub, tmp_path: Path) -> None:
 
 
 def test_fault_429_retry_after_is_honoured(devhub: DevHub, tmp_path: Path) -> None:
+    devhub.create_repo(REPO, xet=False)
     upload_model(devhub, tmp_path)
     devhub.inject("resolve", "429", retry_after=7)
     response = requests.get(f"{devhub.url}/{REPO}/resolve/main/config.json")
@@ -279,6 +281,7 @@ def test_fault_429_retry_after_is_honoured(devhub: DevHub, tmp_path: Path) -> No
 
 
 def test_fault_dropped_connection_is_retried(devhub: DevHub, tmp_path: Path) -> None:
+    devhub.create_repo(REPO, xet=False)
     upload_model(devhub, tmp_path)
     devhub.inject("resolve", "drop", method="GET")
     with pytest.raises(requests.exceptions.ChunkedEncodingError):

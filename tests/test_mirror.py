@@ -62,7 +62,7 @@ class Mirror:
             f'[basic]\nhost = "127.0.0.1"\nport = {self.port}\nrepos-path = "{self.root / "cache"}"\n'
             f'mirrors-path = ["{self.root / "mirrors"}"]\n\n[accessibility]\noffline = true\n'
         )
-        env = {**os.environ, "HF_HUB_DISABLE_XET": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log.open("w") as log:
             process = subprocess.Popen([OLAH, "-c", config], cwd=self.root, env=env, stdout=log, stderr=log)
         deadline = time.monotonic() + 60

@@ -203,7 +203,6 @@ def run_demo(keep: bool) -> int:
     os.environ.update(
         {
             "HF_HOME": str(root / "hf-home"),
-            "HF_HUB_DISABLE_XET": "1",
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
             "MERGEBOT_CACHE_DIR": str(root / "cache"),

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
+from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import (
@@ -51,6 +52,7 @@ T = TypeVar("T")
 SAFE_PATH = re.compile(r"[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*")
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 TRANSIENT_ERRORS = (httpx2.TransportError, TimeoutError, ConnectionError)
+XET_HTTP = re.compile(r"HTTP status (?:client|server) error \((?P<status>\d{3})[^)]*\), domain: (?P<url>\S+)")
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,7 @@ class HubClient:
             except (HfHubHTTPError, *TRANSIENT_ERRORS, RuntimeError) as raised:
                 error = _underlying(raised)
                 retry_after = self._classify(error, repo, revision, where, what, file)
-                failure = f"HTTP {error.response.status_code}" if _status(error) else type(error).__name__
+                failure = f"HTTP {error.response.status_code}" if _status(error) else _xet_failure(error)
             if attempt + 1 == self.retry.attempts:
                 break
             delay = self.retry.delay(attempt, retry_after)
@@ -260,6 +262,9 @@ class HubClient:
             ) from error
         if isinstance(error, HfHubHTTPError) and status not in TRANSIENT_STATUS:
             raise HubError(f"repo {where}: {what} failed with HTTP {status}") from error
+        xet = XET_HTTP.search(str(error)) if isinstance(error, ConnectionError) else None
+        if xet and int(xet["status"]) not in TRANSIENT_STATUS:
+            raise HubError(f"repo {where}: {what} refused by the Hub's {_xet_failure(error)}") from error
         if not isinstance(error, (HfHubHTTPError, *TRANSIENT_ERRORS)):
             raise error
         return _retry_after(error) if isinstance(error, HfHubHTTPError) else None
@@ -326,6 +331,17 @@ def _underlying(error: Exception) -> Exception:
     if isinstance(error, RuntimeError) and isinstance(cause, (HfHubHTTPError, *TRANSIENT_ERRORS)):
         return cause
     return error
+
+
+def _xet_failure(error: Exception) -> str:
+    """hf_xet reports every HTTP failure of the Hub's Xet storage as a ConnectionError; its status and route (never
+    the query, which may be signed) name it."""
+    match = XET_HTTP.search(str(error)) if isinstance(error, ConnectionError | RuntimeError) else None
+    if match is not None:
+        return f"Xet storage: HTTP {match['status']} on {urlsplit(match['url']).path}"
+    if type(error) is RuntimeError:  # hf_xet's own failures (a reconstruction it cannot follow, a bad chunk)
+        return "Xet storage: " + re.sub(r"\w+://\S+", "<url>", str(error).splitlines()[0] if str(error) else "")[:160]
+    return type(error).__name__
 
 
 def _status(error: Exception) -> int | None:

@@ -31,6 +31,7 @@ from mergebot.dev.devhub.store import (
     is_lfs,
     repo_key,
 )
+from mergebot.dev.devhub.xet import XET_ROUTES, Cas
 
 USER = "devhub"  # the account every accepted token belongs to, and the namespace of repos created without one
 _PLURALS: dict[str, RepoType] = {f"{t}s": t for t in REPO_TYPES}
@@ -49,7 +50,7 @@ def _file_json(path: str, entry: Entry) -> dict[str, Any]:
     data: dict[str, Any] = {"type": "file", "oid": entry.oid, "size": entry.size, "path": path}
     if entry.sha256:
         data["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": entry.pointer_size}
-    return data
+    return data | ({"xetHash": entry.xet_hash} if entry.xet_hash else {})
 
 
 def _folder_json(commit: Commit, path: str) -> dict[str, Any]:
@@ -63,6 +64,7 @@ class HubApi:
         self.store = store
         self.stats = stats
         self.on_commit = on_commit
+        self.cas = Cas(store, stats)
 
     def _lookup(self, req: Request) -> Repo:
         repo_id = f"{req.params['ns']}/{req.params['name']}"
@@ -236,7 +238,8 @@ class HubApi:
                     content = base64.b64decode(content, validate=True)
                 operations.append(PutFile(_checked_path(value["path"]), content))
             elif key == "lfsFile":
-                operations.append(PutLfs(_checked_path(value["path"]), value["oid"], value.get("size")))
+                xet = self.cas.storage.file_by_sha256(value["oid"]) if repo.xet else None
+                operations.append(PutLfs(_checked_path(value["path"]), value["oid"], value.get("size"), xet))
             elif key in ("deletedFile", "deletedFolder"):
                 operations.append(Delete(value["path"], folder=key == "deletedFolder"))
             else:
@@ -247,11 +250,16 @@ class HubApi:
         commit, old = self.store.commit(
             repo, branch, operations, header["summary"], header.get("description", ""), header.get("parentCommit")
         )
+        xet_files = []
         for op in operations:
             if isinstance(op, PutFile):
                 self.stats.received(repo.key, op.path, len(op.content))
             elif isinstance(op, PutLfs):
                 self.stats.lfs_committed(repo.key, op.path, op.sha256)
+                if xet := self.cas.storage.file_by_sha256(op.sha256):
+                    record = self.cas.storage.file(xet)
+                    xet_files.append((op.path, record["size"], [term[0] for term in record["terms"]]))
+        self.stats.xet_committed(repo.key, xet_files)
         self.on_commit(repo, branch, commit, old, req.base_url)
         return json_response(
             200,
@@ -330,6 +338,9 @@ class HubApi:
         }
         if entry.sha256:
             headers |= {"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)}
+        if entry.xet_hash:  # what sends huggingface_hub the Xet way: the hash, and where to get a read token
+            token_url = f"{req.base_url}/api/{repo.type}s/{repo.id}/xet-read-token/{commit.id}"
+            headers |= {"X-Xet-Hash": entry.xet_hash, "Link": f'<{token_url}>; rel="xet-auth"'}
         status, start, length = 200, 0, entry.size
         span = byte_range(req.headers.get("Range"), entry.size)
         if span is not None:
@@ -369,6 +380,7 @@ _ROUTES: list[tuple[tuple[str, ...], re.Pattern[str], str, Handler]] = [
         (("PUT",), rf"{_GIT_REPO}/upload/(?P<oid>[0-9a-f]{{64}})", HubApi.lfs_upload),
         (("POST",), rf"{_GIT_REPO}/verify", HubApi.lfs_verify),
         (("GET", "HEAD"), _FILE, HubApi.resolve),
+        *[(methods, (_API_REPO if p.startswith("/xet-") else "") + p, handler) for methods, p, handler in XET_ROUTES],
     ]
 ]
 ROUTE_KINDS = frozenset(kind for _, _, kind, _ in _ROUTES) | {"unknown"}

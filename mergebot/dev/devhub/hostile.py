@@ -2,8 +2,9 @@
 
 Each kind rewrites what the route answered, so everything else stays a working Hub: "etag" sends `value` as the
 download's ETag and X-Linked-Etag, "commit" as its X-Repo-Commit and as the `sha` of model_info, "oid" and
-"lfs_oid" as every tree entry's git blob id or LFS sha256, "redirect" answers 302 to `value`, and "oversize" sends
-`extra` bytes more than the file (and than the listing says).
+"lfs_oid" as every tree entry's git blob id or LFS sha256, "redirect" answers 302 to `value`, "oversize" sends
+`extra` bytes more than the file (and than the listing says), and "garble" answers a file's bytes inverted, or each
+term of a Xet reconstruction (and the ranges it names to fetch) pushed past the end of its xorb.
 """
 
 import json
@@ -13,8 +14,8 @@ from typing import Literal
 
 from mergebot.dev.devhub.messages import Response
 
-HostileKind = Literal["etag", "commit", "oid", "lfs_oid", "redirect", "oversize"]
-HOSTILE_KINDS: tuple[HostileKind, ...] = ("etag", "commit", "oid", "lfs_oid", "redirect", "oversize")
+HostileKind = Literal["etag", "commit", "oid", "lfs_oid", "redirect", "oversize", "garble"]
+HOSTILE_KINDS: tuple[HostileKind, ...] = ("etag", "commit", "oid", "lfs_oid", "redirect", "oversize", "garble")
 
 
 def tamper(kind: str, response: Response, value: str, extra: int) -> Response:
@@ -33,7 +34,21 @@ def tamper(kind: str, response: Response, value: str, extra: int) -> Response:
         return Response(302, {"Location": value})
     if kind == "oversize":
         return replace(response, padding=extra)
+    if kind == "garble" and response.status < 300:
+        return _garble(response)
     return response
+
+
+def _garble(response: Response) -> Response:
+    if response.file is not None:
+        with response.file.open("rb") as f:
+            f.seek(response.start)
+            body = f.read(response.length).translate(bytes(range(255, -1, -1)))
+        return Response(response.status, response.headers, body, counted=response.counted)
+    data = json.loads(response.body or b"{}")
+    for item in [*data.get("terms", []), *(e for v in data.get("fetch_info", {}).values() for e in v)]:
+        item["range"]["end"] += 1000
+    return Response(response.status, response.headers, json.dumps(data).encode())
 
 
 def _rewrite_json(body: bytes, change: Callable[[object], object]) -> bytes:

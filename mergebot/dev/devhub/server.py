@@ -190,7 +190,9 @@ class DevHub:
 
     def stats(self) -> dict[str, Any]:
         """A snapshot: `requests` and `requests_by_method` ("GET resolve") counts per route kind, and per repo
-        and file the bytes `bytes_served` by resolve GETs and `bytes_received` through commits and LFS uploads."""
+        and file the bytes `bytes_served` by resolve GETs (under `xet:REPO`, per xorb, by Xet downloads), the
+        bytes of each file `bytes_received` through a commit, an LFS upload or new Xet xorbs, and per repo the
+        `xorb_bytes_received` (what Xet uploads really sent: compressed, only the chunks the Hub lacked)."""
         return self._stats.snapshot()
 
     def reset_stats(self) -> None:
@@ -223,6 +225,20 @@ class DevHub:
     def add_webhook(self, url: str, secret: str) -> None:
         """POST a `repo.content` update event to `url` after every commit, with `X-Webhook-Secret: secret`."""
         self._webhooks.add(url, secret)
+
+    def create_repo(self, repo_id: str, *, xet: bool = True, repo_type: RepoType = "model") -> None:
+        """Create a repo with Xet storage (as the Hub does) or without it, listing and serving files as LFS only."""
+        self._store.create_repo(repo_type, repo_id, private=False, xet=xet)
+
+    def xet_ranges(self, repo_id: str, path: str, revision: str = DEFAULT_BRANCH) -> dict[str, int]:
+        """Per xorb, the bytes a Xet download of a file fetches (the ranges its reconstruction names): what a test
+        compares with `bytes_served["xet:REPO"]`."""
+        repo = self._store.repo("model", repo_id)
+        entry = self._store.resolve(repo, revision).tree[path] if repo else None
+        if entry is None or entry.xet_hash is None:
+            raise KeyError(f"{repo_id}@{revision}: {path} is not a Xet file")
+        fetch = self._api.cas.storage.reconstruction(entry.xet_hash, None, "")["fetch_info"]
+        return {x: sum(e["url_range"]["end"] + 1 - e["url_range"]["start"] for e in v) for x, v in fetch.items()}
 
     def commit_files(
         self,

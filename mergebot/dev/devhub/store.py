@@ -79,13 +79,15 @@ class Entry:
     size: int
     oid: str
     sha256: str | None = None
+    xet_hash: str | None = None  # uploaded through Xet into a repo with Xet storage
 
     @property
     def pointer_size(self) -> int | None:
         return None if self.sha256 is None else len(lfs_pointer(self.sha256, self.size))
 
     def to_json(self) -> dict:
-        return {"size": self.size, "oid": self.oid} | ({"sha256": self.sha256} if self.sha256 else {})
+        data = {"size": self.size, "oid": self.oid} | ({"sha256": self.sha256} if self.sha256 else {})
+        return data | ({"xet_hash": self.xet_hash} if self.xet_hash else {})
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class Repo:
     seq: int
     branches: dict[str, str]
     tags: dict[str, str]
+    xet: bool = True  # Xet storage, as the Hub's repos have; without it a repo lists and serves files as LFS
 
     @property
     def key(self) -> str:
@@ -127,11 +130,12 @@ class PutFile:
 
 @dataclass(frozen=True)
 class PutLfs:
-    """A file whose content was uploaded before the commit, through LFS; `size`, when given, must match it."""
+    """A file whose content was uploaded before the commit, through LFS or Xet; `size`, when given, must match."""
 
     path: str
     sha256: str
     size: int | None = None
+    xet_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -247,12 +251,12 @@ class Store:
         with self._lock:
             return dict(repo.branches), dict(repo.tags)
 
-    def create_repo(self, repo_type: RepoType, repo_id: str, private: bool) -> Repo:
+    def create_repo(self, repo_type: RepoType, repo_id: str, private: bool, xet: bool = True) -> Repo:
         """Create a repo whose first commit adds a .gitattributes, as the Hub does."""
         with self._lock:
             if (repo_type, repo_id) in self._repos:
                 raise HubError(409, f"You already created this {repo_type} repo")
-            repo = Repo(repo_type, repo_id, private, _now(), seq=0, branches={}, tags={})
+            repo = Repo(repo_type, repo_id, private, _now(), seq=0, branches={}, tags={}, xet=xet)
             gitattributes = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
             tree = {".gitattributes": self._entry(gitattributes.encode())}
             repo.branches[DEFAULT_BRANCH] = self._new_commit(repo, (), "initial commit", "", tree).id
@@ -360,11 +364,11 @@ class Store:
         match op:
             case PutFile(path, content):
                 tree[path] = self._entry(content)
-            case PutLfs(path, sha256, size):
+            case PutLfs(path, sha256, size, xet_hash):
                 stored = self.lfs_size(sha256)
                 if stored is None or (size is not None and size != stored):
                     raise HubError(422, f"LFS object {sha256} of '{path}' was not uploaded")
-                tree[path] = Entry(stored, git_blob_id(lfs_pointer(sha256, stored)), sha256)
+                tree[path] = Entry(stored, git_blob_id(lfs_pointer(sha256, stored)), sha256, xet_hash)
             case Delete(path, folder=False):
                 if tree.pop(path, None) is None:
                     raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
