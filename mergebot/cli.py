@@ -13,7 +13,7 @@ from mergebot import log
 from mergebot.config.daemon import ValidateSettings
 from mergebot.config.document import Located, read_document
 from mergebot.config.merge import MergeConfig, load_merge_config, parse_merge
-from mergebot.errors import ConfigError, ExitCode, MergebotError
+from mergebot.errors import ConfigError, ConfigErrors, ExitCode, MergebotError
 
 if TYPE_CHECKING:
     from mergebot.pipeline.parents import SignatureCache
@@ -21,17 +21,14 @@ if TYPE_CHECKING:
 
 
 def _quick_config(args: argparse.Namespace, weighted: list[str]) -> MergeConfig:
-    """`--method linear A:0.6 B:0.4 OUT`: models as model[:weight], other parameters as --set key=value."""
+    """`--method linear A:0.6 B:0.4 OUT`: models as model[:weight], other parameters as --set key=value; with no
+    weight written, every model but the base weighs the same."""
+    from mergebot.config.methods import INTERFACES
+
     models = []
     for argument in weighted:
-        model, sep, weight = argument.rpartition(":")
-        if sep and not Path(argument).exists():
-            try:
-                models.append({"model": model, "parameters": {"weight": float(weight)}})
-                continue
-            except ValueError:
-                pass
-        models.append({"model": argument})
+        model, weight = _weighted(argument)
+        models.append({"model": model} | ({"parameters": {"weight": weight}} if weight is not None else {}))
     raw: dict[str, Any] = {"merge_method": args.method, "models": models, "parameters": {}}
     for assignment in args.set or []:
         key, sep, value = assignment.partition("=")
@@ -41,16 +38,35 @@ def _quick_config(args: argparse.Namespace, weighted: list[str]) -> MergeConfig:
     for key in ("base_model", "dtype", "tokenizer_source", "out_shard_size"):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
+    interface = INTERFACES.get(args.method)
+    weighs = interface is not None and "weight" in interface.model_parameters and "weight" not in raw["parameters"]
+    unweighted = [m for m in models if "parameters" not in m and m["model"] != raw.get("base_model")]
+    if weighs and unweighted and len(unweighted) < len([m for m in models if m["model"] != raw.get("base_model")]):
+        raise ConfigError(f"merge --method: {unweighted[0]['model']} has no weight; give every model one, or none")
+    if weighs and unweighted:
+        raw["parameters"]["weight"] = 1.0 / len(unweighted)
     return parse_merge(raw, Located(Path("<command line>"), ""))
+
+
+def _weighted(argument: str) -> tuple[str, float | None]:
+    """`model:weight` → (model, weight); a model alone (or a path with a colon) → (model, None)."""
+    model, sep, weight = argument.rpartition(":")
+    if sep and not Path(argument).exists():
+        try:
+            return model, float(weight)
+        except ValueError:
+            pass
+    return argument, None
 
 
 def _merge(args: argparse.Namespace) -> int:
     from mergebot.config.stages import load_stages
 
     if args.method:
-        if len(args.paths) < 2:
-            raise ConfigError("merge --method: give model[:weight] sources and then OUT_DIR")
-        _merge_one(_quick_config(args, args.paths[:-1]), Path(args.paths[-1]))
+        *sources, out = args.paths
+        if not sources or _is_model(out):
+            raise ConfigError(f"merge --method: {out} is a model, not an output directory: give OUT_DIR last")
+        _merge_one(_quick_config(args, sources), Path(out))
         return ExitCode.OK
     if len(args.paths) != 2:
         raise ConfigError("merge: give CONFIG OUT_DIR (or --method with model[:weight] sources)")
@@ -64,11 +80,24 @@ def _merge(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _is_model(argument: str) -> bool:
+    """Whether the last argument of the quick form names a model rather than OUT_DIR: it has a weight, or it is a
+    checkpoint directory that no merge wrote."""
+    from mergebot.merge.engine import MERGE_CONFIG_FILE
+
+    if _weighted(argument)[1] is not None:
+        return True
+    path = Path(argument)
+    return (path / "config.json").is_file() and not (path / MERGE_CONFIG_FILE).is_file()
+
+
 def _merge_one(config: MergeConfig, out_dir: Path) -> None:
     from mergebot.merge.engine import run_merge
     from mergebot.pipeline.inputs import resolve_inputs
     from mergebot.progress import ShardProgress
 
+    for warning in config.warnings:
+        print(f"mergebot: warning: {warning}", file=sys.stderr)
     result = run_merge(config, resolve_inputs(config), out_dir, ShardProgress())
     log.get("merge").info(
         "merged",
@@ -180,6 +209,8 @@ def _check_config(args: argparse.Namespace) -> int:
     from mergebot.config.daemon import check_daemon_config
 
     config, problems = check_daemon_config(Path(args.config))
+    for warning in config.warnings if config is not None else ():
+        print(f"mergebot: warning: {warning}", file=sys.stderr)
     for problem in problems:
         print(f"mergebot: error: {problem}", file=sys.stderr)
     if problems:
@@ -347,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except MergebotError as error:
-        print(f"mergebot: error: {error}", file=sys.stderr)
+        for line in str(error).splitlines() if isinstance(error, ConfigErrors) else [str(error)]:
+            print(f"mergebot: error: {line}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("mergebot: interrupted", file=sys.stderr)

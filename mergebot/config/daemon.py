@@ -18,7 +18,7 @@ from mergebot.config.document import Located, listen_address, parse_duration, re
 from mergebot.config.executor import RaySettings, executor_settings
 from mergebot.config.merge import MERGE_KEYS, MergeConfig, target_merge
 from mergebot.config.models import Names
-from mergebot.errors import ConfigError
+from mergebot.errors import ConfigError, ConfigErrors
 
 DURATION_KEYS = ("poll_interval", "merge_timeout", "stop_grace", "debounce", "retry_delay")
 COUNT_KEYS = ("max_concurrent_merges", "max_retries")
@@ -128,6 +128,11 @@ class DaemonConfig:
     targets: dict[str, Target]
     notify: tuple[NotifySettings, ...] = ()
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What the targets set that is ignored, as mergekit ignores it: one line each."""
+        return tuple(line for target in self.targets.values() for line in target.merge.warnings)
+
 
 def load_daemon_config(path: Path, text: str | None = None) -> DaemonConfig:
     """The whole daemon config; the first problem found is raised with its key and line."""
@@ -176,7 +181,7 @@ def check_daemon_config(path: Path, text: str | None = None) -> tuple[DaemonConf
                 raise located.error(f"targets[{index}].model", f"{read} {why}", value=read)
             targets[target.name] = target
         except ConfigError as error:
-            problems.append(error)
+            problems.extend(error.problems if isinstance(error, ConfigErrors) else [error])
     try:
         order = upstream_first({name: target.reads for name, target in targets.items()}, positions, located)
         targets = {name: targets[name] for name in order}

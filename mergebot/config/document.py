@@ -3,15 +3,19 @@
 Also the value formats every config table shares: sizes ('2GB'), durations ('15m') and listen addresses.
 """
 
+import difflib
 import re
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from mergebot.errors import ConfigError
+from mergebot.errors import ConfigError, ConfigErrors
+
+T = TypeVar("T")
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -24,13 +28,17 @@ class Located:
         self.path = path
         self.lines = text.splitlines()
 
-    def error(self, key_path: str, message: str, value: str | None = None) -> ConfigError:
+    def error(self, key_path: str, message: str, value: str | None = None, at: str | None = None) -> ConfigError:
         """`value`: the text the problem is about, when it pins the line better than the key does (a key written
-        many times, like `model`)."""
-        line = self._value_line(key_path, value) if value else None
-        line = line or self._line(key_path)
+        many times, like `model`); `at`: the key whose line to point at, when the key at fault is not written."""
+        line = self._value_line(at or key_path, value) if value else None
+        line = line or self._line(at or key_path)
         where = f"{self.path}:{line}" if line else str(self.path)
         return ConfigError(f"{where}: {key_path}: {message}")
+
+    def where(self, key_path: str) -> str:
+        """`file:line: key`, for a message written after the file was read."""
+        return str(self.error(key_path, "")).removesuffix(": ")
 
     def check_keys(self, table: Mapping[str, Any], known: Collection[str], prefix: str) -> None:
         """Raise for the first key of `table` (whose keys are named `prefix` + key) that is not in `known`."""
@@ -40,8 +48,11 @@ class Located:
 
     def unknown_keys(self, table: Mapping[str, Any], known: Collection[str], prefix: str) -> list[ConfigError]:
         """One error per unknown key, for a report that lists every problem at once."""
-        message = f"unknown key (known: {', '.join(sorted(known))})"
-        return [self.error(f"{prefix}{key}", message) for key in sorted(set(table) - set(known))]
+        listing = f"unknown key (known: {', '.join(sorted(known))})"
+        return [
+            self.error(f"{prefix}{key}", listing + did_you_mean(str(key), known))
+            for key in sorted(set(table) - set(known), key=str)
+        ]
 
     def _line(self, key_path: str) -> int | None:
         """The line that sets the key; for a missing key, the line of the nearest table around it."""
@@ -74,6 +85,43 @@ class Located:
         headers = [n for n, text in enumerate(self.lines) if header.match(text)]
         index = int(match.group(2))
         return headers[index] if index < len(headers) else 0
+
+
+def did_you_mean(name: str, known: Collection[str]) -> str:
+    """'; did you mean 'x'?' for the known name closest to a misspelt one, or nothing."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+@dataclass
+class Findings:
+    """Every problem and warning in one config, to report them all at once rather than one per run."""
+
+    located: Located
+    problems: list[ConfigError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, key_path: str, message: str, value: str | None = None) -> None:
+        self.warnings.append(str(self.located.error(key_path, message, value)))
+
+    def ignored(self, key_path: str, why: str, value: str | None = None) -> None:
+        """What mergekit reads and ignores: the same merge, and one warning line saying so."""
+        self.warn(key_path, f"ignored, as mergekit does: {why}", value)
+
+    def attempt(self, check: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """`check`'s result, or None with its problems noted."""
+        try:
+            return check(*args, **kwargs)
+        except ConfigError as error:
+            self.add(error)
+            return None
+
+    def add(self, error: ConfigError) -> None:
+        self.problems.extend(error.problems if isinstance(error, ConfigErrors) else [error])
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise self.problems[0] if len(self.problems) == 1 else ConfigErrors(self.problems)
 
 
 class _YamlLoader(yaml.SafeLoader):

@@ -166,6 +166,8 @@ class Daemon:
         if config.daemon.ray != self.config.daemon.ray:
             self.log.warning("executor settings changed; they take effect when the daemon restarts")
         self.config, self.config_text = config, text
+        for warning in config.warnings:
+            self.log.warning("config", warning=warning)
         self.log.info("config reloaded", targets=sorted(config.targets), removed=sorted(removed))
         self.scheduler.add_job(self.poll, id="poll-now", replace_existing=True)
 
