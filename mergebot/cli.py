@@ -45,7 +45,7 @@ def _quick_config(args: argparse.Namespace, weighted: list[str]) -> MergeConfig:
         raise ConfigError(f"merge --method: {unweighted[0]['model']} has no weight; give every model one, or none")
     if weighs and unweighted:
         raw["parameters"]["weight"] = 1.0 / len(unweighted)
-    return parse_merge(raw, Located(Path("<command line>"), ""))
+    return parse_merge(raw, Located(Path("<command line>"), ""), strict=True)
 
 
 def _weighted(argument: str) -> tuple[str, float | None]:

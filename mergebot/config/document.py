@@ -98,6 +98,8 @@ class Findings:
     """Every problem and warning in one config, to report them all at once rather than one per run."""
 
     located: Located
+    strict: bool = False
+    """Refuse what mergekit would ignore: for mergebot's own forms (the command line), not a mergekit config."""
     problems: list[ConfigError] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -106,7 +108,10 @@ class Findings:
 
     def ignored(self, key_path: str, why: str, value: str | None = None) -> None:
         """What mergekit reads and ignores: the same merge, and one warning line saying so."""
-        self.warn(key_path, f"ignored, as mergekit does: {why}", value)
+        if self.strict:
+            self.add(self.located.error(key_path, why, value))
+        else:
+            self.warn(key_path, f"ignored, as mergekit does: {why}", value)
 
     def attempt(self, check: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         """`check`'s result, or None with its problems noted."""

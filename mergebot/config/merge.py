@@ -154,9 +154,12 @@ class MergeConfig:
         return {"models": models} | ({"parameters": dict(module.parameters)} if module.parameters else {})
 
 
-def parse_merge(raw: Mapping[str, Any], located: Located, prefix: str = "", names: Names | None = None) -> MergeConfig:
-    """Check and type the merge fields of one target (mergekit names); every problem is reported at once."""
-    findings = Findings(located)
+def parse_merge(
+    raw: Mapping[str, Any], located: Located, prefix: str = "", names: Names | None = None, strict: bool = False
+) -> MergeConfig:
+    """Check and type the merge fields of one target (mergekit names); every problem is reported at once. `strict`
+    refuses what mergekit ignores (see `Findings.strict`)."""
+    findings = Findings(located, strict)
     merge = _parse_merge(raw, findings, prefix, names)  # raises every problem found
     return replace(merge, warnings=tuple(dict.fromkeys(findings.warnings)))
 
