@@ -5,58 +5,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import yaml
+from typing import TYPE_CHECKING
 
 from mergebot import log
 from mergebot.config.daemon import ValidateSettings
-from mergebot.config.document import Located, read_document
+from mergebot.config.document import read_document
 from mergebot.config.merge import MergeConfig, load_merge_config, parse_merge
+from mergebot.config.quick import quick_config, weighted
 from mergebot.errors import ConfigError, ConfigErrors, ExitCode, MergebotError
 
 if TYPE_CHECKING:
     from mergebot.pipeline.parents import SignatureCache
     from mergebot.pipeline.report import ValidationReport
-
-
-def _quick_config(args: argparse.Namespace, weighted: list[str]) -> MergeConfig:
-    """`--method linear A:0.6 B:0.4 OUT`: models as model[:weight], other parameters as --set key=value; with no
-    weight written, every model but the base weighs the same."""
-    from mergebot.config.methods import INTERFACES
-
-    models = []
-    for argument in weighted:
-        model, weight = _weighted(argument)
-        models.append({"model": model} | ({"parameters": {"weight": weight}} if weight is not None else {}))
-    raw: dict[str, Any] = {"merge_method": args.method, "models": models, "parameters": {}}
-    for assignment in args.set or []:
-        key, sep, value = assignment.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {assignment}: expected key=value")
-        raw["parameters"][key] = yaml.safe_load(value)
-    for key in ("base_model", "dtype", "tokenizer_source", "out_shard_size"):
-        if getattr(args, key) is not None:
-            raw[key] = getattr(args, key)
-    interface = INTERFACES.get(args.method)
-    weighs = interface is not None and "weight" in interface.model_parameters and "weight" not in raw["parameters"]
-    unweighted = [m for m in models if "parameters" not in m and m["model"] != raw.get("base_model")]
-    if weighs and unweighted and len(unweighted) < len([m for m in models if m["model"] != raw.get("base_model")]):
-        raise ConfigError(f"merge --method: {unweighted[0]['model']} has no weight; give every model one, or none")
-    if weighs and unweighted:
-        raw["parameters"]["weight"] = 1.0 / len(unweighted)
-    return parse_merge(raw, Located(Path("<command line>"), ""), strict=True)
-
-
-def _weighted(argument: str) -> tuple[str, float | None]:
-    """`model:weight` → (model, weight); a model alone (or a path with a colon) → (model, None)."""
-    model, sep, weight = argument.rpartition(":")
-    if sep and not Path(argument).exists():
-        try:
-            return model, float(weight)
-        except ValueError:
-            pass
-    return argument, None
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -66,7 +26,8 @@ def _merge(args: argparse.Namespace) -> int:
         *sources, out = args.paths
         if not sources or _is_model(out):
             raise ConfigError(f"merge --method: {out} is a model, not an output directory: give OUT_DIR last")
-        _merge_one(_quick_config(args, sources), Path(out))
+        options = {key: getattr(args, key) for key in ("base_model", "dtype", "tokenizer_source", "out_shard_size")}
+        _merge_one(quick_config(args.method, sources, args.set or [], options), Path(out))
         return ExitCode.OK
     if len(args.paths) != 2:
         raise ConfigError("merge: give CONFIG OUT_DIR (or --method with model[:weight] sources)")
@@ -85,7 +46,7 @@ def _is_model(argument: str) -> bool:
     checkpoint directory that no merge wrote."""
     from mergebot.merge.engine import MERGE_CONFIG_FILE
 
-    if _weighted(argument)[1] is not None:
+    if weighted(argument)[1] is not None:
         return True
     path = Path(argument)
     return (path / "config.json").is_file() and not (path / MERGE_CONFIG_FILE).is_file()
@@ -206,9 +167,14 @@ def _daemon(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """A daemon config, or a merge file (mergekit YAML, one or several stages, or a TOML merge): everything a run
+    checks before it reads a tensor, every problem at once, and each warning."""
     from mergebot.config.daemon import check_daemon_config
 
-    config, problems = check_daemon_config(Path(args.config))
+    path = Path(args.config)
+    if _is_merge_file(path):
+        return _check_merge_file(path)
+    config, problems = check_daemon_config(path)
     for warning in config.warnings if config is not None else ():
         print(f"mergebot: warning: {warning}", file=sys.stderr)
     for problem in problems:
@@ -217,6 +183,29 @@ def _check_config(args: argparse.Namespace) -> int:
         return ExitCode.PERMANENT
     assert config is not None
     print(f"{args.config}: ok, {len(config.targets)} target(s): {', '.join(sorted(config.targets)) or 'none'}")
+    return ExitCode.OK
+
+
+def _is_merge_file(path: Path) -> bool:
+    """A mergekit YAML file, or a TOML file with the merge at its top level (no [daemon], no [[targets]])."""
+    if path.suffix.lower() in (".yml", ".yaml"):
+        return True
+    try:
+        document, _ = read_document(path)
+    except ConfigError:
+        return False  # check_daemon_config reports it
+    return not {"daemon", "targets"} & set(document)
+
+
+def _check_merge_file(path: Path) -> int:
+    from mergebot.config.stages import load_stages
+
+    stages = load_stages(path, Path("OUT_DIR"))
+    merges = [stage.merge for stage in stages] if stages else [load_merge_config(path)]
+    for merge in merges:
+        for warning in merge.warnings:
+            print(f"mergebot: warning: {warning}", file=sys.stderr)
+    print(f"{path}: ok, {len(merges)} merge(s)")
     return ExitCode.OK
 
 
