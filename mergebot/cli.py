@@ -367,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except MergebotError as error:
+        for warning in error.warnings if isinstance(error, ConfigErrors) else ():
+            print(f"mergebot: warning: {warning}", file=sys.stderr)
         for line in str(error).splitlines() if isinstance(error, ConfigErrors) else [str(error)]:
             print(f"mergebot: error: {line}", file=sys.stderr)
         return error.exit_code

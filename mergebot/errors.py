@@ -39,9 +39,11 @@ class ConfigError(MergebotError):
 class ConfigErrors(ConfigError):
     """Every problem found in one config, reported together (each its own line, naming file, line and key)."""
 
-    def __init__(self, problems: list[ConfigError]) -> None:
+    def __init__(self, problems: list[ConfigError], warnings: tuple[str, ...] = ()) -> None:
         super().__init__("\n".join(map(str, problems)))
         self.problems = problems
+        self.warnings = warnings
+        """What the config also sets that is ignored (one line each), to report with the problems."""
 
 
 class ModelError(MergebotError):

@@ -36,6 +36,13 @@ class Located:
         where = f"{self.path}:{line}" if line else str(self.path)
         return ConfigError(f"{where}: {key_path}: {message}")
 
+    def has_line(self, key_path: str) -> bool:
+        """Whether the key itself (not only a table around it) is written."""
+        last = re.split(r"[.\[\]]", key_path.rstrip("]"))[-1]
+        setting = re.compile(rf"(^|[\s{{,\-])\"?{re.escape(last)}\"?\s*[=:]")
+        start, end = self._table_span(key_path)
+        return any(setting.search(text) for text in self.lines[start:end])
+
     def where(self, key_path: str) -> str:
         """`file:line: key`, for a message written after the file was read."""
         return str(self.error(key_path, "")).removesuffix(": ")
@@ -56,12 +63,12 @@ class Located:
 
     def _line(self, key_path: str) -> int | None:
         """The line that sets the key; for a missing key, the line of the nearest table around it."""
-        start = self._table_start(key_path)
+        start, end = self._table_span(key_path)
         names = [name for name in re.split(r"[.\[\]]", key_path) if name and not name.isdigit()]
         for name in reversed(names):
             setting = re.compile(rf"(^|[\s{{,\-])\"?{re.escape(name)}\"?\s*[=:]")
             header = re.compile(rf"^\s*\[\[?[^\]]*\b{re.escape(name)}\s*\]")
-            for number, text in enumerate(self.lines[start:], start + 1):
+            for number, text in enumerate(self.lines[start:end], start + 1):
                 if setting.search(text) or header.search(text):
                     return number
         return None
@@ -71,20 +78,22 @@ class Located:
         name = next((n for n in reversed(re.split(r"[.\[\]]", key_path)) if n and not n.isdigit()), key_path)
         setting = re.compile(rf"(^|[\s{{,\-])\"?{re.escape(name)}\"?\s*[=:]")
         written = re.compile(rf"(?<![\w./@+-]){re.escape(value)}(?![\w./-])")
-        start = self._table_start(key_path)
-        lines = enumerate(self.lines[start:], start + 1)
+        start, end = self._table_span(key_path)
+        lines = enumerate(self.lines[start:end], start + 1)
         return next((n for n, text in lines if setting.search(text) and written.search(text)), None)
 
-    def _table_start(self, key_path: str) -> int:
-        """Index of the line where the N-th [[targets]] or [[notify]] table starts, for keys under targets[N] or
-        notify[N]."""
+    def _table_span(self, key_path: str) -> tuple[int, int]:
+        """Indexes of the lines where the N-th [[targets]] or [[notify]] table starts and where the next one does,
+        for keys under targets[N] or notify[N]; the whole file for other keys."""
         match = re.match(r"(targets|notify)\[(\d+)\]", key_path)
         if not match:
-            return 0
+            return 0, len(self.lines)
         header = re.compile(rf"\s*\[\[\s*{match.group(1)}\s*\]\]")
         headers = [n for n, text in enumerate(self.lines) if header.match(text)]
         index = int(match.group(2))
-        return headers[index] if index < len(headers) else 0
+        if index >= len(headers):
+            return 0, len(self.lines)
+        return headers[index], headers[index + 1] if index + 1 < len(headers) else len(self.lines)
 
 
 def did_you_mean(name: str, known: Collection[str]) -> str:
@@ -126,7 +135,7 @@ class Findings:
 
     def raise_problems(self) -> None:
         if self.problems:
-            raise self.problems[0] if len(self.problems) == 1 else ConfigErrors(self.problems)
+            raise ConfigErrors(self.problems, tuple(dict.fromkeys(self.warnings)))
 
 
 class _YamlLoader(yaml.SafeLoader):
