@@ -62,16 +62,19 @@ class Located:
         ]
 
     def _line(self, key_path: str) -> int | None:
-        """The line that sets the key; for a missing key, the line of the nearest table around it."""
+        """The line that sets the key, each part of its path looked for from where the part before it was found;
+        for a missing key, the line of the nearest table around it."""
         start, end = self._table_span(key_path)
         names = [name for name in re.split(r"[.\[\]]", key_path) if name and not name.isdigit()]
-        for name in reversed(names):
+        found = None
+        for name in names:
             setting = re.compile(rf"(^|[\s{{,\-])\"?{re.escape(name)}\"?\s*[=:]")
             header = re.compile(rf"^\s*\[\[?[^\]]*\b{re.escape(name)}\s*\]")
             for number, text in enumerate(self.lines[start:end], start + 1):
                 if setting.search(text) or header.search(text):
-                    return number
-        return None
+                    found, start = number, number - 1
+                    break
+        return found
 
     def _value_line(self, key_path: str, value: str) -> int | None:
         """The first line, from the key's table on, that sets the key to a text with `value` as a whole word."""

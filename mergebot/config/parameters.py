@@ -112,7 +112,11 @@ def check_parameters(
         return
     for name, default in method.parameters.items():
         if default is None and name not in top.values and name not in inherited:
-            at = top.where if findings.located.has_line(top.where) else "merge_method"
+            at = (
+                top.where
+                if findings.located.has_line(top.where)
+                else top.where.rpartition("parameters")[0] + "merge_method"
+            )
             findings.add(findings.located.error(f"{top.where}.{name}", f"required by {method.name}", at=at))
     for scope in scopes[1:]:
         if scope.model == base:
