@@ -92,9 +92,7 @@ MEANT = {
 def test_unknown_key_is_named_with_its_line(tmp_path, table):
     text, line, key, known = UNKNOWN_KEYS[table]
     meant = f"; did you mean {MEANT[table]!r}?" if MEANT[table] else ""
-    assert problems(tmp_path, text) == [
-        f"{tmp_path}/mergebot.toml:{line}: {key}: unknown key (known: {known}){meant}"
-    ]
+    assert problems(tmp_path, text) == [f"{tmp_path}/mergebot.toml:{line}: {key}: unknown key (known: {known}){meant}"]
 
 
 def test_missing_key_points_at_its_table(tmp_path):
@@ -133,5 +131,7 @@ def test_a_method_without_fused_loops_loads_torch_but_not_transformers(tmp_path)
 def test_mergekit_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
     """PyYAML reads `1e-8` as a string (YAML 1.1); mergekit configs write it that way, so it must be a number."""
     config = tmp_path / "merge.yml"
-    config.write_text("merge_method: multislerp\nmodels: [{model: org/a}, {model: org/b}]\nparameters: {eps: 1e-8, weight: 1}\n")
+    config.write_text(
+        "merge_method: multislerp\nmodels: [{model: org/a}, {model: org/b}]\nparameters: {eps: 1e-8, weight: 1}\n"
+    )
     assert load_merge_config(config).parameters["eps"] == 1e-8

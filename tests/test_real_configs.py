@@ -230,3 +230,20 @@ def test_the_quick_form_names_a_missing_out_dir(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert run_cli("merge", "--method", "linear", f"{base}:1", f"{other}:1") == 2
+
+
+def test_every_stage_of_a_multi_stage_file_is_checked_at_once(tmp_path):
+    config = tmp_path / "multi.yml"
+    config.write_text(
+        "name: first\nmerge_method: slerp\nbase_model: org/a\nmodels: [{model: org/a}, {model: org/b}]\n---\n"
+        "merge_method: ties\nbase_model: first\nmodels: [{model: first}, {model: org/c, parameters: {densty: 1}}]\n"
+    )
+    result = run_cli_process("check-config", "--config", config)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"mergebot: warning: {config}:8: models[1].parameters.densty: {IGNORED}: ties has no parameter densty (it "
+        "has: density, int8_mask, lambda, normalize, rescale, weight); did you mean 'density'?",
+        f"mergebot: error: {config}:2: parameters.t: required by slerp",
+        f"mergebot: error: {config}:8: models[1].parameters.weight: required by ties for org/c (here or in the "
+        "top-level parameters)",
+    ]
