@@ -101,7 +101,7 @@ def check_parameters(
                 findings.attempt(_check_values, method, name, scope.values[name], key, findings.located)
                 continue
             elif name in method.parameters:
-                findings.ignored(key, f"{name} is a global parameter of {method.name}, read from the top level only")
+                findings.ignored(key, f"{name} is a global parameter of {method.name}, not read from a model's")
             else:
                 declared = ", ".join(sorted(known)) or "none"
                 findings.ignored(

@@ -57,6 +57,8 @@ class Daemon:
         self.config: DaemonConfig = load_daemon_config(config_path, self.config_text)
         self.config_mtime = config_path.stat().st_mtime_ns
         self.log = log.get("daemon")
+        for warning in self.config.warnings:
+            self.log.warning("config", warning=warning)
         self.lock = acquire_lock(self.config.daemon.state_dir)
         self.state = State.open(self.config.daemon.state_dir)
         self.upstream = Upstream(self.state)
