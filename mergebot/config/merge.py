@@ -1,7 +1,8 @@
 """Merge configs → typed, validated `MergeConfig`s, with the field names users know from mergekit YAML
-(`merge_method`, `base_model`, `models`, `parameters`, `slices`, `dtype`, `tokenizer_source`, `tokenizer`,
-`chat_template`, `out_shard_size`), either in TOML or in a mergekit YAML file. Every error names the file, the key
-and, where known, the line.
+(`merge_method`, `base_model`, `models`, `parameters`, `slices`, `modules`, `dtype`, `out_dtype`,
+`tokenizer_source`, `tokenizer`, `chat_template`, `out_shard_size`), either in TOML or in a mergekit YAML file. Every
+problem is reported at once, each naming the file, the key and, where known, the line; what mergekit 0.1.5 ignores
+is ignored with one warning line each (`MergeConfig.warnings`).
 
 A model is named by one string, `model` (see `mergebot.config.models`).
 """
