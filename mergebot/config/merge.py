@@ -16,7 +16,7 @@ from mergebot.config.document import Findings, Located, did_you_mean, parse_size
 from mergebot.config.merge_inputs import SliceSource, known_keys, parse_models, parse_slices
 from mergebot.config.methods import INTERFACES, MethodInterface, plugin_names
 from mergebot.config.models import ModelSpec, Names, parse_reference
-from mergebot.config.modules import ModuleSettings, split_modules
+from mergebot.config.modules import ModuleSettings, read_modules, split_modules
 from mergebot.config.parameters import Scope, check_parameters, read_parameters
 from mergebot.config.tokenizer import BASE, UNION, TokenizerSettings, parse_chat_template, parse_tokenizer
 from mergebot.errors import ConfigError
@@ -201,20 +201,7 @@ def _parse_merge(raw: Mapping[str, Any], findings: Findings, prefix: str, names:
         at = f"{inputs_at}models"
         specs = findings.attempt(parse_models, raw["models"], findings, at, reference, module_scopes[0]) or {}
         listed = tuple(specs)
-    modules = {}
-    for index, (name, table) in enumerate(tables.items() if module_scopes else ()):
-        where = f"{prefix}modules.{name}"
-        own = findings.attempt(read_parameters, table.get("parameters", {}), located, f"{where}.parameters", findings)
-        if index:
-            module_scopes.append([])
-            at = f"{where}.models"
-            others = findings.attempt(parse_models, table.get("models"), findings, at, reference, module_scopes[index])
-            if others is not None and set(others) != set(specs):
-                message = f"every module must merge the same models ({', '.join(specs)})"
-                findings.add(located.error(f"{where}.models", message))
-        module_scopes[index].insert(0, Scope(f"{where}.parameters", own or {}))
-        model_parameters = {scope.model: scope.values for scope in module_scopes[index][1:]}
-        modules[str(name)] = ModuleSettings(located.where(where), own or {}, model_parameters)
+    modules = read_modules(tables, module_scopes, set(specs), findings, prefix, reference) if module_scopes else {}
     if base and base.model not in specs:
         specs = {base.model: base, **specs}
     elif base and (base.revision or (base.lora and base.lora.revision)):

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mergebot.config.document import Findings
+from mergebot.config.merge_inputs import parse_models
+from mergebot.config.models import Reference
+from mergebot.config.parameters import Scope, read_parameters
 
 MODULE_KEYS = {"models", "slices", "parameters"}
 
@@ -57,3 +60,31 @@ def split_modules(raw: Mapping[str, Any], findings: Findings, prefix: str) -> tu
     first = next(iter(tables.values()))
     flat = {key: value for key, value in raw.items() if key != "modules"}
     return flat | {key: first[key] for key in ("models", "slices") if key in first}, tables
+
+
+def read_modules(
+    tables: Mapping[str, Any],
+    scopes: list[list[Scope]],
+    models: set[str],
+    findings: Findings,
+    prefix: str,
+    reference: Reference,
+) -> dict[str, ModuleSettings]:
+    """Each module's settings. `scopes[0]` holds the first module's model scopes (read as the top-level models);
+    each module's list gets its own `parameters` first, for the method's check."""
+    located = findings.located
+    modules = {}
+    for index, (name, table) in enumerate(tables.items()):
+        where = f"{prefix}modules.{name}"
+        own = findings.attempt(read_parameters, table.get("parameters", {}), located, f"{where}.parameters", findings)
+        if index:
+            scopes.append([])
+            at = f"{where}.models"
+            others = findings.attempt(parse_models, table.get("models"), findings, at, reference, scopes[index])
+            if others is not None and set(others) != models:
+                message = f"every module must merge the same models ({', '.join(sorted(models))})"
+                findings.add(located.error(at, message))
+        scopes[index].insert(0, Scope(f"{where}.parameters", own or {}))
+        model_parameters = {scope.model: scope.values for scope in scopes[index][1:]}
+        modules[str(name)] = ModuleSettings(located.where(where), own or {}, model_parameters)
+    return modules
