@@ -247,3 +247,23 @@ def test_every_stage_of_a_multi_stage_file_is_checked_at_once(tmp_path):
         f"mergebot: error: {config}:8: models[1].parameters.weight: required by ties for org/c (here or in the "
         "top-level parameters)",
     ]
+
+
+def test_check_config_passes_a_config_mergekit_accepts_with_one_warning_per_ignored_key(tmp_path):
+    config = tmp_path / "merge.yml"
+    config.write_text(
+        "merge_method: slerp\nbase_model: org/a\nint8_mask: true\nslices:\n  - sources:\n"
+        "      - {model: org/a, layer_range: [0, 2]}\n      - {model: org/b, layer_range: [0, 2]}\n"
+        "    residual_weight: 0.5\nparameters:\n  t:\n    - {filter: mlp, value: [0, 1], note: x}\n    - value: 0.5\n"
+    )
+    result = run_cli_process("check-config", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{config}: ok, 1 merge(s)\n"
+    assert [line.split(": ")[3] for line in result.stderr.splitlines()] == [
+        "int8_mask",
+        "parameters.t[0].note",
+        "slices[0].residual_weight",
+    ]
+    assert all(
+        line.startswith(f"mergebot: warning: {config}:") and IGNORED in line for line in result.stderr.splitlines()
+    )

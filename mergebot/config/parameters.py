@@ -40,11 +40,11 @@ def read_parameters(value: Any, located: Located, where: str, findings: Findings
     if not isinstance(value, dict):
         raise located.error(where, "must be a table of parameter values")
     for name, setting in value.items():
-        _check_setting(setting, located, f"{where}.{name}")
+        _check_setting(setting, located, f"{where}.{name}", findings)
     return dict(value)
 
 
-def _check_setting(setting: Any, located: Located, where: str) -> None:
+def _check_setting(setting: Any, located: Located, where: str, findings: Findings | None = None) -> None:
     """A number or bool; a list of numbers (a gradient across layers); or a list of {filter, value} conditions."""
     if isinstance(setting, bool | int | float):
         return
@@ -54,14 +54,19 @@ def _check_setting(setting: Any, located: Located, where: str) -> None:
         setting = [setting]  # mergekit reads one condition as a list of one
     if isinstance(setting, list) and setting and all(isinstance(v, dict) for v in setting):
         for index, condition in enumerate(setting):
-            located.check_keys(condition, CONDITION_KEYS, f"{where}[{index}].")
+            unknown = sorted(set(condition) - CONDITION_KEYS, key=str)
+            if unknown and findings is not None and located.path.suffix.lower() in (".yml", ".yaml"):
+                for key in unknown:  # a condition reads only filter and value
+                    findings.ignored(f"{where}[{index}].{key}", "mergekit reads only filter and value in a condition")
+            else:
+                located.check_keys(condition, CONDITION_KEYS, f"{where}[{index}].")
             if "value" not in condition:
                 raise located.error(f"{where}[{index}].value", "required: a condition is {filter = '...', value = ...}")
             if "filter" in condition and not isinstance(condition["filter"], str):
                 raise located.error(f"{where}[{index}].filter", "must be a string found in tensor names")
             if isinstance(condition["value"], dict):
                 raise located.error(f"{where}[{index}].value", "must be a number or a list of numbers")
-            _check_setting(condition["value"], located, f"{where}[{index}].value")
+            _check_setting(condition["value"], located, f"{where}[{index}].value", findings)
         return
     raise located.error(where, "must be a number, a list of numbers, or a list of {filter, value}")
 
