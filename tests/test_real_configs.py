@@ -255,6 +255,7 @@ def test_check_config_passes_a_config_mergekit_accepts_with_one_warning_per_igno
         "merge_method: slerp\nbase_model: org/a\nint8_mask: true\nslices:\n  - sources:\n"
         "      - {model: org/a, layer_range: [0, 2]}\n      - {model: org/b, layer_range: [0, 2]}\n"
         "    residual_weight: 0.5\nparameters:\n  t:\n    - {filter: mlp, value: [0, 1], note: x}\n    - value: 0.5\n"
+        "tokenizer: {source: union, tokens: {'<x>': {source: org/b, weight: 1}}}\n"
     )
     result = run_cli_process("check-config", "--config", config)
     assert result.returncode == 0, result.stderr
@@ -263,6 +264,7 @@ def test_check_config_passes_a_config_mergekit_accepts_with_one_warning_per_igno
         "int8_mask",
         "parameters.t[0].note",
         "slices[0].residual_weight",
+        "tokenizer.tokens.<x>.weight",
     ]
     assert all(
         line.startswith(f"mergebot: warning: {config}:") and IGNORED in line for line in result.stderr.splitlines()

@@ -214,7 +214,10 @@ def _parse_merge(raw: Mapping[str, Any], findings: Findings, prefix: str, names:
             raise located.error(where, f"{value!r} is not one of the models", value if isinstance(value, str) else None)
         return spec.model
 
-    tokenizer = findings.attempt(parse_tokenizer, raw, located, prefix, model_name)
+    def check_keys(table: Mapping[str, Any], known: set[str], at: str) -> None:
+        known_keys(table, known, at, findings)
+
+    tokenizer = findings.attempt(parse_tokenizer, raw, located, prefix, model_name, check_keys)
     chat_template = findings.attempt(parse_chat_template, raw.get("chat_template"), located, key("chat_template"))
     shard_size = {}
     if "out_shard_size" in raw:
