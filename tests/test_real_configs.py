@@ -30,6 +30,9 @@ CONFIGS = {
     # a global parameter under a model: mergekit reads it from the top level only
     "model_level_t": "merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.3}}\n"
     + listed("base", ("m1", "t: 0.9")),
+    # numbers and truth values written as strings, which mergekit reads as numbers and bools
+    "quoted_values": "merge_method: ties\nbase_model: {base}\nparameters: {{normalize: 'true', lambda: '0.9'}}\n"
+    + listed(("m1", "weight: '0.7', density: '0.5'"), ("m2", "weight: 0.5, density: ['0.3', 0.8]")),
     # mergekit's modules: a Llama has one, `default`; its parameters come before the top-level ones
     "modules": "merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.9}}\nmodules:\n  default:\n    models:\n"
     "      - model: {base}\n      - model: {m1}\n    parameters: {{t: [0.2, 0.6]}}\n",
@@ -42,6 +45,7 @@ WARNINGS = {
     "sce_weight": ["models[0].parameters.weight", "models[1].parameters.weight"],
     "karcher_weight": ["models[0].parameters.weight", "models[1].parameters.weight"],
     "model_level_t": ["models[1].parameters.t"],
+    "quoted_values": [],
     "modules": [],
 }
 """The keys each case warns about, one line each."""

@@ -7,6 +7,7 @@ it ignores any other name. So does mergebot, saying so in one warning line per n
 meant to be); a parameter mergekit applies that mergebot does not have is refused.
 """
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,9 @@ from mergebot.config.document import Findings, Located, did_you_mean
 from mergebot.config.methods import RANGES, MethodInterface
 
 CONDITION_KEYS = {"filter", "value"}
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+TRUTH = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+"""The truth values pydantic reads from a string (as mergekit reads a boolean parameter)."""
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,24 @@ def read_parameters(value: Any, located: Located, where: str, findings: Findings
         return {}
     if not isinstance(value, dict):
         raise located.error(where, "must be a table of parameter values")
+    value = {name: _coerced(setting) for name, setting in value.items()}
     for name, setting in value.items():
         _check_setting(setting, located, f"{where}.{name}", findings)
-    return dict(value)
+    return value
+
+
+def _coerced(setting: Any) -> Any:
+    """A number or a truth value written as a string ("0.5", "true") as the number or bool mergekit reads it as."""
+    if isinstance(setting, list):
+        return [_coerced(item) for item in setting]
+    if isinstance(setting, dict) and "value" in setting:
+        return {**setting, "value": _coerced(setting["value"])}
+    if isinstance(setting, str) and NUMBER.fullmatch(setting.strip()):
+        number = float(setting)
+        return int(number) if number.is_integer() and "." not in setting and "e" not in setting.lower() else number
+    if isinstance(setting, str) and setting.strip().lower() in TRUTH:
+        return TRUTH[setting.strip().lower()]
+    return setting
 
 
 def _check_setting(setting: Any, located: Located, where: str, findings: Findings | None = None) -> None:
