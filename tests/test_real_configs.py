@@ -165,7 +165,7 @@ def test_every_module_must_merge_the_same_models(tmp_path):
     assert f"{config}:8: modules.vision_tower.models: every module must merge the same models" in result.stderr
 
 
-def test_qwen2_vl_modules_each_take_their_own_parameters(tmp_path):
+def test_qwen2_vl_modules_each_take_their_own_parameters(tmp_path, capsys):
     """text_decoder, vision_tower and multi_modal_projector of a Qwen2-VL, each with its own t: each tensor is the
     one a whole-model merge with its module's t gives."""
     from tests.tiny_architectures import ARCHITECTURES, build, fine_tune
@@ -194,6 +194,10 @@ def test_qwen2_vl_modules_each_take_their_own_parameters(tmp_path):
     for name, tensor in merged.items():
         module = next(module for module, found in prefixes.items() if name.startswith(found))
         assert torch.equal(tensor, whole[t[module]][name]), name
+    # mergekit numbers the projector's tensors as layers; mergebot does not, so a gradient there is refused
+    config.write_text(config.read_text().replace("parameters: {t: 0.5}", "parameters: {t: [0.2, 0.4]}"))
+    assert run_cli("merge", config, tmp_path / "graded") == 2
+    assert f"{config}:11: modules.multi_modal_projector: t is a list" in capsys.readouterr().err
 
 
 def test_a_path_neither_here_nor_on_the_hub_says_both_without_retrying(devhub, tmp_path, monkeypatch, capsys):

@@ -27,6 +27,9 @@ MODULE_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
     "Qwen2_5_VLForConditionalGeneration": _QWEN_VL,
 }
 """architecture → module → the tensor name prefixes of its tensors, as mergekit's definitions name them."""
+UNNUMBERED = {"multi_modal_projector"}
+"""Modules whose tensors mergekit numbers as layers (t = layer / (layers − 1)) where mergebot sees no stack and
+takes t = 0: a gradient there would differ from mergekit's, so it is refused."""
 
 
 def module_of(config: MergeConfig, template: InputModel, layout: Layout) -> Callable[[str], ModuleSettings] | None:
@@ -54,6 +57,15 @@ def module_of(config: MergeConfig, template: InputModel, layout: Layout) -> Call
             f"{first.where}: the merge leaves out module(s) {', '.join(missing)} of {architecture}, whose tensors "
             "mergekit would not write; give every module"
         )
+    for name in UNNUMBERED & set(config.modules):
+        module = config.modules[name]
+        settings = [{**config.parameters, **module.parameters}, *module.model_parameters.values()]
+        graded = sorted(key for values in settings for key, value in values.items() if _is_gradient(value))
+        if graded:
+            raise ConfigError(
+                f"{module.where}: {graded[0]} is a list, interpolated by mergekit over {name}'s own layers, which "
+                "mergebot does not number; give this module a single value"
+            )
     ordered = sorted(((p, name) for name, names in prefixes.items() for p in names), key=lambda item: -len(item[0]))
 
     def settings(tensor: str) -> ModuleSettings:
@@ -63,3 +75,12 @@ def module_of(config: MergeConfig, template: InputModel, layout: Layout) -> Call
         return config.modules[name]
 
     return settings
+
+
+def _is_gradient(setting: object) -> bool:
+    """A list of numbers, or a condition whose value is one."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list) and any(isinstance(item, dict) for item in setting):
+        return any(isinstance(item, dict) and _is_gradient(item.get("value")) for item in setting)
+    return isinstance(setting, list)
