@@ -5,52 +5,29 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import yaml
+from typing import TYPE_CHECKING
 
 from mergebot import log
 from mergebot.config.daemon import ValidateSettings
-from mergebot.config.document import Located, read_document
+from mergebot.config.document import read_document
 from mergebot.config.merge import MergeConfig, load_merge_config, parse_merge
-from mergebot.errors import ConfigError, ExitCode, MergebotError
+from mergebot.config.quick import quick_config, weighted
+from mergebot.errors import ConfigError, ConfigErrors, ExitCode, MergebotError
 
 if TYPE_CHECKING:
     from mergebot.pipeline.parents import SignatureCache
     from mergebot.pipeline.report import ValidationReport
 
 
-def _quick_config(args: argparse.Namespace, weighted: list[str]) -> MergeConfig:
-    """`--method linear A:0.6 B:0.4 OUT`: models as model[:weight], other parameters as --set key=value."""
-    models = []
-    for argument in weighted:
-        model, sep, weight = argument.rpartition(":")
-        if sep and not Path(argument).exists():
-            try:
-                models.append({"model": model, "parameters": {"weight": float(weight)}})
-                continue
-            except ValueError:
-                pass
-        models.append({"model": argument})
-    raw: dict[str, Any] = {"merge_method": args.method, "models": models, "parameters": {}}
-    for assignment in args.set or []:
-        key, sep, value = assignment.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {assignment}: expected key=value")
-        raw["parameters"][key] = yaml.safe_load(value)
-    for key in ("base_model", "dtype", "tokenizer_source", "out_shard_size"):
-        if getattr(args, key) is not None:
-            raw[key] = getattr(args, key)
-    return parse_merge(raw, Located(Path("<command line>"), ""))
-
-
 def _merge(args: argparse.Namespace) -> int:
     from mergebot.config.stages import load_stages
 
     if args.method:
-        if len(args.paths) < 2:
-            raise ConfigError("merge --method: give model[:weight] sources and then OUT_DIR")
-        _merge_one(_quick_config(args, args.paths[:-1]), Path(args.paths[-1]))
+        *sources, out = args.paths
+        if not sources or _is_model(out):
+            raise ConfigError(f"merge --method: {out} is a model, not an output directory: give OUT_DIR last")
+        options = {key: getattr(args, key) for key in ("base_model", "dtype", "tokenizer_source", "out_shard_size")}
+        _merge_one(quick_config(args.method, sources, args.set or [], options), Path(out))
         return ExitCode.OK
     if len(args.paths) != 2:
         raise ConfigError("merge: give CONFIG OUT_DIR (or --method with model[:weight] sources)")
@@ -64,11 +41,24 @@ def _merge(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _is_model(argument: str) -> bool:
+    """Whether the last argument of the quick form names a model rather than OUT_DIR: it has a weight, or it is a
+    checkpoint directory that no merge wrote."""
+    from mergebot.merge.engine import MERGE_CONFIG_FILE
+
+    if weighted(argument)[1] is not None:
+        return True
+    path = Path(argument)
+    return (path / "config.json").is_file() and not (path / MERGE_CONFIG_FILE).is_file()
+
+
 def _merge_one(config: MergeConfig, out_dir: Path) -> None:
     from mergebot.merge.engine import run_merge
     from mergebot.pipeline.inputs import resolve_inputs
     from mergebot.progress import ShardProgress
 
+    for warning in config.warnings:
+        print(f"mergebot: warning: {warning}", file=sys.stderr)
     result = run_merge(config, resolve_inputs(config), out_dir, ShardProgress())
     log.get("merge").info(
         "merged",
@@ -177,15 +167,45 @@ def _daemon(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """A daemon config, or a merge file (mergekit YAML, one or several stages, or a TOML merge): everything a run
+    checks before it reads a tensor, every problem at once, and each warning."""
     from mergebot.config.daemon import check_daemon_config
 
-    config, problems = check_daemon_config(Path(args.config))
+    path = Path(args.config)
+    if _is_merge_file(path):
+        return _check_merge_file(path)
+    config, problems = check_daemon_config(path)
+    for warning in config.warnings if config is not None else ():
+        print(f"mergebot: warning: {warning}", file=sys.stderr)
     for problem in problems:
         print(f"mergebot: error: {problem}", file=sys.stderr)
     if problems:
         return ExitCode.PERMANENT
     assert config is not None
     print(f"{args.config}: ok, {len(config.targets)} target(s): {', '.join(sorted(config.targets)) or 'none'}")
+    return ExitCode.OK
+
+
+def _is_merge_file(path: Path) -> bool:
+    """A mergekit YAML file, or a TOML file with the merge at its top level (no [daemon], no [[targets]])."""
+    if path.suffix.lower() in (".yml", ".yaml"):
+        return True
+    try:
+        document, _ = read_document(path)
+    except ConfigError:
+        return False  # check_daemon_config reports it
+    return not {"daemon", "targets"} & set(document)
+
+
+def _check_merge_file(path: Path) -> int:
+    from mergebot.config.stages import load_stages
+
+    stages = load_stages(path, Path("OUT_DIR"))
+    merges = [stage.merge for stage in stages] if stages else [load_merge_config(path)]
+    for merge in merges:
+        for warning in merge.warnings:
+            print(f"mergebot: warning: {warning}", file=sys.stderr)
+    print(f"{path}: ok, {len(merges)} merge(s)")
     return ExitCode.OK
 
 
@@ -347,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except MergebotError as error:
-        print(f"mergebot: error: {log.redact(str(error))}", file=sys.stderr)
+        for warning in error.warnings if isinstance(error, ConfigErrors) else ():
+            print(f"mergebot: warning: {warning}", file=sys.stderr)
+        for line in str(error).splitlines() if isinstance(error, ConfigErrors) else [str(error)]:
+            print(f"mergebot: error: {log.redact(line)}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("mergebot: interrupted", file=sys.stderr)

@@ -36,6 +36,16 @@ class ConfigError(MergebotError):
     """A config file that cannot be read or holds a bad value."""
 
 
+class ConfigErrors(ConfigError):
+    """Every problem found in one config, reported together (each its own line, naming file, line and key)."""
+
+    def __init__(self, problems: list[ConfigError], warnings: tuple[str, ...] = ()) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = problems
+        self.warnings = warnings
+        """What the config also sets that is ignored (one line each), to report with the problems."""
+
+
 class ModelError(MergebotError):
     """An input model that cannot be merged: missing tensor, bad shape, corrupt or pickle-only file."""
 
@@ -58,6 +68,10 @@ class HubNotFoundError(HubError):
     """Repo, revision or file does not exist (or is not visible with this token)."""
 
     exit_code = ExitCode.PERMANENT
+
+
+class HubRepoNotFoundError(HubNotFoundError):
+    """The repo itself does not exist on the endpoint (or is not visible with this token)."""
 
 
 class HubAuthError(HubError):

@@ -11,7 +11,7 @@ from mergebot.dev.synthetic import make_model
 from tests.helpers import run_cli_process
 
 DAEMON = '[daemon]\nstate_dir = "state"\n'
-TARGET = '[[targets]]\nname = "t"\nrepo = "me/t"\nmerge_method = "linear"\n'
+TARGET = '[[targets]]\nname = "t"\nrepo = "me/t"\nmerge_method = "karcher"\n'
 MODELS = 'models = [{ model = "org/a" }, { model = "org/b" }]\n'
 WEBHOOK = '[daemon.webhook]\nlisten = "127.0.0.1:8765"\n'
 SOURCE = "model = 'org/a', layer_range = [0, 2]"
@@ -75,10 +75,24 @@ def test_webhook_without_listen_is_one_line_with_exit_code_2(tmp_path):
     assert result.stderr.strip().count("\n") == 0
 
 
+MEANT = {
+    "daemon": "poll_interval",
+    "webhook": "secret_env",
+    "validate": "max_ppl_ratio",
+    "models": "revision",
+    "slices": None,
+    "slice-source": "parameters",
+    "condition": "filter",
+    "top-level": "targets",
+}
+"""The known key closest to each misspelt one, if any is close."""
+
+
 @pytest.mark.parametrize("table", UNKNOWN_KEYS)
 def test_unknown_key_is_named_with_its_line(tmp_path, table):
     text, line, key, known = UNKNOWN_KEYS[table]
-    assert problems(tmp_path, text) == [f"{tmp_path}/mergebot.toml:{line}: {key}: unknown key (known: {known})"]
+    meant = f"; did you mean {MEANT[table]!r}?" if MEANT[table] else ""
+    assert problems(tmp_path, text) == [f"{tmp_path}/mergebot.toml:{line}: {key}: unknown key (known: {known}){meant}"]
 
 
 def test_missing_key_points_at_its_table(tmp_path):
@@ -117,5 +131,7 @@ def test_a_method_without_fused_loops_loads_torch_but_not_transformers(tmp_path)
 def test_mergekit_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
     """PyYAML reads `1e-8` as a string (YAML 1.1); mergekit configs write it that way, so it must be a number."""
     config = tmp_path / "merge.yml"
-    config.write_text("merge_method: multislerp\nmodels: [{model: org/a}, {model: org/b}]\nparameters: {eps: 1e-8}\n")
+    config.write_text(
+        "merge_method: multislerp\nmodels: [{model: org/a}, {model: org/b}]\nparameters: {eps: 1e-8, weight: 1}\n"
+    )
     assert load_merge_config(config).parameters["eps"] == 1e-8

@@ -322,7 +322,7 @@ def test_the_daemon_watches_the_adapter_as_part_of_the_input(devhub, base, tmp_p
     config = tmp_path / "mergebot.toml"
     config.write_text(
         '[daemon]\nstate_dir = "state"\n[[targets]]\nname = "t"\nrepo = "me/t"\nmerge_method = "linear"\n'
-        'models = [{ model = "org/base+org/adapter" }]\n'
+        'models = [{ model = "org/base+org/adapter", parameters = { weight = 1 } }]\n'
     )
     target = load_daemon_config(config).targets["t"]
     hub = HubClient(endpoint=devhub.url, token="test-token")

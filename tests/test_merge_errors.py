@@ -116,7 +116,7 @@ def test_invalid_yaml_names_the_line(tmp_path, capsys):
 
 def test_bad_value_names_key_and_line(base, tmp_path, capsys):
     config = tmp_path / "cfg.toml"
-    config.write_text(f'merge_method = "linear"\ndtype = "int4"\nmodels = [{{ model = "{base}" }}]\n')
+    config.write_text(f'merge_method = "passthrough"\ndtype = "int4"\nmodels = [{{ model = "{base}" }}]\n')
     line = merge_error(capsys, config, tmp_path / "out")
     assert f"{config}:2" in line and "dtype" in line
 
@@ -155,18 +155,19 @@ def test_existing_directory_that_is_not_a_merge_is_never_replaced(base, tmp_path
     assert (out / "notes.txt").read_text() == "keep me"
 
 
-def test_unknown_slice_key_in_mergekit_yaml_names_key_and_line(base, tmp_path, capsys):
+def test_a_slice_key_mergekit_applies_but_mergebot_lacks_is_refused_with_key_and_line(base, tmp_path, capsys):
+    """mergekit applies a slice's own parameters; mergebot does not have them, so it refuses rather than ignore."""
     config = tmp_path / "merge.yml"
     config.write_text(
         f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {base}\n        layer_range: [0, 2]\n"
-        "    residual_weight: 0.5\n"
+        "    parameters: {scale: 0.5}\n"
     )
     line = merge_error(capsys, config, tmp_path / "out")
-    assert f"{config}:6: slices[0].residual_weight: unknown key (known: sources)" in line
+    assert f"{config}:6: slices[0].parameters: mergekit applies it" in line
 
 
 def test_bad_shard_size_names_file_and_line(base, tmp_path, capsys):
     config = tmp_path / "cfg.toml"
-    config.write_text(f'merge_method = "linear"\nmodels = [{{ model = "{base}" }}]\nout_shard_size = "big"\n')
+    config.write_text(f'merge_method = "passthrough"\nmodels = [{{ model = "{base}" }}]\nout_shard_size = "big"\n')
     line = merge_error(capsys, config, tmp_path / "out")
     assert f"{config}:3: out_shard_size:" in line and "'big'" in line

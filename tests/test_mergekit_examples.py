@@ -117,19 +117,3 @@ def test_example_matches_mergekit_in_float32(mergekit_float32, tmp_path, example
     assert not (case / "mergekit.error").exists(), (case / "mergekit.error").read_text()[-4000:]
     assert run_cli("merge", case / "merge.yml", tmp_path / "mergebot") == 0
     Outputs(mergekit=load_tensors(case / "mergekit"), mergebot=load_tensors(tmp_path / "mergebot")).assert_close()
-
-
-@pytest.mark.parametrize(
-    "addition",
-    ["modules:\n  text_decoder:\n    models: []\n", "out_dtype: bfloat16\n"],
-)
-def test_a_mergekit_option_mergebot_lacks_is_refused_with_key_and_line(pointed_at, tmp_path, capsys, addition):
-    """mergekit options that mergebot does not have (per-module configs, a separate output dtype) stop the merge
-    with the file, line and key; none is ignored."""
-    config = tmp_path / "linear.yml"
-    text = pointed_at((EXAMPLES / "linear.yml").read_text())
-    config.write_text(text + addition)
-    key = addition.split(":")[0]
-    assert run_cli("merge", config, tmp_path / "out") == 2
-    assert f"{config}:{text.count(chr(10)) + 1}: {key}: unknown key" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()

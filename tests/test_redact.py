@@ -73,7 +73,7 @@ def test_the_cli_error_line_hides_them(tmp_path):
     finally:
         mirror.close()
     assert result.returncode == ExitCode.PERMANENT, result.stderr
-    assert f"not found on http://***@127.0.0.1:{mirror.port}" in result.stderr
+    assert f"no repo org/a on http://***@127.0.0.1:{mirror.port}" in result.stderr
     assert PASSWORD not in result.stderr + result.stdout
 
 

@@ -94,12 +94,14 @@ def test_a_stage_naming_no_earlier_stage_is_refused_with_its_line(models, tmp_pa
     base = models["base"]
 
     def stage(name: str, reads: str) -> str:
-        return f"name: {name}\nmerge_method: linear\nmodels:\n  - model: {base}\n  - model: {reads}\n"
+        return f"name: {name}\nmerge_method: karcher\nmodels:\n  - model: {base}\n  - model: {reads}\n"
 
     config = tmp_path / "multi.yml"
     first = stage("first", models["ft1"] if mistake != "later" else second_reads)
     second = stage("second", models["ft2"] if mistake == "later" else second_reads)
-    config.write_text(f"{first}---\n{second}---\nmerge_method: linear\nmodels:\n  - model: second\n  - model: {base}\n")
+    config.write_text(
+        f"{first}---\n{second}---\nmerge_method: karcher\nmodels:\n  - model: second\n  - model: {base}\n"
+    )
     lines = config.read_text().splitlines()
     culprit = next(n for n, text in enumerate(lines, 1) if text.endswith(f"- model: {second_reads}"))
     assert run_cli("merge", config, tmp_path / "out") == 2

@@ -18,7 +18,7 @@ from mergebot.config.document import Located, listen_address, parse_duration, re
 from mergebot.config.executor import RaySettings, executor_settings
 from mergebot.config.merge import MERGE_KEYS, MergeConfig, target_merge
 from mergebot.config.models import Names
-from mergebot.errors import ConfigError
+from mergebot.errors import ConfigError, ConfigErrors
 
 DURATION_KEYS = ("poll_interval", "merge_timeout", "stop_grace", "debounce", "retry_delay")
 COUNT_KEYS = ("max_concurrent_merges", "max_retries")
@@ -127,6 +127,8 @@ class DaemonConfig:
     daemon: DaemonSettings
     targets: dict[str, Target]
     notify: tuple[NotifySettings, ...] = ()
+    warnings: tuple[str, ...] = ()
+    """What the targets set that is ignored, as mergekit ignores it: one line each."""
 
 
 def load_daemon_config(path: Path, text: str | None = None) -> DaemonConfig:
@@ -163,6 +165,7 @@ def check_daemon_config(path: Path, text: str | None = None) -> tuple[DaemonConf
     if not isinstance(raw_targets, list):
         return None, [*problems, located.error("targets", "must be a list of [[targets]] tables")]
     targets: dict[str, Target] = {}
+    warnings: list[str] = []
     positions = {raw.get("name"): number for number, raw in enumerate(raw_targets) if isinstance(raw, dict)}
     names = target_names(daemon.state_dir, [name for name in positions if isinstance(name, str)])
     for index, raw in enumerate(raw_targets):
@@ -175,6 +178,10 @@ def check_daemon_config(path: Path, text: str | None = None) -> tuple[DaemonConf
                 why = "needs executor = 'local': a merge made on a Ray worker stays on that worker"
                 raise located.error(f"targets[{index}].model", f"{read} {why}", value=read)
             targets[target.name] = target
+            warnings.extend(target.merge.warnings)
+        except ConfigErrors as error:
+            problems.extend(error.problems)
+            warnings.extend(error.warnings)
         except ConfigError as error:
             problems.append(error)
     try:
@@ -182,7 +189,7 @@ def check_daemon_config(path: Path, text: str | None = None) -> tuple[DaemonConf
         targets = {name: targets[name] for name in order}
     except ConfigError as error:
         problems.append(error)
-    return DaemonConfig(path, daemon, targets, tuple(notify)), problems
+    return DaemonConfig(path, daemon, targets, tuple(notify), tuple(warnings)), problems
 
 
 def _daemon_settings(raw: Any, located: Located) -> DaemonSettings:

@@ -1,7 +1,8 @@
 """Merge configs → typed, validated `MergeConfig`s, with the field names users know from mergekit YAML
-(`merge_method`, `base_model`, `models`, `parameters`, `slices`, `dtype`, `tokenizer_source`, `tokenizer`,
-`chat_template`, `out_shard_size`), either in TOML or in a mergekit YAML file. Every error names the file, the key
-and, where known, the line.
+(`merge_method`, `base_model`, `models`, `parameters`, `slices`, `modules`, `dtype`, `out_dtype`,
+`tokenizer_source`, `tokenizer`, `chat_template`, `out_shard_size`), either in TOML or in a mergekit YAML file. Every
+problem is reported at once, each naming the file, the key and, where known, the line; what mergekit 0.1.5 ignores
+is ignored with one warning line each (`MergeConfig.warnings`).
 
 A model is named by one string, `model` (see `mergebot.config.models`).
 """
@@ -11,8 +12,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mergebot.config.document import Located, parse_size, read_document
-from mergebot.config.models import ModelSpec, Names, Reference, parse_reference
+from mergebot.config.document import Findings, Located, did_you_mean, parse_size, read_document
+from mergebot.config.merge_inputs import SliceSource, known_keys, parse_models, parse_slices
+from mergebot.config.methods import INTERFACES, MethodInterface, plugin_names
+from mergebot.config.models import ModelSpec, Names, parse_reference
+from mergebot.config.modules import ModuleSettings, read_modules, split_modules
+from mergebot.config.parameters import Scope, check_parameters, read_parameters
 from mergebot.config.tokenizer import BASE, UNION, TokenizerSettings, parse_chat_template, parse_tokenizer
 from mergebot.errors import ConfigError
 
@@ -27,11 +32,9 @@ MERGE_KEYS = {
     "tokenizer",
     "chat_template",
     "out_shard_size",
+    "out_dtype",
+    "modules",
 }
-MODEL_KEYS = {"model", "revision", "parameters"}
-SLICE_KEYS = {"sources"}
-SOURCE_KEYS = MODEL_KEYS | {"layer_range"}
-CONDITION_KEYS = {"filter", "value"}
 DTYPE_ALIASES = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
@@ -42,13 +45,6 @@ DTYPE_ALIASES = {
     "fp32": "float32",
     "float": "float32",
 }
-
-
-@dataclass(frozen=True)
-class SliceSource:
-    model: str
-    layer_range: tuple[int, int]
-    parameters: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,6 +61,9 @@ class MergeConfig:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     slices: tuple[tuple[SliceSource, ...], ...] | None = None
     dtype: str | None = None
+    """mergekit's compute dtype; mergebot computes in float32 (float64 for sums), so it only names the output's
+    dtype when out_dtype does not."""
+    out_dtype: str | None = None
     out_shard_size: int = 5 * 1000**3
     """Bytes per output shard at most: 5 GB, as `save_pretrained` writes."""
     tokenizer: TokenizerSettings | None = None
@@ -72,6 +71,15 @@ class MergeConfig:
     chat_template: str | None = None
     """'auto', a template name or a Jinja template, as written."""
     source: str = "<config>"
+    modules: Mapping[str, ModuleSettings] = field(default_factory=dict)
+    """mergekit's `modules:`, by name; empty for a merge written without them."""
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    """One line per thing the config sets that is ignored, as mergekit ignores it (file:line: key: ...)."""
+
+    @property
+    def output_dtype(self) -> str | None:
+        """The dtype the output is written in (None: the models'), as mergekit decides it."""
+        return self.out_dtype or self.dtype
 
     def spec(self, model: str) -> ModelSpec:
         return next(spec for spec in self.models if spec.model == model)
@@ -96,7 +104,7 @@ class MergeConfig:
         result: dict[str, Any] = {"merge_method": self.merge_method}
         if self.base_model:
             base = self.spec(self.base_model)
-            result["base_model"] = base.reference() if self.slices is not None else base.model
+            result["base_model"] = base.reference() if self.slices is not None or self.modules else base.model
         if self.slices is not None:
             result["slices"] = [
                 {
@@ -108,6 +116,11 @@ class MergeConfig:
                 }
                 for sources in self.slices
             ]
+            for name, module in self.modules.items():  # slices are for a model of one module
+                own = {"parameters": dict(module.parameters)} if module.parameters else {}
+                result["modules"] = {name: {"slices": result.pop("slices")} | own}
+        elif self.modules:
+            result["modules"] = {name: self._module_dict(module) for name, module in self.modules.items()}
         else:
             result["models"] = [
                 (
@@ -122,6 +135,8 @@ class MergeConfig:
             result["parameters"] = dict(self.parameters)
         if self.dtype:
             result["dtype"] = self.dtype
+        if self.out_dtype:
+            result["out_dtype"] = self.out_dtype
         if self.tokenizer:
             result |= self.tokenizer.as_dict()
         if self.chat_template:
@@ -129,9 +144,29 @@ class MergeConfig:
         result["out_shard_size"] = self.out_shard_size
         return result
 
+    def _module_dict(self, module: ModuleSettings) -> dict[str, Any]:
+        """One module as mergekit writes it: its models, with their parameters in it, and its own parameters."""
+        models = [
+            {"model": spec.reference()}
+            | ({"parameters": dict(own)} if (own := module.model_parameters.get(name)) else {})
+            for name in self.listed
+            for spec in (self.spec(name),)
+        ]
+        return {"models": models} | ({"parameters": dict(module.parameters)} if module.parameters else {})
 
-def parse_merge(raw: Mapping[str, Any], located: Located, prefix: str = "", names: Names | None = None) -> MergeConfig:
-    """Check and type the merge fields of one target (mergekit names)."""
+
+def parse_merge(
+    raw: Mapping[str, Any], located: Located, prefix: str = "", names: Names | None = None, strict: bool = False
+) -> MergeConfig:
+    """Check and type the merge fields of one target (mergekit names); every problem is reported at once. `strict`
+    refuses what mergekit ignores (see `Findings.strict`)."""
+    findings = Findings(located, strict)
+    merge = _parse_merge(raw, findings, prefix, names)  # raises every problem found
+    return replace(merge, warnings=tuple(dict.fromkeys(findings.warnings)))
+
+
+def _parse_merge(raw: Mapping[str, Any], findings: Findings, prefix: str, names: Names | None) -> MergeConfig:
+    located = findings.located
 
     def key(name: str) -> str:
         return f"{prefix}{name}"
@@ -139,149 +174,148 @@ def parse_merge(raw: Mapping[str, Any], located: Located, prefix: str = "", name
     def reference(value: Any, where: str) -> ModelSpec | None:
         return parse_reference(value, located, where, names)
 
-    located.check_keys(raw, MERGE_KEYS, prefix)
-    method = raw.get("merge_method")
-    if not isinstance(method, str) or not method:
-        raise located.error(key("merge_method"), "required, e.g. 'linear', 'slerp', 'ties'")
-    base = reference(raw.get("base_model"), key("base_model"))
-    base_model = base.model if base else None
-    parameters = _parameters(raw.get("parameters", {}), located, key("parameters"))
+    raw = known_keys(raw, MERGE_KEYS, prefix, findings)
+    for name in [name for name, value in raw.items() if value is None]:
+        findings.ignored(key(name), "empty (null), so it is not set")
+        raw = {k: v for k, v in raw.items() if k != name}
+    method, interface = findings.attempt(_method, raw.get("merge_method"), located, key("merge_method")) or (None, None)
+    base = findings.attempt(reference, raw.get("base_model"), key("base_model"))
+    parameters = findings.attempt(read_parameters, raw.get("parameters", {}), located, key("parameters"), findings)
+    scopes = [Scope(key("parameters"), parameters or {})]
+    tables: dict[str, Any] = {}
+    if "modules" in raw:
+        raw, tables = findings.attempt(split_modules, raw, findings, prefix) or (raw, {})
     specs: dict[str, ModelSpec] = {}
     slices = None
     listed: tuple[str, ...] = ()
-    if "slices" in raw:
-        slices = _slices(raw["slices"], located, key("slices"), specs, reference)
-        if "models" in raw:
-            raise located.error(key("models"), "give either models or slices, not both")
+    inputs_at = f"{prefix}modules.{next(iter(tables))}." if tables else prefix
+    module_scopes: list[list[Scope]] = []
+    if len([name for name in ("models", "slices") if name in raw]) != 1:
+        findings.add(located.error(key("models"), "give exactly one of models, slices or modules"))
+    elif "slices" in raw:
+        module_scopes.append([])
+        at = f"{inputs_at}slices"
+        slices = findings.attempt(parse_slices, raw["slices"], findings, at, specs, reference, module_scopes[0])
     else:
-        models = raw.get("models")
-        if not isinstance(models, list) or not models:
-            raise located.error(key("models"), "required: a list of {model = ..., parameters = {...}}")
-        for index, entry in enumerate(models):
-            spec = _model_spec(entry, located, key(f"models[{index}]"), reference)
-            if spec.model in specs:
-                raise located.error(key(f"models[{index}].model"), f"{spec.model} is listed twice")
-            specs[spec.model] = spec
+        module_scopes.append([])
+        at = f"{inputs_at}models"
+        specs = findings.attempt(parse_models, raw["models"], findings, at, reference, module_scopes[0]) or {}
         listed = tuple(specs)
+    modules = read_modules(tables, module_scopes, set(specs), findings, prefix, reference) if module_scopes else {}
     if base and base.model not in specs:
         specs = {base.model: base, **specs}
     elif base and (base.revision or (base.lora and base.lora.revision)):
         specs[base.model] = replace(base, parameters=specs[base.model].parameters)
-    dtype = raw.get("dtype")
-    if dtype is not None and DTYPE_ALIASES.get(str(dtype).lower()) is None:
-        raise located.error(key("dtype"), f"{dtype!r} is not one of bfloat16, float16, float32")
+    dtypes = findings.attempt(_dtypes, raw, located, prefix) or (None, None)
 
     def model_name(value: Any, where: str) -> str:
-        spec = reference(value, where) if isinstance(value, str) and value else None
+        spec = findings.attempt(reference, value, where) if isinstance(value, str) and value else None
         if spec is None or spec.model not in specs:
-            raise located.error(where, f"{value!r} is not one of the models")
+            raise located.error(where, f"{value!r} is not one of the models", value if isinstance(value, str) else None)
         return spec.model
 
-    tokenizer = parse_tokenizer(raw, located, prefix, model_name)
-    first = base_model or next(iter(specs))
-    tokenizer_source = first if tokenizer is None or tokenizer.source in (BASE, UNION) else tokenizer.source
+    def check_keys(table: Mapping[str, Any], known: set[str], at: str) -> None:
+        known_keys(table, known, at, findings)
+
+    tokenizer = findings.attempt(parse_tokenizer, raw, located, prefix, model_name, check_keys)
+    chat_template = findings.attempt(parse_chat_template, raw.get("chat_template"), located, key("chat_template"))
     shard_size = {}
     if "out_shard_size" in raw:
-        shard_size["out_shard_size"] = parse_size(raw["out_shard_size"], key("out_shard_size"), located)
+        size = findings.attempt(parse_size, raw["out_shard_size"], key("out_shard_size"), located)
+        shard_size = {"out_shard_size": size} if size else {}
+    if interface is not None:
+        findings.attempt(_check_inputs, interface, base, listed, slices, findings, prefix)
+        based = base.model if base and interface.uses_base else None
+        if modules:
+            check_parameters(interface, scopes, based, findings, required=False)
+            for module_scope in module_scopes:
+                check_parameters(interface, module_scope, based, findings, inherited=scopes[0].values)
+        else:
+            check_parameters(interface, scopes + (module_scopes[0] if module_scopes else []), based, findings)
+    findings.raise_problems()
+    assert method is not None and specs
+    first = base.model if base else next(iter(specs))
+    tokenizer_source = first if tokenizer is None or tokenizer.source in (BASE, UNION) else tokenizer.source
     return MergeConfig(
         merge_method=method,
         models=tuple(specs.values()),
         tokenizer_source=tokenizer_source,
         listed=listed,
-        base_model=base_model,
-        parameters=parameters,
+        base_model=base.model if base else None,
+        parameters=scopes[0].values,
         slices=slices,
-        dtype=DTYPE_ALIASES[str(dtype).lower()] if dtype is not None else None,
+        modules=modules,
+        dtype=dtypes[0],
+        out_dtype=dtypes[1],
         source=str(located.path),
         tokenizer=tokenizer,
-        chat_template=parse_chat_template(raw.get("chat_template"), located, key("chat_template")),
+        chat_template=chat_template,
         **shard_size,
     )
 
 
-def _model_spec(entry: Any, located: Located, where: str, reference: Reference) -> ModelSpec:
-    if isinstance(entry, str):
-        entry = {"model": entry}
-    if not isinstance(entry, dict):
-        raise located.error(where, "must be a table with a 'model' key")
-    located.check_keys(entry, MODEL_KEYS, f"{where}.")
-    spec = reference(entry.get("model"), f"{where}.model")
-    if spec is None:
-        raise located.error(f"{where}.model", "required")
-    revision = entry.get("revision", spec.revision)
-    if revision is not None and not isinstance(revision, str):
-        raise located.error(f"{where}.revision", "must be a branch, tag or commit sha")
-    parameters = _parameters(entry.get("parameters", {}), located, f"{where}.parameters")
-    return replace(spec, revision=revision, parameters=parameters)
+def _method(value: Any, located: Located, where: str) -> tuple[str, MethodInterface | None]:
+    """The method's name and its interface (None for a plug-in method, which the merge checks)."""
+    if not isinstance(value, str) or not value:
+        raise located.error(where, "required, e.g. 'linear', 'slerp', 'ties'")
+    if value in INTERFACES:
+        return value, INTERFACES[value]
+    plugins = plugin_names()
+    if value in plugins:
+        return value, None
+    known = set(INTERFACES) | plugins
+    raise located.error(
+        where, f"{value!r} is not a merge method{did_you_mean(value, known)} (known: {', '.join(sorted(known))})"
+    )
 
 
-def _slices(
-    value: Any, located: Located, where: str, specs: dict[str, ModelSpec], reference: Reference
-) -> tuple[tuple[SliceSource, ...], ...]:
-    if not isinstance(value, list) or not value:
-        raise located.error(where, "must be a list of {sources = [...]}")
-    slices = []
-    for index, entry in enumerate(value):
-        if not isinstance(entry, dict):
-            raise located.error(f"{where}[{index}]", "must be a table {sources = [...]}")
-        located.check_keys(entry, SLICE_KEYS, f"{where}[{index}].")
-        sources = entry.get("sources")
-        if not isinstance(sources, list) or not sources:
-            raise located.error(f"{where}[{index}].sources", "required: a list of {model, layer_range}")
-        parsed = []
-        for number, source in enumerate(sources):
-            at = f"{where}[{index}].sources[{number}]"
-            if not isinstance(source, dict):
-                raise located.error(at, "must be a table with model and layer_range")
-            located.check_keys(source, SOURCE_KEYS, f"{at}.")
-            spec = _model_spec({k: v for k, v in source.items() if k != "layer_range"}, located, at, reference)
-            layer_range = source.get("layer_range")
-            if not (
-                isinstance(layer_range, list)
-                and len(layer_range) == 2
-                and all(isinstance(x, int) and not isinstance(x, bool) for x in layer_range)
-                and 0 <= layer_range[0] < layer_range[1]
-            ):
-                raise located.error(f"{at}.layer_range", "must be [first, end) with 0 <= first < end")
-            specs.setdefault(spec.model, replace(spec, parameters={}))
-            parsed.append(SliceSource(spec.model, (layer_range[0], layer_range[1]), spec.parameters))
-        lengths = {s.layer_range[1] - s.layer_range[0] for s in parsed}
-        if len(lengths) > 1:
-            raise located.error(f"{where}[{index}].sources", "all sources of a slice need the same number of layers")
-        slices.append(tuple(parsed))
-    return tuple(slices)
+def _dtypes(raw: Mapping[str, Any], located: Located, prefix: str) -> tuple[str | None, str | None]:
+    """(dtype, out_dtype), as mergekit names them: the output is out_dtype, else dtype, else the models'."""
+    found = {}
+    for name in ("dtype", "out_dtype"):
+        value = raw.get(name)
+        written = str(value).lower().removeprefix("torch.")
+        # float64 as mergekit's compute dtype only: mergebot computes in float32 and writes out_dtype
+        computed = written == "float64" and name == "dtype" and raw.get("out_dtype") is not None
+        canonical = "float64" if computed else DTYPE_ALIASES.get(written) if value is not None else None
+        if value is not None and canonical is None:
+            raise located.error(f"{prefix}{name}", f"{value!r} is not one of bfloat16, float16, float32")
+        found[name] = canonical
+    return found["dtype"], found["out_dtype"]
 
 
-def _parameters(value: Any, located: Located, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise located.error(where, "must be a table of parameter values")
-    for name, setting in value.items():
-        _check_setting(setting, located, f"{where}.{name}")
-    return dict(value)
-
-
-def _check_setting(setting: Any, located: Located, where: str) -> None:
-    """A number or bool; a list of numbers (a gradient across layers); or a list of {filter, value} conditions."""
-    if isinstance(setting, bool | int | float):
-        return
-    if isinstance(setting, list) and setting and all(_is_number(v) for v in setting):
-        return
-    if isinstance(setting, list) and setting and all(isinstance(v, dict) for v in setting):
-        for index, condition in enumerate(setting):
-            located.check_keys(condition, CONDITION_KEYS, f"{where}[{index}].")
-            if "value" not in condition:
-                raise located.error(f"{where}[{index}].value", "required: a condition is {filter = '...', value = ...}")
-            if "filter" in condition and not isinstance(condition["filter"], str):
-                raise located.error(f"{where}[{index}].filter", "must be a string found in tensor names")
-            if isinstance(condition["value"], dict):
-                raise located.error(f"{where}[{index}].value", "must be a number or a list of numbers")
-            _check_setting(condition["value"], located, f"{where}[{index}].value")
-        return
-    raise located.error(where, "must be a number, a list of numbers, or a list of {filter, value}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _check_inputs(
+    interface: MethodInterface,
+    base: ModelSpec | None,
+    listed: tuple[str, ...],
+    slices: "tuple[tuple[SliceSource, ...], ...] | None",
+    findings: Findings,
+    prefix: str,
+) -> None:
+    """A base model where the method needs one, and as many models besides it as the method takes."""
+    located = findings.located
+    if interface.uses_base and not interface.optional_base and base is None:
+        findings.add(
+            located.error(
+                f"{prefix}base_model", f"required by merge_method {interface.name}", at=f"{prefix}merge_method"
+            )
+        )
+    with_base = interface.uses_base and base is not None
+    groups = (
+        [(f"{prefix}models", listed)]
+        if slices is None
+        else [
+            (f"{prefix}slices[{index}].sources", tuple(source.model for source in sources))
+            for index, sources in enumerate(slices)
+        ]
+    )
+    for where, models in groups:
+        count = len([model for model in models if not (with_base and model == base.model)])
+        low, high = interface.min_models, interface.max_models
+        if models and (count < low or (high is not None and count > high)):
+            wanted = f"exactly {low}" if high == low else f"at least {low}" if high is None else f"{low} to {high}"
+            besides = " besides the base" if with_base else ""
+            findings.add(located.error(where, f"{interface.name} takes {wanted} model(s){besides}, got {count}"))
 
 
 def load_merge_config(path: Path, target: str | None = None, names: Names | None = None) -> MergeConfig:

@@ -6,6 +6,7 @@ A local checkpoint directory or a Hub repo id, each with an optional `@revision`
 multi-stage merge, another daemon target as `target:NAME`): the `names` a caller passes.
 """
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 
 from mergebot.config.document import Located
 
+REPO_ID = re.compile(r"(?!.*\.\.)(?![.-])[\w.-]+(/(?![.-])[\w.-]+)?")
+"""What a Hub repo id can be: `name` or `org/name` (letters, digits, '_', '.', '-'; no '..')."""
 TARGET_PREFIX = "target:"
 """`target:NAME` names another daemon target's merged output."""
 Names = Callable[[str], "Checkpoint | None"]
@@ -98,7 +101,10 @@ def parse_reference(value: Any, located: Located, where: str, names: Names | Non
         if named is None and "@" in part and not Path(part).exists():
             name, _, revision = part.rpartition("@")
             named = Checkpoint(name, revision)
-        checkpoints.append(named or Checkpoint(part))
+        checkpoint = named or Checkpoint(part)
+        if checkpoint.path is None and not checkpoint.is_local and not REPO_ID.fullmatch(checkpoint.name):
+            raise located.error(where, f"no directory {checkpoint.name} here, and it cannot be a Hub repo id", part)
+        checkpoints.append(checkpoint)
     base, lora = checkpoints[0], checkpoints[1] if len(checkpoints) > 1 else None
     model = f"{base.name}+{lora.name}" if lora else base.name
     return ModelSpec(model, base.revision, path=base.path, lora=lora)

@@ -15,7 +15,7 @@ from pathlib import Path
 from mergebot.config.document import Located, read_config_text, read_document
 from mergebot.config.merge import MergeConfig, parse_merge
 from mergebot.config.models import Checkpoint, Names
-from mergebot.errors import ConfigError, MergebotError
+from mergebot.errors import ConfigError, ConfigErrors, MergebotError
 
 NAME_KEY = "name"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -49,14 +49,24 @@ def load_stages(path: Path, out_dir: Path) -> list[Stage] | None:
         return None
     declared = _declared_names(documents)
     stages: list[Stage] = []
+    earlier: dict[str | None, Path] = {}
+    problems: list[ConfigError] = []
+    warnings: list[str] = []
     for index, (raw, located, _) in enumerate(documents):
         name = declared[index]
         last = index == len(documents) - 1
         out = out_dir if last else stages_dir(out_dir) / str(name)
-        earlier = {stage.name: stage.out_dir for stage in stages}
-        names = _names(name, earlier, declared)
-        merge = parse_merge({k: v for k, v in raw.items() if k != NAME_KEY}, located, names=names)
+        names = _names(name, dict(earlier), declared)
+        earlier[name] = out  # even when this stage has a problem, so a later one reading it reports only its own
+        try:
+            merge = parse_merge({k: v for k, v in raw.items() if k != NAME_KEY}, located, names=names)
+        except ConfigErrors as error:  # every stage's problems at once
+            problems += error.problems
+            warnings += error.warnings
+            continue
         stages.append(Stage(name, merge, out))
+    if problems:
+        raise ConfigErrors(problems, tuple(warnings) + tuple(w for stage in stages for w in stage.merge.warnings))
     return stages
 
 

@@ -13,6 +13,8 @@ TOKEN_KEYS = {"source", "force"}
 UNION, BASE, AUTO = "union", "base", "auto"
 ModelName = Callable[[Any, str], str]
 """Checks that a value names one of the merge's models (the key path for errors) and returns that model."""
+KeyCheck = Callable[[Mapping[str, Any], set[str], str], Any]
+"""Checks a table's keys against the known ones (key path prefix for errors): refused, or ignored as mergekit does."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class TokenizerSettings:
 
 
 def parse_tokenizer(
-    raw: Mapping[str, Any], located: Located, prefix: str, model_name: ModelName
+    raw: Mapping[str, Any], located: Located, prefix: str, model_name: ModelName, check_keys: KeyCheck | None = None
 ) -> TokenizerSettings | None:
     """`tokenizer` or `tokenizer_source` (not both, as in mergekit); None when neither is given."""
     legacy, block = raw.get("tokenizer_source"), raw.get("tokenizer")
@@ -80,7 +82,8 @@ def parse_tokenizer(
     where = f"{prefix}tokenizer"
     if not isinstance(block, dict):
         raise located.error(where, "must be a table with source, tokens, pad_to_multiple_of")
-    located.check_keys(block, TOKENIZER_KEYS, f"{where}.")
+    check_keys = check_keys or located.check_keys
+    check_keys(block, TOKENIZER_KEYS, f"{where}.")
     source = _source(block.get("source", UNION), f"{where}.source", model_name)
     pad = block.get("pad_to_multiple_of")
     if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
@@ -89,7 +92,8 @@ def parse_tokenizer(
     if not isinstance(tokens, dict):
         raise located.error(f"{where}.tokens", "must be a table of token = {source, force}")
     settings = {
-        str(token): _token(value, located, f"{where}.tokens.{token}", model_name) for token, value in tokens.items()
+        str(token): _token(value, located, f"{where}.tokens.{token}", model_name, check_keys)
+        for token, value in tokens.items()
     }
     return TokenizerSettings(source, settings, pad)
 
@@ -108,12 +112,12 @@ def _source(value: Any, where: str, model_name: ModelName) -> str:
     return value if value in (UNION, BASE) else model_name(value, where)
 
 
-def _token(value: Any, located: Located, where: str, model_name: ModelName) -> TokenSetting:
+def _token(value: Any, located: Located, where: str, model_name: ModelName, check_keys: KeyCheck) -> TokenSetting:
     if value is None:
         return TokenSetting()
     if not isinstance(value, dict):
         raise located.error(where, "must be a table {source = ..., force = ...}")
-    located.check_keys(value, TOKEN_KEYS, f"{where}.")
+    check_keys(value, TOKEN_KEYS, f"{where}.")
     force = value.get("force", False)
     if not isinstance(force, bool):
         raise located.error(f"{where}.force", "must be true or false")
@@ -126,11 +130,11 @@ def _token(value: Any, located: Located, where: str, model_name: ModelName) -> T
         return TokenSetting(TokenSource(model_name(source, f"{where}.source")), force)
     kind = source.get("kind")
     if kind == "zero":
-        located.check_keys(source, {"kind"}, f"{where}.source.")
+        check_keys(source, {"kind"}, f"{where}.source.")
         return TokenSetting(TokenSource(), force)
     if kind != "model_token":
         raise located.error(f"{where}.source.kind", f"{kind!r} is not 'zero' or 'model_token'")
-    located.check_keys(source, {"kind", "model", "token_id", "token"}, f"{where}.source.")
+    check_keys(source, {"kind", "model", "token_id", "token"}, f"{where}.source.")
     model = model_name(source.get("model"), f"{where}.source.model")
     token_id, token = source.get("token_id"), source.get("token")
     if (token_id is None) == (token is None):

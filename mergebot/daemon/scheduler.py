@@ -58,6 +58,8 @@ class Daemon:
         self.config, self.config_text = read_config(config_path)
         self.config_mtime = config_path.stat().st_mtime_ns
         self.log = log.get("daemon")
+        for warning in self.config.warnings:
+            self.log.warning("config", warning=warning)
         self.lock = acquire_lock(self.config.daemon.state_dir)
         self.state = State.open(self.config.daemon.state_dir)
         self.upstream = Upstream(self.state)
@@ -163,6 +165,8 @@ class Daemon:
             if self.scheduler.get_job(f"run:{name}"):
                 self.scheduler.remove_job(f"run:{name}")
         self.config, self.config_text = config, text
+        for warning in config.warnings:
+            self.log.warning("config", warning=warning)
         self.log.info("config reloaded", targets=sorted(config.targets), removed=sorted(removed))
         self.scheduler.add_job(self.poll, id="poll-now", replace_existing=True)
 

@@ -35,7 +35,15 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import repo_folder_name
 
 from mergebot import log
-from mergebot.errors import FileLimitError, HubAuthError, HubError, HubNotFoundError, ModelError, UnsafePathError
+from mergebot.errors import (
+    FileLimitError,
+    HubAuthError,
+    HubError,
+    HubNotFoundError,
+    HubRepoNotFoundError,
+    ModelError,
+    UnsafePathError,
+)
 from mergebot.files import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, is_merge_input, read_json, size_limit
 from mergebot.hub.download import (
     BLOB_ID,
@@ -251,11 +259,12 @@ class HubClient:
         if isinstance(error, RepositoryNotFoundError | RemoteEntryNotFoundError) or status == 500:
             missing = self._missing(repo, revision, file)
             if missing is not None:
-                raise HubNotFoundError(missing) from error
+                kind = HubRepoNotFoundError if missing == self._repo_not_found(repo) else HubNotFoundError
+                raise kind(missing) from error
         if isinstance(error, RemoteEntryNotFoundError):
             raise HubNotFoundError(f"repo {where}: not found ({what})") from error
         if isinstance(error, RepositoryNotFoundError):
-            raise HubNotFoundError(self._repo_not_found(repo)) from error
+            raise HubRepoNotFoundError(self._repo_not_found(repo)) from error
         if status in (401, 403):
             raise HubAuthError(
                 f"repo {repo}: access denied (HTTP {status}); set HF_TOKEN to a token that can read it"

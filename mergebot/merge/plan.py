@@ -4,16 +4,21 @@ Everything here is decided from names, shapes, dtypes and the config, never from
 update that changes values keeps every output tensor in the same shard.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from mergebot.config.merge import MergeConfig, SliceSource
+from mergebot.config.methods import INTERFACES
+from mergebot.config.modules import ModuleSettings
+from mergebot.config.parameters import normalized
 from mergebot.errors import ConfigError, ModelError
 from mergebot.merge.io import BY_TORCH_NAME, OutputTensor, TensorInfo
 from mergebot.merge.layout import OutputLayers, find_layout, layer_tensors, whole_model_slice
 from mergebot.merge.methods import MergeMethod, TensorParams
+from mergebot.merge.modules import module_of
 from mergebot.merge.source import InputModel
 from mergebot.merge.vocab import is_vocab_tensor
 from mergebot.merge.vocab_plan import VocabPlan
@@ -70,6 +75,7 @@ class Plan:
 
 def evaluate_setting(tensor_name: str, setting: Any, t: float) -> Any:
     """One tensor's value of a parameter: a scalar as is, a number list interpolated at t, the first matching filter."""
+    setting = normalized(setting)
     if isinstance(setting, list) and setting and all(isinstance(v, dict) for v in setting):
         for condition in setting:
             pattern = condition.get("filter")
@@ -87,7 +93,8 @@ def evaluate_setting(tensor_name: str, setting: Any, t: float) -> Any:
 
 def build_plan(config: MergeConfig, models: dict[str, InputModel], method: MergeMethod) -> Plan:
     """Check that the models fit together and lay out every output tensor; raises before any tensor is read."""
-    _check_parameter_names(config, method)
+    if method.name not in INTERFACES:  # a plug-in: the config knew only its name
+        _check_parameter_names(config, method)
     if method.optional_base:
         method = replace(method, uses_base=bool(config.base_model))
     if method.uses_base and not config.base_model:
@@ -97,7 +104,7 @@ def build_plan(config: MergeConfig, models: dict[str, InputModel], method: Merge
     non_layer = layouts[template].loose
     slices = config.slices or (whole_model_slice(config, layouts[template], method.uses_base),)
     layer_plan, layers = layer_tensors(config, layouts, template, slices)
-    builder = _Builder(config, models, method, template)
+    builder = _Builder(config, models, method, template, module_of(config, models[template], layouts[template]))
     ordered: list[TensorPlan] = []
     first, last = slices[0], slices[-1]
     for name in (n for n in non_layer if "embed" in n):
@@ -112,6 +119,7 @@ def build_plan(config: MergeConfig, models: dict[str, InputModel], method: Merge
 
 
 def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
+    """A plug-in method's parameters (mergebot's own: an unknown name is a mistake, not mergekit's to ignore)."""
     known = set(method.parameters) | set(method.model_parameters)
     for name in config.parameters:
         if name not in known:
@@ -134,8 +142,16 @@ def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
 class _Builder:
     """Resolves one output tensor at a time: its inputs, shapes, dtype and parameters."""
 
-    def __init__(self, config: MergeConfig, models: dict[str, InputModel], method: MergeMethod, template: str):
+    def __init__(
+        self,
+        config: MergeConfig,
+        models: dict[str, InputModel],
+        method: MergeMethod,
+        template: str,
+        modules: Callable[[str], ModuleSettings] | None,
+    ):
         self.config = config
+        self.modules = modules
         self.models = models
         self.method = method
         self.template = template
@@ -209,7 +225,7 @@ class _Builder:
             for model, model_rows in sizes:
                 self.vocab.add_row_map(model, model_rows, rows)
             self.vocab.check_inputs(output_name, sizes)
-        dtype = BY_TORCH_NAME[self.config.dtype] if self.config.dtype else first.dtype
+        dtype = BY_TORCH_NAME[self.config.output_dtype] if self.config.output_dtype else first.dtype
         return OutputTensor(output_name, dtype, shape)
 
     def _vocab_rows(self, output_name: str) -> int:
@@ -218,9 +234,12 @@ class _Builder:
         return self.vocab.rows(source.tensors[name].shape[0])
 
     def _params(self, tensor_name: str, ordered: list[SliceSource], t: float) -> TensorParams:
+        """mergekit's order: the model's own setting, then its module's, then the top-level one, then the default."""
+        module = self.modules(tensor_name) if self.modules else None
+        shared = {**self.config.parameters, **module.parameters} if module else self.config.parameters
         values = {}
         for name, default in self.method.parameters.items():
-            value = evaluate_setting(tensor_name, self.config.parameters.get(name), t)
+            value = evaluate_setting(tensor_name, shared.get(name), t)
             if value is None:
                 value = default
             if value is None:
@@ -229,10 +248,13 @@ class _Builder:
         per_model = []
         for source in ordered[1:] if self.method.uses_base else ordered:
             resolved = {}
+            own = source.parameters
+            if module and self.config.slices is None:
+                own = module.model_parameters.get(source.model, {})
             for name, default in self.method.model_parameters.items():
-                value = evaluate_setting(tensor_name, source.parameters.get(name), t)
+                value = evaluate_setting(tensor_name, own.get(name), t)
                 if value is None:
-                    value = evaluate_setting(tensor_name, self.config.parameters.get(name), t)
+                    value = evaluate_setting(tensor_name, shared.get(name), t)
                 if value is None:
                     value = default
                 if value is None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from mergebot.config.merge import MergeConfig
 from mergebot.config.models import Checkpoint, ModelSpec
+from mergebot.errors import HubRepoNotFoundError
 from mergebot.files import FileHashes, default_cache_dir, local_identity
 from mergebot.merge.source import AdapterSource, InputModel, open_model
 
@@ -50,7 +51,13 @@ def _checkpoint_files(checkpoint: Checkpoint, hub: "HubClient | None") -> tuple[
     if checkpoint.is_local:
         return checkpoint.local_path, None, {}
     assert hub is not None, "a Hub checkpoint needs a Hub client"
-    sha = hub.resolve(checkpoint.name, checkpoint.revision)
+    try:
+        sha = hub.resolve(checkpoint.name, checkpoint.revision)
+    except HubRepoNotFoundError as error:
+        raise HubRepoNotFoundError(
+            f"no directory {checkpoint.name} here, and no repo {checkpoint.name} on {hub.endpoint} (or not visible "
+            "with this token: check the path, the repo id, HF_ENDPOINT and HF_TOKEN)"
+        ) from error
     remote = hub.list_files(checkpoint.name, sha)
     snapshot = hub.fetch(remote)
     return snapshot, sha, {name: f.sha256 for name, f in remote.files.items() if f.sha256}

@@ -13,6 +13,7 @@ from importlib import import_module
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
+from mergebot.config.methods import ENTRY_POINT_GROUP, interface
 from mergebot.errors import ConfigError
 from mergebot.merge.methods.base import Block, BlockSource, MergeMethod, RawBlocks, TensorParams
 from mergebot.merge.methods.fused import fused_linear, fused_passthrough, fused_slerp, make_fused_task_arithmetic
@@ -52,67 +53,46 @@ def _torch_definition(module: str, name: str, *args: Any) -> Callable[[BlockSour
     return merge
 
 
-_GTA_PARAMETERS = {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False}
-"""int8_mask is accepted for mergekit configs; it only picks mergekit's mask dtype and changes no number here."""
-_GTA_MODEL_PARAMETERS = {"weight": None, "density": 1.0}
-_RANDOM = {"rescale": True, "seed": 0}
 _SPARSIFIED_TASK_ARITHMETIC = (
-    ("ties", "magnitude", True, {"normalize": True}, {}, None),
-    ("dare_ties", "random", True, _RANDOM, {}, None),
-    ("dare_linear", "random", False, _RANDOM, {}, None),
-    ("breadcrumbs", "outliers", False, {}, {"gamma": 0.01}, None),
-    ("breadcrumbs_ties", "outliers", True, {}, {"gamma": 0.01}, None),
-    ("della", "magprune", True, {**_RANDOM, "normalize": True}, {"epsilon": 0.15}, magprune_problem),
-    ("della_linear", "magprune", False, _RANDOM, {"epsilon": 0.15}, magprune_problem),
+    ("ties", "magnitude", True, None),
+    ("dare_ties", "random", True, None),
+    ("dare_linear", "random", False, None),
+    ("breadcrumbs", "outliers", False, None),
+    ("breadcrumbs_ties", "outliers", True, None),
+    ("della", "magprune", True, magprune_problem),
+    ("della_linear", "magprune", False, magprune_problem),
 )
-"""(name, pruner, TIES sign election, parameter and per-model defaults beyond the shared ones, check), as in
-mergekit 0.1.5: breadcrumbs_ties does not normalize by default (ties does); `seed` fixes the random masks."""
+"""(name, pruner, TIES sign election, check); their parameters are declared in `mergebot.config.methods`."""
 
 CORE_METHODS: dict[str, MergeMethod] = {
     method.name: method
     for method in (
         MergeMethod(
-            "linear",
-            _torch_definition("interpolation", "linear"),
-            uses_base=False,
-            parameters={"normalize": True},
-            model_parameters={"weight": None},
-            fused=fused_linear,
+            "linear", _torch_definition("interpolation", "linear"), **interface("linear").fields(), fused=fused_linear
         ),
         MergeMethod(
-            "slerp",
-            _torch_definition("interpolation", "slerp"),
-            uses_base=True,
-            parameters={"t": None},
-            min_models=1,
-            max_models=1,
-            fused=fused_slerp,
+            "slerp", _torch_definition("interpolation", "slerp"), **interface("slerp").fields(), fused=fused_slerp
         ),
         MergeMethod(
             "task_arithmetic",
             _torch_definition("task_arithmetic", "make_task_arithmetic", None, False),
-            uses_base=True,
-            parameters=_GTA_PARAMETERS,
-            model_parameters={"weight": None},
+            **interface("task_arithmetic").fields(),
             fused=make_fused_task_arithmetic(None, consensus=False),
         ),
         *(
             MergeMethod(
                 name,
                 _torch_definition("task_arithmetic", "make_task_arithmetic", sparsify, consensus),
-                uses_base=True,
-                parameters={**_GTA_PARAMETERS, **parameters},
-                model_parameters={**_GTA_MODEL_PARAMETERS, **model_parameters},
+                **interface(name).fields(),
                 check=check,
                 fused=make_fused_task_arithmetic(sparsify, consensus),
             )
-            for name, sparsify, consensus, parameters, model_parameters, check in _SPARSIFIED_TASK_ARITHMETIC
+            for name, sparsify, consensus, check in _SPARSIFIED_TASK_ARITHMETIC
         ),
         MergeMethod(
             "passthrough",
             _torch_definition("interpolation", "passthrough"),
-            uses_base=False,
-            max_models=1,
+            **interface("passthrough").fields(),
             fused=fused_passthrough,
         ),
     )
@@ -137,9 +117,6 @@ def __getattr__(name: str) -> Any:
 def method_named(name: str) -> MergeMethod | None:
     """The method of that name (a core one without importing any other), or None."""
     return CORE_METHODS.get(name) or available_methods().get(name)
-
-
-ENTRY_POINT_GROUP = "mergebot.methods"
 
 
 def whole_tensor_method(

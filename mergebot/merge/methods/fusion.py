@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 import torch
 
+from mergebot.config.methods import interface
 from mergebot.merge.methods.base import BlockSource, MergeMethod, TensorParams
 from mergebot.merge.methods.gram import regrid
 from mergebot.merge.methods.topk import top_cuts
@@ -76,6 +77,6 @@ def _from_order_key(key: int) -> torch.Tensor:
 
 
 FUSION_METHODS = (
-    MergeMethod("nearswap", nearswap, uses_base=True, parameters={"t": None}, min_models=1, max_models=1),
-    MergeMethod("arcee_fusion", arcee_fusion, uses_base=True, min_models=1, max_models=1),
+    MergeMethod("nearswap", nearswap, **interface("nearswap").fields()),
+    MergeMethod("arcee_fusion", arcee_fusion, **interface("arcee_fusion").fields()),
 )

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
+from mergebot.config.methods import interface
 from mergebot.merge.methods.base import Block, BlockSource, MergeMethod, TensorParams, model_weights, split_base
 from mergebot.merge.methods.gram import Axis, VectorsOf, diagonal, gram_combination
 
@@ -185,32 +186,8 @@ def _check_karcher(params: TensorParams) -> str | None:
 
 
 GEOMETRIC_METHODS = (
-    MergeMethod("model_stock", model_stock, uses_base=True, parameters={"filter_wise": False}, min_models=2),
-    MergeMethod(
-        "nuslerp",
-        nuslerp,
-        uses_base=True,
-        optional_base=True,
-        parameters={"nuslerp_row_wise": False, "nuslerp_flatten": True},
-        model_parameters={"weight": None},
-        min_models=2,
-        max_models=2,
-    ),
-    MergeMethod(
-        "multislerp",
-        multislerp,
-        uses_base=True,
-        optional_base=True,
-        parameters={"normalize_weights": True, "eps": 1e-8},
-        model_parameters={"weight": None},
-        check=_check_multislerp,
-    ),
-    MergeMethod(
-        "karcher",
-        karcher,
-        uses_base=True,
-        optional_base=True,
-        parameters={"max_iter": 10, "tol": 1e-5},
-        check=_check_karcher,
-    ),
+    MergeMethod("model_stock", model_stock, **interface("model_stock").fields()),
+    MergeMethod("nuslerp", nuslerp, **interface("nuslerp").fields()),
+    MergeMethod("multislerp", multislerp, **interface("multislerp").fields(), check=_check_multislerp),
+    MergeMethod("karcher", karcher, **interface("karcher").fields(), check=_check_karcher),
 )

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
+from mergebot.config.methods import interface
 from mergebot.merge.methods.base import BlockSource, MergeMethod, TensorParams
 
 
@@ -57,6 +58,6 @@ def _combine(base: torch.Tensor, models: list[torch.Tensor], epsilon: float, sca
 
 
 RAM_METHODS = (
-    MergeMethod("ram", ram, uses_base=True, parameters={"epsilon": 1e-5}),
-    MergeMethod("ramplus_tl", ramplus_tl, uses_base=True, parameters={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
+    MergeMethod("ram", ram, **interface("ram").fields()),
+    MergeMethod("ramplus_tl", ramplus_tl, **interface("ramplus_tl").fields()),
 )

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
+from mergebot.config.methods import interface
 from mergebot.merge.methods.base import BlockSource, MergeMethod, TensorParams
 from mergebot.merge.methods.sparsify import TopKMask
 from mergebot.merge.methods.task_arithmetic import majority_sign
@@ -78,5 +79,4 @@ def _variance_cut(blocks: BlockSource, select_topk: float) -> TopKMask | None:
     return TopKMask(threshold, k - above) if wanted > 0 else None
 
 
-SCE_METHODS = (MergeMethod("sce", sce, uses_base=True, parameters={"select_topk": 1.0, "int8_mask": False}),)
-"""int8_mask is accepted for mergekit configs; it only picks mergekit's mask dtype and changes no number here."""
+SCE_METHODS = (MergeMethod("sce", sce, **interface("sce").fields()),)
