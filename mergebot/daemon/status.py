@@ -1,5 +1,6 @@
 """What `mergebot status` shows: read from the state without taking the daemon's lock."""
 
+import shlex
 import time
 from datetime import UTC, datetime
 
@@ -25,7 +26,12 @@ def collect_status(config: DaemonConfig) -> dict:
     what holds it when its last run was held. Credentials in a URL are redacted (records older than the redaction
     at recording may hold them)."""
     state_dir = config.daemon.state_dir
-    result = {"state_dir": str(state_dir), "daemon_pid": daemon_pid(state_dir), "targets": {}}
+    result = {
+        "config": str(config.path),
+        "state_dir": str(state_dir),
+        "daemon_pid": daemon_pid(state_dir),
+        "targets": {},
+    }
     if not (state_dir / STATE_FILE).exists():
         for name, target in config.targets.items():
             result["targets"][name] = {"repo": target.repo, "when": target.when, "waiting": "never checked"}
@@ -68,8 +74,13 @@ def collect_status(config: DaemonConfig) -> dict:
 
 
 def format_status(status: dict) -> str:
+    """For people: the advice it gives are commands that run as written (with the config the status was read
+    with), and without a daemon no time in the past is shown as a next check."""
     pid = status["daemon_pid"]
+    config = f"--config {shlex.quote(status['config'])}"
     lines = [f"state: {status['state_dir']} (daemon {'pid ' + str(pid) if pid else 'not running'})"]
+    if not pid:
+        lines.append(f"the daemon is not running: nothing is checked until `mergebot run {config}` starts it")
     for name, target in sorted(status["targets"].items()):
         lines.append(f"\n{name} → {target['repo']} ({target['when']})")
         for model, sha in (target.get("inputs") or {}).items():
@@ -83,14 +94,15 @@ def format_status(status: dict) -> str:
         lines.append(f"  head   {target.get('published_sha') or 'nothing published yet'}")
         if target.get("shards"):
             lines.append(f"  shards {target['shards']} with recorded fingerprints")
-        lines.append(f"  next   {target.get('next_check') or 'not scheduled'}")
+        if pid:
+            lines.append(f"  next   {target.get('next_check') or 'not scheduled'}")
         lines.append(f"  status {target['waiting']}")
         if hold := target.get("hold"):
             blamed = f"blamed on {hold['culprit']}" if hold["culprit"] else "the merge itself got worse"
             release = (
                 "released: its next run skips the comparison"
                 if hold["released"]
-                else f"`mergebot release {name}` publishes it if it passes the gate"
+                else f"`mergebot release {shlex.quote(name)} {config}` publishes it if it passes the gate"
             )
             lines.append(f"  held   at {(hold['at'] or 'nothing published')[:12]}, {blamed}; {release}")
     lines.append(f"\n(as of {_when(time.time())})")
