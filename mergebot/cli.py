@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,7 @@ def _merge_one(config: MergeConfig, out_dir: Path) -> None:
     from mergebot.pipeline.inputs import resolve_inputs
     from mergebot.progress import ShardProgress
 
+    started = time.monotonic()
     result = run_merge(config, resolve_inputs(config), out_dir, ShardProgress())
     log.get("merge").info(
         "merged",
@@ -77,6 +79,7 @@ def _merge_one(config: MergeConfig, out_dir: Path) -> None:
         shards=len(result.shards),
         computed=len(result.computed),
         reused=len(result.reused),
+        seconds=round(time.monotonic() - started, 1),
     )
 
 
@@ -112,8 +115,16 @@ def _gate(args: argparse.Namespace, merged: MergeConfig) -> "ValidationReport":
 def _validate(args: argparse.Namespace) -> int:
     from mergebot.pipeline.report import format_report
 
+    started = time.monotonic()
     report = _gate(args, _merged_config(Path(args.out_dir)))
     print(format_report(report))
+    log.get("validate").info(
+        "validated",
+        out_dir=args.out_dir,
+        passed=report.passed,
+        merge_ppl=report.merge_ppl,
+        seconds=round(time.monotonic() - started, 1),
+    )
     return ExitCode.OK if report.passed else ExitCode.VALIDATION_FAILED
 
 
@@ -138,7 +149,7 @@ def _child_run(args: argparse.Namespace) -> int:
     goes to --result as JSON."""
     from mergebot.config.daemon import load_daemon_config
     from mergebot.daemon.children import die_with_daemon
-    from mergebot.daemon.runs import Run
+    from mergebot.daemon.runs import RUNNING, Run
     from mergebot.daemon.state import State
     from mergebot.files import write_json_atomic
     from mergebot.pipeline.regression import baseline_from_record
@@ -155,6 +166,7 @@ def _child_run(args: argparse.Namespace) -> int:
         else:
             # Beside the running daemon: WAL lets it read meanwhile, and the busy timeout waits out its short writes.
             with State.open(config.daemon.state_dir) as state:
+                log.tag(run=next((run.id for run in state.runs(args.target, limit=1) if run.outcome == RUNNING), None))
                 # `mergebot release`: this run is not compared with the last publish
                 last = None if args.target in state.releases() else state.last_successful_run(args.target)
         target = config.targets[args.target]
@@ -168,6 +180,16 @@ def _child_run(args: argparse.Namespace) -> int:
         raise
     write_json_atomic(args.result, run.as_dict())
     return {"failed": ExitCode.VALIDATION_FAILED, "held": ExitCode.HELD}.get(run.outcome, ExitCode.OK)
+
+
+def _child(args: argparse.Namespace) -> int:
+    """`_child_run`, whose every line (its error line included) lands in the daemon's log tagged with its target."""
+    log.tag(target=args.target)
+    try:
+        return _child_run(args)
+    except MergebotError as error:
+        log.get("run").error("run failed", error=str(error), exit_code=int(error.exit_code))
+        return error.exit_code
 
 
 def _daemon(args: argparse.Namespace) -> int:
@@ -276,7 +298,7 @@ HANDLERS = {
     "release": _release,
     "demo": _demo,
     "devhub": _devhub,
-    CHILD_COMMAND: _child_run,
+    CHILD_COMMAND: _child,
 }
 
 

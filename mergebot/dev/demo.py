@@ -7,6 +7,7 @@ re-merges only the output shard it feeds; then a broken revision of that fine-tu
 the target at its published revision and says which input is to blame. Any other outcome fails the demo.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +48,22 @@ class DemoError(MergebotError):
 
 def _say(message: str) -> None:
     print(message, flush=True)
+
+
+class _Steps:
+    """The demo's numbered steps: each says what it does as it starts and how long it took when it ends, so a slow
+    machine shows where the time goes."""
+
+    def __init__(self) -> None:
+        self.number = 0
+
+    @contextlib.contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        self.number += 1
+        started = time.monotonic()
+        _say(f"{self.number}. {what}")
+        yield
+        _say(f"   done in {time.monotonic() - started:.0f} s")
 
 
 def _config(state_dir: Path) -> str:

@@ -175,11 +175,15 @@ class HubClient:
                 )
             )
 
+        started = time.monotonic()
         path = self._call(remote.repo, remote.sha, download, what=f"download of {name}", file=name)
         if not cached:
             if known is not None:
                 self._verify(remote, known, path)
-            self.downloaded_bytes += path.stat().st_size
+            size = path.stat().st_size
+            self.downloaded_bytes += size
+            seconds = round(time.monotonic() - started, 3)
+            self._log.info("downloaded", repo=remote.repo, file=name, bytes=size, seconds=seconds)
         return path
 
     def _verify(self, remote: RemoteRevision, known: RemoteFile, path: Path) -> None:
