@@ -1,5 +1,6 @@
 """What `mergebot status` shows: read from the state without taking the daemon's lock."""
 
+import math
 import shlex
 import time
 from datetime import UTC, datetime
@@ -7,6 +8,7 @@ from datetime import UTC, datetime
 from mergebot.config.daemon import DaemonConfig
 from mergebot.config.models import ModelSpec
 from mergebot.daemon.lock import daemon_pid
+from mergebot.daemon.runs import Run
 from mergebot.daemon.state import STATE_FILE, State, TargetState
 from mergebot.log import redact_value
 
@@ -19,6 +21,31 @@ def _latest(state: State, spec: ModelSpec) -> str | None:
     """The last revision seen of the input (of its base and its adapter, joined by `+`)."""
     seen = [state.latest_revision(c.name, c.revision or "main") for c in spec.checkpoints]
     return None if None in seen else "+".join(str(sha) for sha in seen)
+
+
+RECENT_RUNS = 5
+
+
+def _finite(value: object) -> float | None:
+    """A figure as JSON can carry it: a broken parent's NaN perplexity (or a hostile record's text) is None."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _figures(run: Run) -> dict:
+    """A run in a line of the status page: how long it took, the gate's figures and the shards it recomputed."""
+    details = run.details or {}
+    return {
+        "id": run.id,
+        "outcome": run.outcome,
+        "started": _when(run.started),
+        "seconds": round(run.finished - run.started, 1) if run.finished else None,
+        "merge_ppl": _finite(details.get("merge_ppl")),
+        "parent_ppl": {name: _finite(ppl) for name, ppl in (details.get("parent_ppl") or {}).items()},
+        "kl": {name: _finite(kl) for name, kl in (details.get("kl") or {}).items()},
+        "computed": len(details.get("computed") or ()),
+        "reused": len(details.get("reused") or ()),
+        "published_sha": run.published_sha,
+    }
 
 
 def collect_status(config: DaemonConfig) -> dict:
@@ -56,6 +83,7 @@ def collect_status(config: DaemonConfig) -> dict:
                     "finished": _when(last.finished),
                     "inputs": last.inputs,
                 },
+                "recent_runs": [_figures(run) for run in state.runs(name, limit=RECENT_RUNS)],
                 "published_sha": success.published_sha if success else None,
                 "shards": len(state.shard_fingerprints(name)),
                 "next_check": _when(status.next_check) if status else None,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from mergebot.dev.devhub.messages import Request, Response, byte_range, json_response
+from mergebot.dev.devhub.messages import Request, Response, byte_range, json_response, tree_page
 from mergebot.dev.devhub.stats import Stats
 from mergebot.dev.devhub.store import (
     DEFAULT_BRANCH,
@@ -182,6 +182,13 @@ class HubApi:
         entries = [_folder_json(commit, p) for p in sorted(all_folders) if listed(p)]
         entries += [_file_json(p, e) for p, e in sorted(commit.tree.items()) if listed(p)]
         return json_response(200, entries)
+
+    def tree_html(self, req: Request) -> Response:
+        """The page a browser opens at `/{repo}/tree/{rev}` (the status page links a published revision there)."""
+        repo = self._repo(req)
+        commit = self.store.resolve(repo, req.params["rev"])
+        files = [(path, entry.size) for path, entry in sorted(commit.tree.items())]
+        return tree_page(repo.id, commit.id, files, f"/{repo.id}/resolve/{commit.id}")
 
     def paths_info(self, req: Request) -> Response:
         commit = self.store.resolve(self._repo(req), req.params["rev"])
@@ -369,6 +376,7 @@ _ROUTES: list[tuple[tuple[str, ...], re.Pattern[str], str, Handler]] = [
         (("PUT",), rf"{_GIT_REPO}/upload/(?P<oid>[0-9a-f]{{64}})", HubApi.lfs_upload),
         (("POST",), rf"{_GIT_REPO}/verify", HubApi.lfs_verify),
         (("GET", "HEAD"), _FILE, HubApi.resolve),
+        (("GET",), r"/(?P<ns>[^/]+)/(?P<name>[^/]+)/tree/(?P<rev>[^/]+)", HubApi.tree_html),
     ]
 ]
 ROUTE_KINDS = frozenset(kind for _, _, kind, _ in _ROUTES) | {"unknown"}
