@@ -332,7 +332,9 @@ def run_demo(keep: bool) -> int:
     finally:
         stop_process(daemon, 30)
         hub.stop()
-        if keep:
+        if keep:  # what is left to explore; the pushed models' sources and the download cache are scratch
+            for scratch in ("upstream", "hf-home", "cache"):
+                shutil.rmtree(root / scratch, ignore_errors=True)
             _say(f"  kept {root} ({_folder_size(root)}): mergebot.toml, daemon.log, state/, hub/")
             _say(f"  browse it: mergebot devhub --root {root}/hub")
         else:
