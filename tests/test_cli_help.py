@@ -4,6 +4,7 @@
 import argparse
 import contextlib
 import io
+import json
 import shlex
 
 import pytest
@@ -12,6 +13,8 @@ from mergebot.cli import main
 from mergebot.cli_parser import CHILD_COMMAND, build_parser
 from mergebot.config.daemon import load_daemon_config
 from mergebot.daemon.status import collect_status, format_status
+from mergebot.errors import ExitCode
+from tests.helpers import run_cli_process
 
 
 def _subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -113,3 +116,18 @@ def test_release_advice_runs_as_written(tmp_path):
     advice = next(line for line in text.splitlines() if "held" in line).split("`")[1]
     args = build_parser().parse_args(shlex.split(advice)[1:])
     assert (args.command, args.target, args.config) == ("release", "t", str(tmp_path / "my config.toml"))
+
+
+def test_the_daemons_child_reports_its_error_as_a_tagged_json_line(tmp_path):
+    """What lands in the daemon's log: JSON lines only, the error too, tagged with the target."""
+    config = _config(tmp_path)
+    result = run_cli_process(
+        CHILD_COMMAND, "--config", config, "--target", "nope", "--result", tmp_path / "result.json",
+        input=config.read_text(),
+    )  # fmt: skip
+    assert result.returncode == ExitCode.PERMANENT
+    (line,) = result.stderr.splitlines()
+    event = json.loads(line)
+    assert (event["event"], event["target"], event["level"]) == ("run failed", "nope", "error")
+    assert event["error"] == f"{config}: no target named 'nope'"
+    assert json.loads((tmp_path / "result.json").read_text())["reason"] == event["error"]
