@@ -106,7 +106,7 @@ def format_status(status: dict) -> str:
     with), and without a daemon no time in the past is shown as a next check."""
     pid = status["daemon_pid"]
     config = f"--config {shlex.quote(status['config'])}"
-    lines = [f"state: {status['state_dir']} (daemon {'pid ' + str(pid) if pid else 'not running'})"]
+    lines = [f"state: {status['state_dir']}" + (f" (daemon pid {pid})" if pid else "")]
     if not pid:
         lines.append(f"the daemon is not running: nothing is checked until `mergebot run {config}` starts it")
     for name, target in sorted(status["targets"].items()):
