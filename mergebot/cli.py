@@ -1,13 +1,16 @@
-"""The `mergebot` command. Errors are caught here, reported once as one line, and become the exit code."""
+"""What each `mergebot` command does (its options: mergebot/cli_parser.py). Errors are caught here, reported once
+as one line, and become the exit code."""
 
 import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergebot import log
+from mergebot.cli_parser import CHILD_COMMAND, build_child_parser, build_parser
 from mergebot.config.daemon import ValidateSettings
 from mergebot.config.document import read_document
 from mergebot.config.merge import MergeConfig, load_merge_config, parse_merge
@@ -59,6 +62,7 @@ def _merge_one(config: MergeConfig, out_dir: Path) -> None:
 
     for warning in config.warnings:
         print(f"mergebot: warning: {warning}", file=sys.stderr)
+    started = time.monotonic()
     result = run_merge(config, resolve_inputs(config), out_dir, ShardProgress())
     log.get("merge").info(
         "merged",
@@ -66,6 +70,7 @@ def _merge_one(config: MergeConfig, out_dir: Path) -> None:
         shards=len(result.shards),
         computed=len(result.computed),
         reused=len(result.reused),
+        seconds=round(time.monotonic() - started, 1),
     )
 
 
@@ -90,7 +95,6 @@ def _signature_cache() -> "SignatureCache":
 
 def _gate(args: argparse.Namespace, merged: MergeConfig) -> "ValidationReport":
     """The gate on OUT_DIR with the models it was made from as parents."""
-    from mergebot.config.daemon import ValidateSettings
     from mergebot.pipeline.inputs import resolve_inputs
     from mergebot.pipeline.run import check_merge
 
@@ -101,8 +105,16 @@ def _gate(args: argparse.Namespace, merged: MergeConfig) -> "ValidationReport":
 def _validate(args: argparse.Namespace) -> int:
     from mergebot.pipeline.report import format_report
 
+    started = time.monotonic()
     report = _gate(args, _merged_config(Path(args.out_dir)))
     print(format_report(report))
+    log.get("validate").info(
+        "validated",
+        out_dir=args.out_dir,
+        passed=report.passed,
+        merge_ppl=report.merge_ppl,
+        seconds=round(time.monotonic() - started, 1),
+    )
     return ExitCode.OK if report.passed else ExitCode.VALIDATION_FAILED
 
 
@@ -127,7 +139,7 @@ def _child_run(args: argparse.Namespace) -> int:
     goes to --result as JSON."""
     from mergebot.config.daemon import load_daemon_config
     from mergebot.daemon.children import die_with_daemon
-    from mergebot.daemon.runs import Run
+    from mergebot.daemon.runs import RUNNING, Run
     from mergebot.daemon.state import State
     from mergebot.files import write_json_atomic
     from mergebot.pipeline.regression import baseline_from_record
@@ -144,6 +156,7 @@ def _child_run(args: argparse.Namespace) -> int:
         else:
             # Beside the running daemon: WAL lets it read meanwhile, and the busy timeout waits out its short writes.
             with State.open(config.daemon.state_dir) as state:
+                log.tag(run=next((run.id for run in state.runs(args.target, limit=1) if run.outcome == RUNNING), None))
                 # `mergebot release`: this run is not compared with the last publish
                 last = None if args.target in state.releases() else state.last_successful_run(args.target)
         target = config.targets[args.target]
@@ -157,6 +170,16 @@ def _child_run(args: argparse.Namespace) -> int:
         raise
     write_json_atomic(args.result, run.as_dict())
     return {"failed": ExitCode.VALIDATION_FAILED, "held": ExitCode.HELD}.get(run.outcome, ExitCode.OK)
+
+
+def _child(args: argparse.Namespace) -> int:
+    """`_child_run`, whose every line (its error line included) lands in the daemon's log tagged with its target."""
+    log.tag(target=args.target)
+    try:
+        return _child_run(args)
+    except MergebotError as error:
+        log.get("run").error("run failed", error=str(error), exit_code=int(error.exit_code))
+        return error.exit_code
 
 
 def _daemon(args: argparse.Namespace) -> int:
@@ -268,104 +291,57 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _devhub(args: argparse.Namespace) -> int:
     from mergebot.dev.devhub import serve
+    from mergebot.dev.devhub.tools import make_model, push_folder
 
-    serve(Path(args.root), args.host, args.port)
+    if args.devhub_command == "push":
+        commit = push_folder(Path(args.model_dir), args.repo, args.endpoint)
+        print(f"pushed {args.model_dir} to {args.repo} at {args.endpoint}: commit {commit}")
+    elif args.devhub_command == "make-model":
+        make_model(args)
+        print(f"wrote a {args.layers}-layer model to {args.out_dir}")
+    elif args.root is None:
+        raise ConfigError("devhub: give --root DIR (the directory that holds the repos) to serve a local Hub")
+    else:
+        serve(Path(args.root), args.host, args.port)
     return ExitCode.OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mergebot", description=__doc__)
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("MERGEBOT_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="also MERGEBOT_LOG_LEVEL",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    merge = commands.add_parser("merge", help="merge models shard by shard into OUT_DIR (resumable)")
-    merge.add_argument("paths", nargs="+", metavar="CONFIG OUT_DIR | MODEL[:WEIGHT]... OUT_DIR")
-    merge.add_argument("--target", help="which [[targets]] entry of a TOML config to merge")
-    merge.add_argument("--method", help="quick form without a config file, e.g. linear")
-    merge.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method parameter (quick form)")
-    merge.add_argument("--base-model", dest="base_model")
-    merge.add_argument("--dtype")
-    merge.add_argument("--tokenizer-source", dest="tokenizer_source")
-    merge.add_argument("--out-shard-size", dest="out_shard_size")
-    merge.set_defaults(handler=_merge)
-
-    defaults = ValidateSettings()
-    for name, handler, help_text in (
-        ("validate", _validate, "quick load + perplexity gate on a merged directory (exit 0 pass, 1 fail)"),
-        ("publish", _publish, "validate, then upload a merged directory as one commit with a model card"),
-    ):
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("out_dir", metavar="OUT_DIR")
-        command.add_argument("--eval-text", default=str(defaults.eval_text), help="text for the perplexity check")
-        command.add_argument(
-            "--max-ppl-ratio", type=float, default=defaults.max_ppl_ratio, help="limit vs the worst healthy parent"
-        )
-        command.add_argument("--max-kl", type=float, default=defaults.max_kl, help="nats/token from the nearest parent")
-        command.set_defaults(handler=handler)
-        if name == "publish":
-            command.add_argument("--repo", required=True, metavar="ORG/NAME")
-            command.add_argument("--private", action="store_true", help="create the repo private if missing")
-            command.add_argument("--force", action="store_true", help="publish even if validation failed")
-
-    for name, handler, help_text in (
-        ("run", _daemon, "run the daemon in the foreground"),
-        ("once", _daemon, "run every due target once and exit (for cron)"),
-        ("check-config", _check_config, "check a config file offline"),
-        ("cache-clean", _cache_clean, "remove cached upstream revisions no target needs"),
-    ):
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("--config", required=True, metavar="FILE")
-        command.set_defaults(handler=handler)
-
-    status = commands.add_parser("status", help="each target's inputs, last run and why it waits")
-    status.add_argument("--config", required=True, metavar="FILE")
-    status.add_argument("--json", action="store_true")
-    status.add_argument("--health", action="store_true", help="exit 0 when a daemon runs on this state")
-    status.set_defaults(handler=_status)
-
-    release = commands.add_parser("release", help="let a held target publish its inputs if they pass the gate")
-    release.add_argument("target", metavar="TARGET")
-    release.add_argument("--config", required=True, metavar="FILE")
-    release.set_defaults(handler=_release)
-
-    child = commands.add_parser("run-target", help=argparse.SUPPRESS)
-    child.add_argument("--config", required=True)
-    child.add_argument("--target", required=True)
-    child.add_argument("--result", required=True, type=Path)
-    child.add_argument("--last-run", type=Path, help="the last successful run's record, when the state is elsewhere")
-    child.set_defaults(handler=_child_run)
-
-    demo = commands.add_parser(
-        "demo", help="the whole job with a real model on an embedded local Hub, offline, in under two minutes"
-    )
-    demo.add_argument("--keep", action="store_true", help="keep the demo directory to explore")
-    demo.set_defaults(handler=_demo)
-
-    devhub = commands.add_parser("devhub", help="run the local Hub server in the foreground")
-    devhub.add_argument("--root", required=True, help="directory that holds the repos")
-    devhub.add_argument("--host", default="127.0.0.1")
-    devhub.add_argument("--port", type=int, default=8555)
-    devhub.set_defaults(handler=_devhub)
-    return parser
+HANDLERS = {
+    "merge": _merge,
+    "validate": _validate,
+    "publish": _publish,
+    "run": _daemon,
+    "once": _daemon,
+    "check-config": _check_config,
+    "cache-clean": _cache_clean,
+    "status": _status,
+    "release": _release,
+    "demo": _demo,
+    "devhub": _devhub,
+    CHILD_COMMAND: _child,
+}
 
 
-def main(argv: list[str] | None = None) -> int:
-    if not sys.stderr.isatty():
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The daemon's child has a parser of its own; `merge` takes sources after options too (`--set k=v A B OUT`)."""
+    if argv[:1] == [CHILD_COMMAND]:
+        return build_child_parser().parse_args(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command != "merge" or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.paths += extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    args = _parse(sys.argv[1:] if argv is None else argv)
     log.configure(args.log_level)
     try:
-        return args.handler(args)
+        return HANDLERS[args.command](args)
     except MergebotError as error:
         for warning in error.warnings if isinstance(error, ConfigErrors) else ():
             print(f"mergebot: warning: {warning}", file=sys.stderr)

@@ -56,6 +56,11 @@ def bound(**values: object) -> AbstractContextManager[None]:
     return structlog.contextvars.bound_contextvars(**values)
 
 
+def tag(**values: object) -> None:
+    """Every line this process logs from now on carries `values` (the daemon's child: its target and run)."""
+    structlog.contextvars.bind_contextvars(**values)
+
+
 def redact(text: str) -> str:
     """`text` without the credentials a URL may carry (`user:password@`, `?token=`) and without Hub tokens."""
     text = _USERINFO.sub(rf"\1{REDACTED}@", text)

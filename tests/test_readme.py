@@ -67,7 +67,13 @@ def test_readme_commands_parse(argv):
 
 
 def test_quick_start_is_what_ci_runs():
-    quick_start = re.search(r"## Quick start.*?```bash\n(.*?)```", README, flags=re.DOTALL).group(1).splitlines()
-    assert len(quick_start) == 3
-    for line in quick_start:
-        assert line in CI, line
+    """The lean install and the demo, then the test extra and the tests: CI runs each line as written, in order."""
+    section = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    lines = [
+        line for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL) for line in block.splitlines()
+    ]
+    assert len(lines) == 4
+    assert "'.[demo]'" in lines[0] and "test" not in lines[0], "a user's install is the demo's needs only"
+    assert lines[1].endswith("mergebot demo") and "'.[test]'" in lines[2] and "pytest" in lines[3]
+    positions = [CI.index(line) for line in lines]
+    assert positions == sorted(positions)

@@ -171,9 +171,11 @@ def test_cache_builds_once_and_a_failed_build_leaves_nothing(tmp_path: Path) -> 
         raise RuntimeError("killed")
 
     (tmp_path / ".entry.tmp-stale").mkdir()  # a build killed earlier
-    first = realmodel._cached(tmp_path, "entry", build)
-    assert realmodel._cached(tmp_path, "entry", build) == first == tmp_path / "entry"
+    announced: list[str] = []
+    first = realmodel._cached(tmp_path, "entry", build, lambda: announced.append("entry"))
+    assert realmodel._cached(tmp_path, "entry", build, lambda: announced.append("again")) == first == tmp_path / "entry"
     assert len(builds) == 1 and (first / "weights").read_text() == "w"
+    assert announced == ["entry"], "a one-time build is announced when it runs, and only then"
     with pytest.raises(RuntimeError):
         realmodel._cached(tmp_path, "other", fail)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".entry.lock", ".other.lock", "entry"]

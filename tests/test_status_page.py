@@ -1,5 +1,6 @@
 """The status page of a real daemon over a real state: / and /status.json over HTTP, and / in headless Chromium."""
 
+import html
 import shutil
 import signal
 import struct
@@ -13,6 +14,7 @@ import pytest
 import requests
 
 from mergebot.config.daemon import load_daemon_config
+from mergebot.daemon.page import page_html
 from mergebot.dev.devhub import DevHub
 from mergebot.errors import ConfigError
 from tests.test_daemon import TOKEN, Setup, endpoints, free_port, published_runs, target, wait_for
@@ -64,6 +66,29 @@ def test_status_json_has_each_target_its_inputs_last_run_and_published_link(daem
     assert paged["next_check"] and paged["state"] == "up_to_date"
     assert gone["last_run"] is None and gone["published_url"] is None
     assert gone["state"] == "check_failed" and "org/missing" in gone["waiting"]
+    (run,) = paged["recent_runs"]
+    assert (run["id"], run["outcome"], run["published_sha"]) == (paged["last_run"]["id"], "published", head)
+    assert run["seconds"] > 0 and run["computed"] > 0 and run["reused"] == 0
+    assert (
+        run["merge_ppl"] > 1
+        and set(run["parent_ppl"]) == {"org/base", "org/ft1"}
+        and set(run["kl"])
+        <= {
+            "org/base",
+            "org/ft1",
+        }
+    )
+    assert gone["recent_runs"] == []
+
+
+def test_published_link_opens_on_the_local_hub(daemon):
+    setup, url = daemon
+    link = requests.get(f"{url}/status.json", timeout=10).json()["targets"]["paged"]["published_url"]
+    page = requests.get(link, timeout=10)
+    assert page.status_code == 200 and page.headers["Content-Type"] == "text/html; charset=utf-8"
+    head = setup.head("me/paged")
+    assert f"me/paged at {head}" in page.text and f'href="/me/paged/resolve/{head}/config.json"' in page.text
+    assert requests.get(f"{setup.devhub.url}/me/paged/resolve/{head}/config.json", timeout=10).status_code == 200
 
 
 def test_html_page_is_a_table_of_the_same_data_without_secrets(daemon):
@@ -81,6 +106,18 @@ def test_html_page_is_a_table_of_the_same_data_without_secrets(daemon):
         assert f'title="{setup.api.model_info(repo).sha}"' in rows[0]
     assert '<span class="s-published">published</span>' in rows[0]
     assert "never run" in rows[1] and "org/missing" in rows[1] and "not found" in rows[1]
+    header = page.split("<thead>")[1].split("</thead>")[0]
+    assert "<th>Recent runs</th>" in header and header.count("<th>") == 7
+    (run,) = requests.get(f"{url}/status.json", timeout=10).json()["targets"]["paged"]["recent_runs"]
+    recent = rows[0].split('<table class="runs">')[1].split("</table>")[0]
+    for column in ("run", "took", "ppl", "parents' ppl", "KL", "shards"):
+        assert f"<th>{column}</th>" in recent, column
+    assert f'#{run["id"]} <span class="s-published">published</span>' in recent
+    assert f"{run['merge_ppl']:,.2f}" in recent and f"{run['computed']} new, 0 reused" in recent
+    for parent, ppl in run["parent_ppl"].items():
+        assert f'<span title="{parent}">{ppl:,.2f}</span>' in recent
+    error = setup.status()["targets"]["gone"]["waiting"]
+    assert rows[1].count(html.escape(error)) == 1, "a long error is shown once"
     assert requests.get(f"{url}/metrics", timeout=10).status_code == 200
     assert requests.get(f"{url}/nothing-here", timeout=10).status_code == 404
 
@@ -139,6 +176,34 @@ def test_chromium_renders_the_table(daemon, tmp_path):
     white = bytes((255, 255, 255))
     text = [y for y in band if white in [rows[y][x : x + 3] for x in range(0, len(rows[y]), 3)]]
     assert text, "the header's white column names are not drawn on it"
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"{url}/"],
+        check=True, capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    assert "<th>Recent runs</th>" in dom and '<table class="runs">' in dom
+    for column in ("took", "ppl", "parents' ppl", "KL", "shards"):
+        assert f"<th>{column}</th>" in dom, column
+    assert 'class="s-published">published</span>' in dom.split('<table class="runs">')[1]
+
+
+def test_a_long_error_is_shown_once():
+    reason = "repo org/a@main: download of model.safetensors failed after 5 attempts (ConnectionError) " * 3
+    target = {
+        "repo": "me/t",
+        "when": "always",
+        "inputs": {},
+        "last_run": {"id": 3, "outcome": "failed", "reason": reason, "started": "2026-01-01T00:00:00+00:00"}
+        | {"finished": "2026-01-01T00:01:00+00:00"},
+        "recent_runs": [],
+        "state": "retrying",
+        "waiting": reason,
+        "next_check": None,
+        "published_sha": None,
+        "published_url": None,
+    }
+    page = page_html({"as_of": "2026-01-01T00:02:00+00:00", "targets": {"t": target}})
+    assert page.count(html.escape(reason)) == 1
 
 
 def test_off_by_default_and_the_page_needs_the_metrics_listener(tmp_path):

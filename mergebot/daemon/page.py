@@ -28,6 +28,9 @@ tbody tr:nth-child(even) td { background: #f3f5f8; }
 code { font-size: 12px; }
 .nowrap { white-space: nowrap; }
 .muted { color: #5b6573; }
+table.runs { width: auto; font-size: 12px; }
+table.runs th { background: #dfe5ee; color: #1b1f24; }
+table.runs th, table.runs td { border: none; padding: .1em .5em .1em 0; background: none; }
 .s-published, .s-unchanged, .s-up_to_date { color: #17703a; font-weight: 600; }
 .s-held, .s-interrupted, .s-running, .s-due, .s-retrying, .s-waiting_for_window { color: #9a6200; font-weight: 600; }
 .s-failed, .s-check_failed, .s-gave_up, .s-waiting_for_change { color: #b42318; font-weight: 600; }
@@ -58,12 +61,13 @@ def page_json(data: dict) -> str:
 def page_html(data: dict) -> str:
     """One table row per target; every value from the state or the config is escaped."""
     rows = [_row(name, target) for name, target in data["targets"].items()]
-    body = "\n".join(rows) or '<tr><td colspan="6" class="muted">no targets configured</td></tr>'
+    body = "\n".join(rows) or '<tr><td colspan="7" class="muted">no targets configured</td></tr>'
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}"><title>mergebot status</title>'
         f"<style>{CSS}</style></head>\n<body><h1>mergebot</h1>\n<table>\n<thead><tr><th>Target</th><th>Inputs</th>"
-        "<th>Last run</th><th>Next check</th><th>Status</th><th>Published</th></tr></thead>\n<tbody>\n"
+        "<th>Last run</th><th>Recent runs</th><th>Next check</th><th>Status</th><th>Published</th></tr></thead>\n"
+        "<tbody>\n"
         f'{body}\n</tbody></table>\n<p class="muted">as of {_time(data["as_of"])}; refreshes every '
         f'{REFRESH_SECONDS} s; <a href="status.json">status.json</a></p></body></html>\n'
     )
@@ -101,7 +105,8 @@ def _row(name: str, target: dict) -> str:
     else:
         ran = '<span class="muted">never run</span>'
     state = target.get("state")
-    waiting = "" if state and target["waiting"] == state.replace("_", " ") else _e(target["waiting"])
+    said = {state.replace("_", " ") if state else None, (last or {}).get("reason")}  # a long error is shown once
+    waiting = "" if target["waiting"] in said else _e(target["waiting"])
     status = "<br>".join(part for part in (_badge(state) if state else "", waiting) if part)
     if hold := target.get("hold"):
         status += f"<br>blamed on {_e(hold['culprit'])}" if hold["culprit"] else "<br>the merge itself got worse"
@@ -111,8 +116,31 @@ def _row(name: str, target: dict) -> str:
         f'<b>{_e(name)}</b><br>{_e(target["repo"])} <span class="muted">({_e(target["when"])})</span>',
         inputs or '<span class="muted">not checked yet</span>',
         ran,
+        _recent(target.get("recent_runs") or []),
         _time(target["next_check"]) if target.get("next_check") else "not scheduled",
         status,
         published,
     ]
     return "<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
+
+
+def _ppl(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.2f}"
+
+
+def _recent(runs: list[dict]) -> str:
+    """The target's last runs, newest first: outcome, duration, the gate's figures (the merge's perplexity, its
+    parents', the KL from the nearest parent) and the output shards recomputed and reused."""
+    if not runs:
+        return '<span class="muted">none yet</span>'
+    head = "<tr><th>run</th><th>took</th><th>ppl</th><th>parents' ppl</th><th>KL</th><th>shards</th></tr>"
+    rows = []
+    for run in runs:
+        took = f"{run['seconds']:,.0f} s" if run.get("seconds") is not None else "–"
+        parents = ", ".join(f'<span title="{_e(name)}">{_ppl(ppl)}</span>' for name, ppl in run["parent_ppl"].items())
+        measured = [value for value in run["kl"].values() if value is not None]
+        kl = f"{min(measured):.4f}" if measured else "–"
+        shards = f"{run['computed']} new, {run['reused']} reused" if run["computed"] or run["reused"] else "–"
+        cells = (f"#{run['id']} {_badge(run['outcome'])}", took, _ppl(run["merge_ppl"]), parents or "–", kl, shards)
+        rows.append("<tr>" + "".join(f'<td class="nowrap">{cell}</td>' for cell in cells) + "</tr>")
+    return f'<table class="runs">{head}{"".join(rows)}</table>'

@@ -1,11 +1,14 @@
 """What `mergebot status` shows: read from the state without taking the daemon's lock."""
 
+import math
+import shlex
 import time
 from datetime import UTC, datetime
 
 from mergebot.config.daemon import DaemonConfig
 from mergebot.config.models import ModelSpec
 from mergebot.daemon.lock import daemon_pid
+from mergebot.daemon.runs import Run
 from mergebot.daemon.state import STATE_FILE, State, TargetState
 from mergebot.log import redact_value
 
@@ -20,12 +23,42 @@ def _latest(state: State, spec: ModelSpec) -> str | None:
     return None if None in seen else "+".join(str(sha) for sha in seen)
 
 
+RECENT_RUNS = 5
+
+
+def _finite(value: object) -> float | None:
+    """A figure as JSON can carry it: a broken parent's NaN perplexity (or a hostile record's text) is None."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _figures(run: Run) -> dict:
+    """A run in a line of the status page: how long it took, the gate's figures and the shards it recomputed."""
+    details = run.details or {}
+    return {
+        "id": run.id,
+        "outcome": run.outcome,
+        "started": _when(run.started),
+        "seconds": round(run.finished - run.started, 1) if run.finished else None,
+        "merge_ppl": _finite(details.get("merge_ppl")),
+        "parent_ppl": {name: _finite(ppl) for name, ppl in (details.get("parent_ppl") or {}).items()},
+        "kl": {name: _finite(kl) for name, kl in (details.get("kl") or {}).items()},
+        "computed": len(details.get("computed") or ()),
+        "reused": len(details.get("reused") or ()),
+        "published_sha": run.published_sha,
+    }
+
+
 def collect_status(config: DaemonConfig) -> dict:
     """Per target: inputs with the last seen sha, last run, published revision, next check, why it waits, and
     what holds it when its last run was held. Credentials in a URL are redacted (records older than the redaction
     at recording may hold them)."""
     state_dir = config.daemon.state_dir
-    result = {"state_dir": str(state_dir), "daemon_pid": daemon_pid(state_dir), "targets": {}}
+    result = {
+        "config": str(config.path),
+        "state_dir": str(state_dir),
+        "daemon_pid": daemon_pid(state_dir),
+        "targets": {},
+    }
     if not (state_dir / STATE_FILE).exists():
         for name, target in config.targets.items():
             result["targets"][name] = {"repo": target.repo, "when": target.when, "waiting": "never checked"}
@@ -50,6 +83,7 @@ def collect_status(config: DaemonConfig) -> dict:
                     "finished": _when(last.finished),
                     "inputs": last.inputs,
                 },
+                "recent_runs": [_figures(run) for run in state.runs(name, limit=RECENT_RUNS)],
                 "published_sha": success.published_sha if success else None,
                 "shards": len(state.shard_fingerprints(name)),
                 "next_check": _when(status.next_check) if status else None,
@@ -68,8 +102,13 @@ def collect_status(config: DaemonConfig) -> dict:
 
 
 def format_status(status: dict) -> str:
+    """For people: the advice it gives are commands that run as written (with the config the status was read
+    with), and without a daemon no time in the past is shown as a next check."""
     pid = status["daemon_pid"]
-    lines = [f"state: {status['state_dir']} (daemon {'pid ' + str(pid) if pid else 'not running'})"]
+    config = f"--config {shlex.quote(status['config'])}"
+    lines = [f"state: {status['state_dir']}" + (f" (daemon pid {pid})" if pid else "")]
+    if not pid:
+        lines.append(f"the daemon is not running: nothing is checked until `mergebot run {config}` starts it")
     for name, target in sorted(status["targets"].items()):
         lines.append(f"\n{name} → {target['repo']} ({target['when']})")
         for model, sha in (target.get("inputs") or {}).items():
@@ -83,14 +122,15 @@ def format_status(status: dict) -> str:
         lines.append(f"  head   {target.get('published_sha') or 'nothing published yet'}")
         if target.get("shards"):
             lines.append(f"  shards {target['shards']} with recorded fingerprints")
-        lines.append(f"  next   {target.get('next_check') or 'not scheduled'}")
+        if pid:
+            lines.append(f"  next   {target.get('next_check') or 'not scheduled'}")
         lines.append(f"  status {target['waiting']}")
         if hold := target.get("hold"):
             blamed = f"blamed on {hold['culprit']}" if hold["culprit"] else "the merge itself got worse"
             release = (
                 "released: its next run skips the comparison"
                 if hold["released"]
-                else f"`mergebot release {name}` publishes it if it passes the gate"
+                else f"`mergebot release {shlex.quote(name)} {config}` publishes it if it passes the gate"
             )
             lines.append(f"  held   at {(hold['at'] or 'nothing published')[:12]}, {blamed}; {release}")
     lines.append(f"\n(as of {_when(time.time())})")

@@ -7,6 +7,7 @@ re-merges only the output shard it feeds; then a broken revision of that fine-tu
 the target at its published revision and says which input is to blame. Any other outcome fails the demo.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -15,10 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from tqdm import tqdm
 
 from mergebot.daemon.children import stop_process
 from mergebot.daemon.runs import RUNNING, Run
@@ -38,6 +38,8 @@ RETOUCH = 1.01
 TOKEN = "demo-token"
 BASE, CODE, LICENSES = "demo/smollm2", "demo/smollm2-code", "demo/smollm2-licenses"
 TARGET, MERGED = "smollm2-linear", "demo/smollm2-linear"
+PHASES = {"inputs resolved": "inputs resolved", "merged": "merged", "step": "validating"}
+"""The events of the merge child that the demo shows as the run's progress (from the daemon's JSON log)."""
 
 
 class DemoError(MergebotError):
@@ -46,6 +48,22 @@ class DemoError(MergebotError):
 
 def _say(message: str) -> None:
     print(message, flush=True)
+
+
+class _Steps:
+    """The demo's numbered steps: each says what it does as it starts and how long it took when it ends, so a slow
+    machine shows where the time goes."""
+
+    def __init__(self) -> None:
+        self.number = 0
+
+    @contextlib.contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        self.number += 1
+        started = time.monotonic()
+        _say(f"{self.number}. {what}")
+        yield
+        _say(f"   done in {time.monotonic() - started:.0f} s")
 
 
 def _config(state_dir: Path) -> str:
@@ -70,11 +88,13 @@ out_shard_size = {SHARD_BYTES}
 
 
 class _Watch:
-    """Follows the daemon's runs of the target by reading its state, as `mergebot status` does."""
+    """Follows the daemon's runs of the target by reading its state, as `mergebot status` does, and says what the
+    run is doing from the JSON lines its child writes to the daemon's log."""
 
     def __init__(self, state_dir: Path, daemon: subprocess.Popen, log_path: Path) -> None:
         self.state_dir, self.daemon, self.log_path = state_dir, daemon, log_path
         self.error: MergebotError | None = None
+        self._read = 0
 
     def _finished_runs(self) -> list[Run]:
         if not (self.state_dir / STATE_FILE).exists():
@@ -86,20 +106,41 @@ class _Watch:
             self.error = error
             return []
 
+    def _phases(self) -> Iterator[str]:
+        """What the target's run reported since the last look: one short line per phase or validation step."""
+        with self.log_path.open("rb") as log:
+            log.seek(self._read)
+            text = log.read()
+        complete = text[: text.rfind(b"\n") + 1]
+        self._read += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(event, dict) or event.get("target") != TARGET or event.get("event") not in PHASES:
+                continue
+            phase = PHASES[event["event"]]
+            if event["event"] == "merged":
+                phase += f": {event.get('computed')} shard(s) computed, {event.get('reused')} reused"
+            elif event["event"] == "step":
+                phase += f" {event.get('number')}/{event.get('of')}: {event.get('step')}"
+            yield phase
+
     def next_run(self, count: int, label: str, expected: str) -> Run:
-        """Wait for the target's `count`-th finished run, say what it did, and fail the demo unless its outcome is
-        `expected`."""
-        deadline = time.monotonic() + TIMEOUT
-        off = not sys.stdout.isatty()
-        with tqdm(desc=label, file=sys.stdout, leave=False, disable=off, bar_format="{desc} {elapsed}") as bar:
-            while len(runs := self._finished_runs()) < count:
-                if self.daemon.poll() is not None:
-                    raise DemoError(f"the daemon exited with code {self.daemon.returncode}; see {self.log_path}")
-                if time.monotonic() > deadline:
-                    seen = f" (reading its state: {self.error})" if self.error else ""
-                    raise DemoError(f"timed out after {TIMEOUT:.0f} s: {label}{seen}; see {self.log_path}")
-                bar.refresh()
-                time.sleep(0.2)
+        """Wait for the target's `count`-th finished run, saying what it does meanwhile, say what it did, and fail
+        the demo unless its outcome is `expected`."""
+        started = time.monotonic()
+        deadline = started + TIMEOUT
+        while len(runs := self._finished_runs()) < count:
+            for phase in self._phases():
+                _say(f"   {time.monotonic() - started:4.0f} s  {phase}")
+            if self.daemon.poll() is not None:
+                raise DemoError(f"the daemon exited with code {self.daemon.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                seen = f" (reading its state: {self.error})" if self.error else ""
+                raise DemoError(f"timed out after {TIMEOUT:.0f} s: {label}{seen}; see {self.log_path}")
+            time.sleep(0.2)
         run = runs[0]
         if run.outcome != expected:
             raise DemoError(f"{label}: expected {expected}, the run {run.outcome}: {run.reason}; see {self.log_path}")
@@ -176,10 +217,13 @@ def _push_inputs(api: "HfApi", real_cache: Path, upstream: Path) -> dict[str, Pa
     """The real base and its two fine-tunes, sharded under `upstream` and pushed to the Hub: repo -> its folder."""
     from mergebot.dev import realmodel
 
+    def building(what: str) -> None:
+        _say(f"   {what}")
+
     real = {
-        BASE: realmodel.base_model(real_cache),
-        CODE: realmodel.fine_tune("code", real_cache),
-        LICENSES: realmodel.fine_tune("licenses", real_cache),
+        BASE: realmodel.base_model(real_cache, building),
+        CODE: realmodel.fine_tune("code", real_cache, building),
+        LICENSES: realmodel.fine_tune("licenses", real_cache, building),
     }
     folders = {repo: _shard(path, upstream / repo) for repo, path in real.items()}
     for repo, folder in folders.items():
@@ -187,9 +231,8 @@ def _push_inputs(api: "HfApi", real_cache: Path, upstream: Path) -> dict[str, Pa
         api.upload_folder(repo_id=repo, folder_path=folder, commit_message="initial upload")
     weights = list(folders[BASE].glob("*.safetensors"))
     _say(
-        f"2. Pushed SmolLM2-135M-Instruct as {BASE} and two short real fine-tunes, {CODE} and {LICENSES}, "
-        f"{sum(p.stat().st_size for p in weights) / 1e6:.0f} MB each in {len(weights)} shards (the model is cached "
-        f"in {real_cache / 'real'})"
+        f"   {BASE}, {CODE} and {LICENSES}: {sum(p.stat().st_size for p in weights) / 1e6:.0f} MB each in "
+        f"{len(weights)} shards (the model is cached in {real_cache / 'real'})"
     )
     return folders
 
@@ -218,47 +261,53 @@ def run_demo(keep: bool) -> int:
     from mergebot.dev.devhub import DevHub
 
     daemon: subprocess.Popen | None = None
+    step = _Steps()
     hub = DevHub(root / "hub").start()
     try:
         os.environ["HF_ENDPOINT"] = hub.url
         api = HfApi(endpoint=hub.url, token=TOKEN)
-        _say(f"1. Local Hub running at {hub.url} (repos under {root / 'hub'})")
-        upstream = _push_inputs(api, real_cache, root / "upstream")
+        _say(f"Local Hub running at {hub.url} (repos under {root / 'hub'})")
+        with step("Pushing SmolLM2-135M-Instruct and two short real fine-tunes of it to the local Hub, in shards"):
+            upstream = _push_inputs(api, real_cache, root / "upstream")
         size = sum(p.stat().st_size for p in upstream[BASE].glob("*.safetensors"))
 
         config = root / "mergebot.toml"
         state_dir = root / "state"
         config.write_text(_config(state_dir))
-        _say(f"3. Config with one target, a linear merge of the base and both fine-tunes: {config}")
         log_path = root / "daemon.log"
-        with log_path.open("w") as log_file:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "mergebot.cli", "run", "--config", str(config)],
-                stdout=log_file,
-                stderr=log_file,
-            )
-        _say(f"4. Daemon started (pid {daemon.pid}, log {log_path}); waiting for the first merge")
+        with step(f"Starting the daemon on a config with one target, a linear merge of the three: {config}"):
+            with log_path.open("w") as log_file:
+                daemon = subprocess.Popen(
+                    [sys.executable, "-m", "mergebot.cli", "run", "--config", str(config)],
+                    stdout=log_file,
+                    stderr=log_file,
+                )
+            _say(f"   pid {daemon.pid}, log {log_path}")
         watch = _Watch(state_dir, daemon, log_path)
-        first = watch.next_run(1, "merge, validate, publish", "published")
-        published = Path(snapshot_download(MERGED, revision=first.published_sha, endpoint=hub.url, token=TOKEN))
-        answer = realmodel.chat_answer(published, QUESTION)
-        _say(f"   asked {QUESTION!r}, the published merge answers {answer!r}")
+        with step("The daemon merges, validates and publishes; then the published merge is asked a question"):
+            first = watch.next_run(1, "merge, validate, publish", "published")
+            published = Path(snapshot_download(MERGED, revision=first.published_sha, endpoint=hub.url, token=TOKEN))
+            answer = realmodel.chat_answer(published, QUESTION)
+            _say(f"   asked {QUESTION!r}, the published merge answers {answer!r}")
 
         shard = _middle_shard(upstream[CODE])
-        _retouch(upstream[CODE] / shard)
-        hub.reset_stats()
-        update = api.upload_folder(repo_id=CODE, folder_path=upstream[CODE], commit_message="retouch one shard").oid
-        _say(f"5. Pushed a new revision of {CODE}, {update[:12]}, that changes only {shard}")
-        second = watch.next_run(2, "re-merge what the changed shard feeds", "published")
+        with step(f"Pushing a new revision of {CODE} that changes only {shard}; the daemon re-merges what it feeds"):
+            _retouch(upstream[CODE] / shard)
+            hub.reset_stats()
+            update = api.upload_folder(repo_id=CODE, folder_path=upstream[CODE], commit_message="retouch one shard").oid
+            _say(f"   pushed {update[:12]}")
+            second = watch.next_run(2, "re-merge what the changed shard feeds", "published")
         downloaded = hub.stats()["bytes_served"]
         computed, reused = second.details["computed"], second.details["reused"]
         if computed != [shard]:
             raise DemoError(f"the update of {shard} recomputed {computed or 'nothing'}, not just {shard}")
 
-        broken = realmodel.broken_copy(upstream[CODE], root / "upstream" / f"{CODE}-broken")
-        bad = api.upload_folder(repo_id=CODE, folder_path=broken, commit_message="broken conversion").oid
-        _say(f"6. Pushed a broken revision of {CODE}, {bad[:12]}: one down_proj x{realmodel.BROKEN_FACTOR:.0f}")
-        third = watch.next_run(3, "check the broken revision", "held")
+        factor = realmodel.BROKEN_FACTOR
+        with step(f"Pushing a broken revision of {CODE} (one down_proj x{factor:.0f}); the daemon must hold"):
+            broken = realmodel.broken_copy(upstream[CODE], root / "upstream" / f"{CODE}-broken")
+            bad = api.upload_folder(repo_id=CODE, folder_path=broken, commit_message="broken conversion").oid
+            _say(f"   pushed {bad[:12]}")
+            third = watch.next_run(3, "check the broken revision", "held")
         status = collect_status(load_daemon_config(config))["targets"][TARGET]
         head = api.model_info(MERGED).sha
         if status["state"] != "held" or (status["hold"] or {}).get("culprit") != CODE:
@@ -282,10 +331,25 @@ def run_demo(keep: bool) -> int:
     finally:
         stop_process(daemon, 30)
         hub.stop()
-        if keep:
-            _say(f"  kept {root}: mergebot.toml, daemon.log, state/, hub/ (browse: mergebot devhub --root {root}/hub)")
+        if keep:  # what is left to explore; the pushed models' sources and the download cache are scratch
+            for scratch in ("upstream", "hf-home", "cache"):
+                shutil.rmtree(root / scratch, ignore_errors=True)
+            _say(f"  kept {root} ({_folder_size(root)}): mergebot.toml, daemon.log, state/, hub/")
+            _say(f"  browse it: mergebot devhub --root {root}/hub")
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _folder_size(root: Path) -> str:
+    """Disk used under `root`, each hard-linked file once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for path in root.rglob("*"):
+        info = path.lstat()
+        if path.is_file() and not path.is_symlink() and (info.st_dev, info.st_ino) not in seen:
+            seen.add((info.st_dev, info.st_ino))
+            total += info.st_blocks * 512
+    return f"{total / 1e9:.1f} GB"
 
 
 def _megabytes(served: dict[str, dict[str, int]], suffix: str) -> str:

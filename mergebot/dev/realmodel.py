@@ -134,23 +134,38 @@ def base_key() -> str:
     return _key(MODEL_NAME, RECIPE_VERSION, gguf_file()[1])
 
 
-def base_model(cache_root: Path | None = None) -> Path:
+Announce = Callable[[str], None]
+"""Told what is built, before a one-time build starts (the demo prints it; tests pass nothing)."""
+
+
+def base_model(cache_root: Path | None = None, announce: Announce | None = None) -> Path:
     """The converted SmolLM2-135M-Instruct checkpoint directory, built on first use (about 10 s on two idle cores)."""
     path, _ = gguf_file()
-    return _cached(_real_root(cache_root), f"{MODEL_NAME}-{base_key()}", lambda out: _convert(path, out))
+    return _cached(
+        _real_root(cache_root),
+        f"{MODEL_NAME}-{base_key()}",
+        lambda out: _convert(path, out),
+        announce and functools.partial(announce, f"converting {GGUF_NAME} to safetensors (once per machine)"),
+    )
 
 
-def fine_tune(name: str, cache_root: Path | None = None) -> Path:
+def fine_tune(name: str, cache_root: Path | None = None, announce: Announce | None = None) -> Path:
     """A fine-tune of the base model (`name` one of FINE_TUNES): a few seeded AdamW steps on local text, so its
     difference from the base is a real task vector. Built on first use (about 10 s on two idle cores), then cached."""
     if name not in FINE_TUNES:
         raise ValueError(f"unknown fine-tune {name!r}; known: {', '.join(sorted(FINE_TUNES))}")
     tune = FINE_TUNES[name]
-    base = base_model(cache_root)
+    base = base_model(cache_root, announce)
     text = tune.text()
     text_sha = hashlib.sha256(text.encode()).hexdigest()
     key = _key(base.name, RECIPE_VERSION, name, tune.steps, tune.batch, tune.seq_len, tune.lr, SEED, text_sha)
-    return _cached(_real_root(cache_root), f"{MODEL_NAME}-{name}-{key}", lambda out: _train(base, tune, text, out))
+    return _cached(
+        _real_root(cache_root),
+        f"{MODEL_NAME}-{name}-{key}",
+        lambda out: _train(base, tune, text, out),
+        announce
+        and functools.partial(announce, f"training the fine-tune {name!r}: {tune.steps} steps (once per machine)"),
+    )
 
 
 @contextlib.contextmanager
@@ -164,9 +179,10 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _cached(root: Path, name: str, build: Callable[[Path], None]) -> Path:
-    """`root/name`, built by `build(temp_dir)` if missing. The build happens in a temp dir beside it that is fsynced
-    and renamed into place, under a lock, so no reader ever sees half an entry and no two processes build one."""
+def _cached(root: Path, name: str, build: Callable[[Path], None], starting: Callable[[], None] | None = None) -> Path:
+    """`root/name`, built by `build(temp_dir)` if missing (`starting` called first). The build happens in a temp dir
+    beside it that is fsynced and renamed into place, under a lock, so no reader ever sees half an entry and no two
+    processes build one."""
     final = root / name
     if final.is_dir():
         return final
@@ -177,9 +193,12 @@ def _cached(root: Path, name: str, build: Callable[[Path], None]) -> Path:
         for stale in root.glob(f".{name}.tmp-*"):  # left by a killed build; nobody else holds the lock
             shutil.rmtree(stale, ignore_errors=True)
         temp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
+        if starting is not None:
+            starting()
         try:
             temp.chmod(0o755)  # mkdtemp's 0700 would survive the rename
-            build(temp)
+            with _no_progress_bars():
+                build(temp)
             _publish_dir(temp, final)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
@@ -195,6 +214,24 @@ def _publish_dir(temp: Path, final: Path) -> None:
     fsync_dir(temp)
     os.rename(temp, final)
     fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """A one-time build says one line (the caller's `starting`), not dozens of bar redraws: transformers' bars are
+    switched off, and so is the GGUF conversion's own bar, which ignores that switch."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled, bar = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -196,6 +196,7 @@ class HubClient:
             return path
         url = resolve_url(self.endpoint, remote.repo, remote.sha, name)
         where = f"{remote.repo}@{remote.sha[:12]}: {name}"
+        started = time.monotonic()
         path, received = self._call(
             remote.repo,
             remote.sha,
@@ -204,6 +205,8 @@ class HubClient:
             file=name,
         )
         self.downloaded_bytes += received
+        seconds = round(time.monotonic() - started, 3)
+        self._log.info("downloaded", repo=remote.repo, file=name, bytes=received, seconds=seconds)
         return path
 
     def create_repo(self, repo: str, *, private: bool) -> None:

@@ -10,7 +10,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +114,8 @@ def _merge_shards(
     """Each shard of the plan into `work`: kept when already finished there, linked from the previous OUT_DIR when
     it was made from the same inputs, computed otherwise."""
     result = MergeResult(out_dir)
-    with TensorReader() as reader:
+    progress.begin(len(plan.shards), sum(t.output.nbytes for shard in plan.shards for t in shard.tensors))
+    with TensorReader() as reader, closing(progress):
         for shard in plan.shards:
             fingerprint = shard_fingerprint(plan, shard, models)
             result.shards.append(shard.file_name)

@@ -12,6 +12,7 @@ pickle files are never opened.
 import math
 import resource
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from mergebot.pipeline.perplexity import (
     windows,
 )
 from mergebot.pipeline.report import Check, ValidationReport
+from mergebot.progress import StepProgress
 
 # More unknown tokens than this and the perplexity says nothing about the model: the text is mostly <unk>.
 _MAX_UNKNOWN_FRACTION = 0.5
@@ -70,20 +72,38 @@ def validate(
     text = _read_eval_text(settings.eval_text)
     candidate = _Candidate(out_dir, text, window, max_windows)
     checks: list[Check] = []
-    for step in candidate.structure_steps():
-        checks.append(check := step())
-        if not check.passed:
-            return _finish(candidate.report(checks, settings))
-    digest = measure_digest(text, window, max_windows)
-    results = parent_results(parents or {}, text, window, max_windows, digest, cache)
-    ids = torch.tensor(candidate.ids)
-    comparable = [p for p in results if math.isfinite(p.ppl) and torch.equal(p.signature.ids, ids)]
-    for step in candidate.model_steps([p.signature for p in comparable]):
-        checks.append(check := step())
-        if not check.passed and check.name not in _NOT_BLOCKING:
-            break
+    parents = parents or {}
+    structure = candidate.structure_steps()
+    progress = StepProgress("validate", len(structure) + len(parents) + _MODEL_STEPS)
+    with closing(progress):
+        for step in structure:
+            progress.step(_step_name(step))
+            checks.append(check := step())
+            if not check.passed:
+                return _finish(candidate.report(checks, settings))
+        digest = measure_digest(text, window, max_windows)
+        results = parent_results(
+            parents, text, window, max_windows, digest, cache, lambda name: progress.step(f"measure parent {name}")
+        )
+        ids = torch.tensor(candidate.ids)
+        comparable = [p for p in results if math.isfinite(p.ppl) and torch.equal(p.signature.ids, ids)]
+        for step in candidate.model_steps([p.signature for p in comparable]):
+            progress.step(_step_name(step))
+            checks.append(check := step())
+            if not check.passed and check.name not in _NOT_BLOCKING:
+                break
     kl = {p.name: value for p, value in zip(comparable, candidate.kl, strict=False)}
     return _finish(judge(candidate.report(checks, settings), results, kl))
+
+
+_MODEL_STEPS = 3
+"""How many `_Candidate.model_steps` there are (for the progress shown before they are made)."""
+
+
+def _step_name(step: Callable[[], Check]) -> str:
+    """`check_finite_logits` → "finite logits (perplexity and KL)": what a progress line says is under way."""
+    name = step.__name__.removeprefix("check_").replace("_", " ")
+    return {"load": "load merge", "finite logits": "measure merge (perplexity, KL)"}.get(name, name)
 
 
 class _Candidate:

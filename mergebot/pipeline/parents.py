@@ -4,6 +4,7 @@ unchanged parent is measured once (a revision's weights never change)."""
 import contextlib
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +82,14 @@ def parent_results(
     max_windows: int,
     measure_digest: str,
     cache: SignatureCache | None,
+    measuring: Callable[[str], None] | None = None,
 ) -> list[ParentResult]:
-    """Each parent's signature, from `cache` when it holds this revision measured this way."""
+    """Each parent's signature, from `cache` when it holds this revision measured this way; `measuring` is told
+    each parent's name as its turn comes (progress)."""
     results = []
     for name, parent in parents.items():
+        if measuring is not None:
+            measuring(name)
         if not parent.path.is_dir():
             raise ModelError(f"parent {name}: {parent.path} is not a directory")
         if cache is not None and (signature := cache.get(name, parent.revision, measure_digest)) is not None:

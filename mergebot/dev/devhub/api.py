@@ -1,7 +1,7 @@
-"""The Hub's HTTP API over the store: one handler per route the huggingface_hub client calls, and the route table.
+"""The Hub's HTTP API over the store: one handler per route the huggingface_hub client calls (routes.py maps URLs
+to them).
 
-Handlers answer as the Hub does, down to the headers and error codes the client relies on; route kinds (the handler
-names) are what stats count and what faults match.
+Handlers answer as the Hub does, down to the headers and error codes the client relies on.
 """
 
 import base64
@@ -9,9 +9,9 @@ import json
 import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
-from mergebot.dev.devhub.messages import Request, Response, byte_range, json_response
+from mergebot.dev.devhub.messages import Request, Response, byte_range, json_response, tree_page
 from mergebot.dev.devhub.stats import Stats
 from mergebot.dev.devhub.store import (
     DEFAULT_BRANCH,
@@ -31,7 +31,7 @@ from mergebot.dev.devhub.store import (
     is_lfs,
     repo_key,
 )
-from mergebot.dev.devhub.xet import XET_ROUTES, Cas
+from mergebot.dev.devhub.xet import Cas
 
 USER = "devhub"  # the account every accepted token belongs to, and the namespace of repos created without one
 _PLURALS: dict[str, RepoType] = {f"{t}s": t for t in REPO_TYPES}
@@ -184,6 +184,13 @@ class HubApi:
         entries = [_folder_json(commit, p) for p in sorted(all_folders) if listed(p)]
         entries += [_file_json(p, e) for p, e in sorted(commit.tree.items()) if listed(p)]
         return json_response(200, entries)
+
+    def tree_html(self, req: Request) -> Response:
+        """The page a browser opens at `/{repo}/tree/{rev}` (the status page links a published revision there)."""
+        repo = self._repo(req)
+        commit = self.store.resolve(repo, req.params["rev"])
+        files = [(path, entry.size) for path, entry in sorted(commit.tree.items())]
+        return tree_page(repo.id, commit.id, files, f"/{repo.id}/resolve/{commit.id}")
 
     def paths_info(self, req: Request) -> Response:
         commit = self.store.resolve(self._repo(req), req.params["rev"])
@@ -353,46 +360,3 @@ class HubApi:
 def _require_token(req: Request) -> None:
     if req.token is None:
         raise HubError(401, "Invalid username or password.")
-
-
-_TYPE = r"(?:(?P<type>models|datasets|spaces)/)"
-_API_REPO = rf"/api/{_TYPE}(?P<ns>[^/]+)/(?P<name>[^/]+)"
-_GIT_REPO = rf"/{_TYPE}?(?P<ns>[^/]+)/(?P<name>[^/]+?)\.git/info/lfs/objects"
-_FILE = rf"/{_TYPE}?(?P<ns>[^/]+)/(?P<name>[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)"
-Handler = Callable[[HubApi, Request], Response]
-_ROUTES: list[tuple[tuple[str, ...], re.Pattern[str], str, Handler]] = [
-    (methods, re.compile(pattern), handler.__name__, handler)
-    for methods, pattern, handler in [
-        (("GET",), r"/api/whoami-v2", HubApi.whoami),
-        (("POST",), r"/api/repos/create", HubApi.repo_create),
-        (("DELETE",), r"/api/repos/delete", HubApi.repo_delete),
-        (("POST",), r"/api/validate-yaml", HubApi.validate_yaml),
-        (("GET",), rf"{_API_REPO}(?:/revision/(?P<rev>[^/]+))?", HubApi.repo_info),
-        (("GET",), rf"{_API_REPO}/refs", HubApi.refs),
-        (("GET",), rf"{_API_REPO}/commits/(?P<rev>[^/]+)", HubApi.commits),
-        (("GET",), rf"{_API_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", HubApi.tree),
-        (("POST",), rf"{_API_REPO}/paths-info/(?P<rev>[^/]+)", HubApi.paths_info),
-        (("POST",), rf"{_API_REPO}/preupload/(?P<rev>[^/]+)", HubApi.preupload),
-        (("POST",), rf"{_API_REPO}/commit/(?P<rev>[^/]+)", HubApi.commit),
-        (("POST", "DELETE"), rf"{_API_REPO}/branch/(?P<rev>[^/]+)", HubApi.branch),
-        (("POST", "DELETE"), rf"{_API_REPO}/tag/(?P<rev>[^/]+)", HubApi.tag),
-        (("POST",), rf"{_GIT_REPO}/batch", HubApi.lfs_batch),
-        (("PUT",), rf"{_GIT_REPO}/upload/(?P<oid>[0-9a-f]{{64}})", HubApi.lfs_upload),
-        (("POST",), rf"{_GIT_REPO}/verify", HubApi.lfs_verify),
-        (("GET", "HEAD"), _FILE, HubApi.resolve),
-        *[(methods, (_API_REPO if p.startswith("/xet-") else "") + p, handler) for methods, p, handler in XET_ROUTES],
-    ]
-]
-ROUTE_KINDS = frozenset(kind for _, _, kind, _ in _ROUTES) | {"unknown"}
-
-
-def _not_found(api: HubApi, req: Request) -> Response:
-    raise HubError(404, f"devhub has no route {req.method} {req.path}")
-
-
-def route(method: str, path: str) -> tuple[str, Handler, dict[str, str]]:
-    """The route kind, handler and URL-decoded path parameters (revisions and paths arrive percent-encoded)."""
-    for methods, pattern, kind, handler in _ROUTES:
-        if method in methods and (match := pattern.fullmatch(path)):
-            return kind, handler, {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
-    return "unknown", _not_found, {}

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from mergebot.dev.devhub.api import ROUTE_KINDS
 from mergebot.dev.devhub.hostile import HOSTILE_KINDS, HostileKind, tamper
 from mergebot.dev.devhub.messages import Response, error_response
+from mergebot.dev.devhub.routes import ROUTE_KINDS
 from mergebot.dev.devhub.store import HubError
 
 FaultKind = Literal["500", "429", "drop", "slow"] | HostileKind

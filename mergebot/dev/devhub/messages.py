@@ -4,12 +4,14 @@ A route reads a `Request` and returns a `Response` or raises `HubError`; `error_
 the Hub answers, with the `X-Error-Code` header the client maps to its exceptions.
 """
 
+import html
 import json
 import re
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import quote
 
 from mergebot.dev.devhub.store import HubError
 
@@ -86,6 +88,19 @@ class Response:
 
 def json_response(status: int, data: Any, content_type: str = "application/json") -> Response:
     return Response(status, {"Content-Type": content_type}, json.dumps(data).encode())
+
+
+def tree_page(repo_id: str, commit: str, files: list[tuple[str, int]], prefix: str) -> Response:
+    """What a person's browser gets at `/{repo}/tree/{rev}`, as on the Hub: the revision's files, each a link to
+    its content under `prefix` (`/{repo}/resolve/{commit}`)."""
+    rows = "".join(
+        f'<li><a href="{html.escape(prefix)}/{html.escape(quote(path))}">{html.escape(path)}</a> ({size:,} bytes)</li>'
+        for path, size in files
+    )
+    title = html.escape(f"{repo_id} at {commit}")
+    body = f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title></head>'
+    body += f"<body><h1>{title}</h1><ul>{rows}</ul></body></html>\n"
+    return Response(200, {"Content-Type": "text/html; charset=utf-8"}, body.encode())
 
 
 def error_response(err: HubError) -> Response:

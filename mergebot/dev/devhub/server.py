@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from mergebot.dev.devhub.api import HubApi, route
+from mergebot.dev.devhub.api import HubApi
 from mergebot.dev.devhub.faults import Fault, FaultKind, Faults
 from mergebot.dev.devhub.messages import Body, Request, Response, bearer_token, error_response, json_response
+from mergebot.dev.devhub.routes import route
 from mergebot.dev.devhub.stats import Stats
 from mergebot.dev.devhub.store import DEFAULT_BRANCH, Commit, Delete, HubError, Repo, RepoType, Store
 from mergebot.dev.devhub.webhooks import Webhooks
