@@ -140,11 +140,15 @@ def _child_run(args: argparse.Namespace) -> int:
     from mergebot.daemon.runs import Run
     from mergebot.daemon.state import State
     from mergebot.files import write_json_atomic
+    from mergebot.pause import pause_point
+    from mergebot.pipeline.inputs import read_pinned
     from mergebot.pipeline.regression import baseline_from_record
     from mergebot.pipeline.run import TargetRun, run_pipeline
 
     die_with_daemon()
+    pause_point("start")
     try:
+        pinned = read_pinned(args.inputs) if args.inputs is not None else None
         config = load_daemon_config(Path(args.config), sys.stdin.read())
         if args.target not in config.targets:
             raise ConfigError(f"{args.config}: no target named {args.target!r}")
@@ -161,7 +165,7 @@ def _child_run(args: argparse.Namespace) -> int:
         if last is not None:
             same_merge = last.config_hash == target.config_hash
             baseline = baseline_from_record(last.published_sha, last.inputs, last.details, same_merge=same_merge)
-        run = run_pipeline(config, target, _signature_cache(), baseline)
+        run = run_pipeline(config, target, _signature_cache(), baseline, pinned, args.run_id)
     except MergebotError as error:
         write_json_atomic(args.result, TargetRun(args.target, reason=str(error)).as_dict())
         raise
@@ -317,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     child.add_argument("--config", required=True)
     child.add_argument("--target", required=True)
     child.add_argument("--result", required=True, type=Path)
+    child.add_argument("--inputs", type=Path, help="JSON: model -> the revision the daemon resolved, merged as is")
+    child.add_argument("--run-id", type=int, help="the daemon's run id, named in the commit it publishes")
     child.add_argument("--last-run", type=Path, help="the last successful run's record, when the state is elsewhere")
     child.set_defaults(handler=_child_run)
 

@@ -1,5 +1,6 @@
 """The daemon's merge children, and the contract between the two: a child runs one target's pipeline with the
-config text the daemon accepted (on stdin), and must not outlive its daemon.
+config text the daemon accepted (on stdin) and the input revisions the daemon resolved (pinned: the child merges
+exactly these, never resolving a branch again), and must not outlive its daemon.
 
 The merge child imports this module only to call `die_with_daemon` as early as it can, so it imports nothing
 beyond the standard library (no apscheduler, no HTTP server).
@@ -61,18 +62,24 @@ class Children:
         config_text: str,
         target: str,
         timeout: float,
+        pinned: Mapping[str, str],
+        run_id: int,
         *,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> tuple[int, dict] | None:
         """One run of `target` in a child: its exit code and the result it wrote; None when the daemon is
-        stopping and no child was started. `args` and `env`: more for the child (on a Ray worker: where its
-        state is)."""
+        stopping and no child was started. `pinned`: model -> the revision the daemon resolved, which the child
+        merges; `run_id` goes into the commit it publishes. `args` and `env`: more for the child (on a Ray worker:
+        where its state is)."""
         with tempfile.TemporaryDirectory(prefix="mergebot-run-") as temp:
             result_path = Path(temp) / "result.json"
+            inputs_path = Path(temp) / "inputs.json"
+            inputs_path.write_text(json.dumps(dict(pinned)))
             command = [
                 sys.executable, "-m", "mergebot.cli", "run-target",
-                "--config", str(config_path), "--target", target, "--result", str(result_path), *args,
+                "--config", str(config_path), "--target", target, "--result", str(result_path),
+                "--inputs", str(inputs_path), "--run-id", str(run_id), *args,
             ]  # fmt: skip
             with self._lock:
                 if self._stopped:

@@ -20,6 +20,7 @@ import signal
 import socket
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -62,14 +63,16 @@ class RayExecutor:
         self._lock = threading.Lock()
         self._stopped = False
 
-    def run(self, config_path: Path, config_text: str, target: str, timeout: float) -> tuple[int, dict] | None:
+    def run(
+        self, config_path: Path, config_text: str, target: str, timeout: float, pinned: Mapping[str, str], run_id: int
+    ) -> tuple[int, dict] | None:
         with self._lock:
             if self._stopped:
                 return None
             actor = _Worker.options(**self._placement(target)).remote()
             self._running.add(actor)
         try:
-            job = (str(config_path), config_text, target, timeout, self._last_run(target))
+            job = (str(config_path), config_text, target, timeout, dict(pinned), run_id, self._last_run(target))
             ref = actor.run.remote(*job, self._key, self._settings.work_dir, self._settings.disk)
             ready, _ = ray.wait([ref], timeout=timeout)  # from submission: time waiting for a worker counts
             if not ready:
@@ -148,6 +151,8 @@ class _Worker:
         config_text: str,
         target: str,
         timeout: float,
+        pinned: dict[str, str],
+        run_id: int,
         last_run: dict | None,
         key: str,
         work_dir: str | None,
@@ -170,6 +175,8 @@ class _Worker:
                 config_text,
                 target,
                 timeout,
+                pinned,
+                run_id,
                 args=["--last-run", str(record)],
                 env={STATE_DIR_ENV: str(state_dir)},
             )

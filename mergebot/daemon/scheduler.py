@@ -311,7 +311,8 @@ class Daemon:
                 return
             run_id = self.state.start_run(name, target.config_hash, inputs.shas)
             self.log.info("run started", target=name, run=run_id)
-            finished = self.executor.run(self.config_path, self.config_text, name, self.config.daemon.merge_timeout)
+            timeout = self.config.daemon.merge_timeout
+            finished = self.executor.run(self.config_path, self.config_text, name, timeout, inputs.shas, run_id)
             if finished is None or self.stopping.is_set():
                 return  # still "running" in the state: marked interrupted as the daemon stops
             code, result = finished

@@ -5,6 +5,7 @@ inputs did not change and resumes after a crash.
 """
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from mergebot.hub.endpoints import publisher, reader
 from mergebot.merge.engine import run_merge
 from mergebot.merge.source import InputModel
 from mergebot.pipeline.gate import validate
-from mergebot.pipeline.inputs import identities, resolve_inputs
+from mergebot.pipeline.inputs import identities, pin_inputs, resolve_inputs
 from mergebot.pipeline.parents import Parent, SignatureCache
 from mergebot.pipeline.publish import publish
 from mergebot.pipeline.regression import Baseline, held_reason
@@ -65,21 +66,28 @@ def check_merge(
 
 
 def run_pipeline(
-    config: DaemonConfig, target: Target, cache: SignatureCache | None, baseline: Baseline | None
+    config: DaemonConfig,
+    target: Target,
+    cache: SignatureCache | None,
+    baseline: Baseline | None,
+    pinned: Mapping[str, str] | None = None,
+    run_id: int | None = None,
 ) -> TargetRun:
     """Run the whole pipeline for one target. A merge the gate refuses, or one the regression check against
-    `baseline` (the last publish) holds, is not published: the run says why, and which input is to blame."""
+    `baseline` (the last publish) holds, is not published: the run says why, and which input is to blame.
+    `pinned`: the revisions the daemon resolved, merged as they are; `run_id`: named in the commit."""
     started = time.monotonic()
     logger = log.get("pipeline").bind(target=target.name)
     upstream = reader(config.daemon)
     run = TargetRun(target.name)
-    models = resolve_inputs(target.merge, upstream)
+    merge_config = target.merge if pinned is None else pin_inputs(target.merge, pinned)
+    models = resolve_inputs(merge_config, upstream)
     run.inputs = identities(models)
     run.downloaded_bytes = upstream.downloaded_bytes
     logger.info("inputs resolved", inputs=run.inputs)
     out_dir = merged_dir(config, target)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    merge = run_merge(target.merge, models, out_dir, ShardProgress())
+    merge = run_merge(merge_config, models, out_dir, ShardProgress())
     run.computed, run.reused, run.fingerprints = merge.computed, merge.reused, merge.fingerprints
     logger.info("merged", computed=len(merge.computed), reused=len(merge.reused))
     report = check_merge(out_dir, models, target.validate, cache)
