@@ -21,6 +21,9 @@ class ExitCode(IntEnum):
     HELD = 4
     """The merge is worse than the last published one, or an input got worse since then: the daemon holds the
     target at its published revision until an input changes or a person releases it."""
+    INTERNAL_ERROR = 70
+    """An unexpected exception (a bug in mergebot or a library): its traceback is logged; the daemon records the
+    run as an internal error and retries it with backoff, as a transient failure."""
     PARENT_GONE = 75
     """A merge child found its daemon gone before it started."""
     INTERRUPTED = 130

@@ -41,7 +41,7 @@ def test_a_push_between_the_daemons_resolve_and_the_childs_start_is_not_merged(s
     run = oldest_run(setup, "pinned")
     assert run.outcome == "published"
     assert run.inputs["org/ft1"] == resolved, "the daemon's record"
-    assert run.details["inputs"]["org/ft1"] == resolved, "the child's record of what it merged"
+    assert run.record.inputs["org/ft1"] == resolved, "the child's record of what it merged"
     card = hf_hub_download(
         "me/pinned", "README.md", revision=run.published_sha, endpoint=setup.devhub.url, token=TOKEN,
         cache_dir=setup.root / "dl",

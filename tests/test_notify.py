@@ -15,6 +15,7 @@ from mergebot.config.daemon import NOTIFY_EVENTS, NotifySettings, check_daemon_c
 from mergebot.daemon import notify
 from mergebot.daemon.scheduler import Daemon
 from mergebot.errors import ExitCode
+from mergebot.runrecord import from_json
 from tests import test_daemon
 from tests.test_daemon import Setup, free_port, target, wait_for
 from tests.test_hold import BROKEN_SCALE, good_ft1, push, variant
@@ -135,7 +136,7 @@ def record(daemon: Daemon, code: ExitCode, result: dict) -> int:
     """A run of "t" whose child exited with `code` and wrote `result`, recorded as the daemon does."""
     t = daemon.config.targets["t"]
     run_id = daemon.state.start_run("t", t.config_hash, {"org/base": "b1", "org/ft1": f"f{time.monotonic_ns()}"})
-    daemon._record(t, run_id, code, result | {"digests": DIGESTS})
+    daemon._record(t, run_id, code, from_json(json.dumps(result | {"digests": DIGESTS})))
     return run_id
 
 

@@ -3,7 +3,7 @@ config text the daemon accepted (on stdin) and the input revisions the daemon re
 exactly these, never resolving a branch again), and must not outlive its daemon.
 
 The merge child imports this module only to call `die_with_daemon` as early as it can, so it imports nothing
-beyond the standard library (no apscheduler, no HTTP server).
+beyond the standard library and mergebot's lowest layers (no apscheduler, no HTTP server).
 """
 
 import ctypes
@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mergebot.errors import ExitCode
+from mergebot.runrecord import RunRecord, from_json
 
 DAEMON_PID = "MERGEBOT_DAEMON_PID"
 """Tells a merge child which process it must not outlive (the daemon may itself be pid 1 in a container)."""
@@ -67,8 +68,8 @@ class Children:
         *,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
-    ) -> tuple[int, dict] | None:
-        """One run of `target` in a child: its exit code and the result it wrote; None when the daemon is
+    ) -> tuple[int, RunRecord] | None:
+        """One run of `target` in a child: its exit code and the record it wrote; None when the daemon is
         stopping and no child was started. `pinned`: model -> the revision the daemon resolved, which the child
         merges; `run_id` goes into the commit it publishes. `args` and `env`: more for the child (on a Ray worker:
         where its state is)."""
@@ -96,11 +97,11 @@ class Children:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-                return -signal.SIGKILL, {"reason": f"merge_timeout of {timeout:.0f} s exceeded"}
+                return -signal.SIGKILL, RunRecord(reason=f"merge_timeout of {timeout:.0f} s exceeded")
             finally:
                 with self._lock:
                     self._running.discard(child)
-            result = json.loads(result_path.read_text()) if result_path.exists() else {}
+            result = from_json(result_path.read_bytes()) if result_path.exists() else RunRecord()
             return child.returncode, result
 
     def stop_all(self, grace: float) -> None:

@@ -8,13 +8,14 @@ from typing import Protocol
 from mergebot.config.daemon import DaemonSettings
 from mergebot.daemon.children import Children
 from mergebot.daemon.state import State
+from mergebot.runrecord import RunRecord
 
 
 class Executor(Protocol):
     def run(
         self, config_path: Path, config_text: str, target: str, timeout: float, pinned: Mapping[str, str], run_id: int
-    ) -> tuple[int, dict] | None:
-        """One run of `target` merging the `pinned` revisions (model -> sha): the child's exit code and the result
+    ) -> tuple[int, RunRecord] | None:
+        """One run of `target` merging the `pinned` revisions (model -> sha): the child's exit code and the record
         it wrote, (-SIGKILL, reason) past `timeout`; None when stopping began and nothing was started."""
         ...
 

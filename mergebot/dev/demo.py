@@ -103,12 +103,12 @@ class _Watch:
         run = runs[0]
         if run.outcome != expected:
             raise DemoError(f"{label}: expected {expected}, the run {run.outcome}: {run.reason}; see {self.log_path}")
-        details = run.details or {}
-        parents = ", ".join(f"{name} {_ppl(ppl)}" for name, ppl in details.get("parent_ppl", {}).items())
+        record, figures = run.record, run.record.figures
+        parents = ", ".join(f"{name} {_ppl(ppl)}" for name, ppl in figures.get("parent_ppl", {}).items())
         sha = f" {run.published_sha[:12]}" if run.published_sha else ""
         _say(
-            f"   {TARGET}: {run.outcome}{sha} · output shards computed {len(details.get('computed', []))}, reused "
-            f"{len(details.get('reused', []))} · perplexity {_ppl(details.get('merge_ppl'))} (parents: {parents})"
+            f"   {TARGET}: {run.outcome}{sha} · output shards computed {len(record.computed)}, reused "
+            f"{len(record.reused)} · perplexity {_ppl(figures.get('merge_ppl'))} (parents: {parents})"
         )
         return run
 
@@ -252,7 +252,7 @@ def run_demo(keep: bool) -> int:
         _say(f"5. Pushed a new revision of {CODE}, {update[:12]}, that changes only {shard}")
         second = watch.next_run(2, "re-merge what the changed shard feeds", "published")
         downloaded = hub.stats()["bytes_served"]
-        computed, reused = second.details["computed"], second.details["reused"]
+        computed, reused = second.record.computed, second.record.reused
         if computed != [shard]:
             raise DemoError(f"the update of {shard} recomputed {computed or 'nothing'}, not just {shard}")
 
