@@ -3,7 +3,8 @@ meanwhile, or to kill its daemon there) and lets it go on, an ordering without s
 MERGEBOT_PAUSE_DIR is set, which only tests do.
 
 In that folder, a file named like the point holds the child there until the test removes it (the child says it
-arrived by writing `POINT.reached`); a file `POINT.raise` makes the child raise an unexpected error there.
+arrived by writing `POINT.reached`); a file `POINT.raise` makes the next child to arrive there raise an unexpected
+error (once: the child removes the file).
 """
 
 import os
@@ -21,7 +22,9 @@ def pause_point(name: str) -> None:
     if not folder:
         return
     hold = Path(folder) / name
-    if (Path(folder) / f"{name}.raise").exists():
+    failure = Path(folder) / f"{name}.raise"
+    if failure.exists():
+        failure.unlink()
         raise RuntimeError(f"test-only failure at pause point {name!r}")
     if not hold.exists():
         return
