@@ -174,6 +174,17 @@ def test_giving_up_notifies_failed_and_the_next_publish_recovered(daemon):
     assert {r["headers"]["X-Mergebot-Secret"] for r in daemon.receiver.requests} == {SECRET}
 
 
+def test_giving_up_on_an_internal_error_notifies_failed(daemon):
+    daemon.receiver.start()
+    crash = {"reason": "internal error: KeyError: 'x'"}
+    first = record(daemon, ExitCode.INTERNAL_ERROR, crash)  # retried: nobody is told
+    gave_up = record(daemon, ExitCode.INTERNAL_ERROR, crash)
+    assert daemon.state.last_run("t").record.gave_up and first < gave_up
+    (body,) = wait_for(lambda: daemon.receiver.bodies("/hook"), 10)
+    assert (body["event"], body["run"], body["outcome"]) == ("failed", gave_up, "internal_error")
+    assert body["reason"] == "gave up after 1 retries: internal error: KeyError: 'x'"
+
+
 def test_a_receiver_down_for_several_events_is_logged_once(daemon, capsys, monkeypatch):
     monkeypatch.setattr(notify, "FIRST_RETRY_S", 0.02)
     record(daemon, ExitCode.OK, PUBLISHED | {"published_sha": "a" * 40})

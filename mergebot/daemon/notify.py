@@ -27,7 +27,7 @@ from mergebot.daemon.page import hub_url
 from mergebot.daemon.runs import RUNNING, Run
 from mergebot.daemon.state import State
 from mergebot.files import short_identity
-from mergebot.runrecord import REFUSED, SUCCESSFUL, Outcome, RunRecord
+from mergebot.runrecord import SUCCESSFUL, Outcome, RunRecord
 
 PAYLOAD_VERSION = 1
 """Of the json format; it grows only by new fields, and goes up when a field changes meaning or goes."""
@@ -46,6 +46,7 @@ LOOKBACK = 100
 DISCORD_LIMIT = 2000
 
 _log = log.get("notify")
+UNSUCCESSFUL = (Outcome.FAILED, Outcome.INTERNAL_ERROR)
 
 
 class Notifier:
@@ -105,10 +106,12 @@ def run_events(target: Target, state: State, hub: str, run_id: int | None, gave_
     names = []
     if run.outcome == Outcome.PUBLISHED:
         names.append("published")
-    elif run.outcome == Outcome.HELD or (run.outcome == Outcome.FAILED and _ended_for_good(run)):
-        names.append(str(run.outcome))
+    elif run.outcome == Outcome.HELD:
+        names.append("held")
+    elif run.outcome in UNSUCCESSFUL and _ended_for_good(run):
+        names.append("failed")  # an internal error too, once the daemon gave up on it
     before = next((r for r in runs if r.id < run.id and _ended_for_good(r)), None)
-    recovering = before is not None and before.outcome in REFUSED
+    recovering = before is not None and before.outcome in (*UNSUCCESSFUL, Outcome.HELD)
     if run.outcome in SUCCESSFUL and recovering:
         names.append("recovered")
     events = [_payload(name, target, run, revision, hub) for name in names]
