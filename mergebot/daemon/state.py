@@ -327,7 +327,7 @@ class State:
         """
         with self._write() as db:
             status, last = self.target_status(target), self.last_run(target)
-            if status is None or status.state != TargetState.HELD or last is None or last.outcome != "held":
+            if status is None or status.state != TargetState.HELD or last is None or last.outcome != Outcome.HELD:
                 return None
             db.execute(
                 "INSERT INTO releases (target, requested) VALUES (?, ?) "

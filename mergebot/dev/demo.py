@@ -25,6 +25,7 @@ from mergebot.daemon.runs import RUNNING, Run
 from mergebot.daemon.state import STATE_FILE, State
 from mergebot.errors import MergebotError
 from mergebot.files import INDEX_FILE, SINGLE_FILE, default_cache_dir
+from mergebot.runrecord import Outcome
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -86,7 +87,7 @@ class _Watch:
             self.error = error
             return []
 
-    def next_run(self, count: int, label: str, expected: str) -> Run:
+    def next_run(self, count: int, label: str, expected: Outcome) -> Run:
         """Wait for the target's `count`-th finished run, say what it did, and fail the demo unless its outcome is
         `expected`."""
         deadline = time.monotonic() + TIMEOUT
@@ -240,7 +241,7 @@ def run_demo(keep: bool) -> int:
             )
         _say(f"4. Daemon started (pid {daemon.pid}, log {log_path}); waiting for the first merge")
         watch = _Watch(state_dir, daemon, log_path)
-        first = watch.next_run(1, "merge, validate, publish", "published")
+        first = watch.next_run(1, "merge, validate, publish", Outcome.PUBLISHED)
         published = Path(snapshot_download(MERGED, revision=first.published_sha, endpoint=hub.url, token=TOKEN))
         answer = realmodel.chat_answer(published, QUESTION)
         _say(f"   asked {QUESTION!r}, the published merge answers {answer!r}")
@@ -250,7 +251,7 @@ def run_demo(keep: bool) -> int:
         hub.reset_stats()
         update = api.upload_folder(repo_id=CODE, folder_path=upstream[CODE], commit_message="retouch one shard").oid
         _say(f"5. Pushed a new revision of {CODE}, {update[:12]}, that changes only {shard}")
-        second = watch.next_run(2, "re-merge what the changed shard feeds", "published")
+        second = watch.next_run(2, "re-merge what the changed shard feeds", Outcome.PUBLISHED)
         downloaded = hub.stats()["bytes_served"]
         computed, reused = second.record.computed, second.record.reused
         if computed != [shard]:
@@ -259,7 +260,7 @@ def run_demo(keep: bool) -> int:
         broken = realmodel.broken_copy(upstream[CODE], root / "upstream" / f"{CODE}-broken")
         bad = api.upload_folder(repo_id=CODE, folder_path=broken, commit_message="broken conversion").oid
         _say(f"6. Pushed a broken revision of {CODE}, {bad[:12]}: one down_proj x{realmodel.BROKEN_FACTOR:.0f}")
-        third = watch.next_run(3, "check the broken revision", "held")
+        third = watch.next_run(3, "check the broken revision", Outcome.HELD)
         status = collect_status(load_daemon_config(config))["targets"][TARGET]
         head = api.model_info(MERGED).sha
         if status["state"] != "held" or (status["hold"] or {}).get("culprit") != CODE:
