@@ -25,6 +25,30 @@ import pytest
 
 from mergebot.dev.devhub import DevHub
 
+TIERS = {
+    "slow": {"test_realmodel", "test_real_gate", "test_real_merges", "test_demo"},
+    "external": {
+        "test_mergekit_existing", "test_mergekit_geometric", "test_mergekit_sparse", "test_mergekit_examples",
+        "test_mirror", "test_ray",
+    },
+    "process": {"test_daemon", "test_daemon_runs", "test_daemon_stages", "test_deploy", "test_disk_full"},
+}  # fmt: skip
+"""Each test's tier (markers registered in pyproject.toml), by its module: `slow` runs the real model, `external`
+needs what lives outside the project (mergekit's reference install, an olah mirror, a Ray cluster), `process`
+runs the real daemon. A test of another module that starts the daemon (the `setup` fixture) is `process` too.
+What is left is the fast tier: `pytest -m "not slow and not process and not external"`."""
+PROCESS_FIXTURES = {"setup"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        tiers = {tier for tier, modules in TIERS.items() if module in modules}
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            tiers.add("process")
+        for tier in sorted(tiers):
+            item.add_marker(tier)
+
 
 @pytest.fixture
 def devhub(tmp_path):
