@@ -13,7 +13,7 @@ from mergebot import log
 from mergebot.config.daemon import ValidateSettings
 from mergebot.config.document import Located, read_document
 from mergebot.config.merge import MergeConfig, load_merge_config, parse_merge
-from mergebot.errors import ConfigError, ExitCode, MergebotError
+from mergebot.errors import UNHEALTHY, ConfigError, ExitCode, MergebotError
 
 if TYPE_CHECKING:
     from mergebot.pipeline.parents import SignatureCache
@@ -208,7 +208,7 @@ def _status(args: argparse.Namespace) -> int:
         pid = daemon_pid(config.daemon.state_dir)
         collect_status(config)
         print(f"healthy: daemon pid {pid}" if pid else "unhealthy: no mergebot daemon holds the state lock")
-        return ExitCode.OK if pid else ExitCode.UNHEALTHY
+        return ExitCode.OK if pid else UNHEALTHY
     status = collect_status(config)
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
     return ExitCode.OK

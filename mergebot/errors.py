@@ -3,17 +3,16 @@
 Every message is one line that names the file, repo or config key at fault.
 """
 
-from enum import IntEnum
+from enum import IntEnum, unique
 
 
+@unique
 class ExitCode(IntEnum):
     """What a mergebot process exits with; the daemon decides on a merge child's code alone."""
 
     OK = 0
     VALIDATION_FAILED = 1
     """The gate refused the merge (nothing was published), or `once` found a target that failed."""
-    UNHEALTHY = 1
-    """`status --health`: no daemon holds the state (1 is what a container health check reads as unhealthy)."""
     PERMANENT = 2
     """Bad config or input: running again changes nothing until the input or the config changes."""
     RETRY_LATER = 3
@@ -27,6 +26,11 @@ class ExitCode(IntEnum):
     PARENT_GONE = 75
     """A merge child found its daemon gone before it started."""
     INTERRUPTED = 130
+
+
+UNHEALTHY = ExitCode.VALIDATION_FAILED
+"""`status --health`: no daemon holds the state. The same number as VALIDATION_FAILED, named apart: 1 is what a
+container health check reads as unhealthy."""
 
 
 class MergebotError(Exception):
@@ -53,16 +57,16 @@ class HubError(MergebotError):
     exit_code = ExitCode.RETRY_LATER
 
 
-class HubNotFoundError(HubError):
+class HubRefusedError(MergebotError):
+    """The Hub answered, and no retry changes the answer until the repo, the revision or the token does."""
+
+
+class HubNotFoundError(HubRefusedError):
     """Repo, revision or file does not exist (or is not visible with this token)."""
 
-    exit_code = ExitCode.PERMANENT
 
-
-class HubAuthError(HubError):
+class HubAuthError(HubRefusedError):
     """401/403: the token is missing, revoked or lacks access."""
-
-    exit_code = ExitCode.PERMANENT
 
 
 class PublishError(MergebotError):

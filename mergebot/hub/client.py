@@ -232,7 +232,7 @@ class HubClient:
         """(sha, description, unix time) of the newest commit on the repo's main branch."""
         commits = self._call(repo, "main", lambda: self._api.list_repo_commits(repo, revision="main"))
         if not commits:
-            raise HubError(f"repo {repo}: main has no commits")
+            raise HubNotFoundError(f"repo {repo}: main has no commits")
         return commits[0].commit_id, commits[0].message or "", commits[0].created_at.timestamp()
 
     def _call(
