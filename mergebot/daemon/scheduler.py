@@ -172,7 +172,7 @@ class Daemon:
                 self.scheduler.remove_job(f"run:{name}")
         if config.daemon.ray != self.config.daemon.ray:
             self.log.warning("executor settings changed; they take effect when the daemon restarts")
-        self.config, self.config_text = config, text
+        self.config_text, self.config = text, config
         self.log.info("config reloaded", targets=sorted(config.targets), removed=sorted(removed))
         self.scheduler.add_job(self.poll, id="poll-now", replace_existing=True)
 
@@ -294,6 +294,7 @@ class Daemon:
     # -- running -------------------------------------------------------------------------------------------------
     def run_target(self, name: str) -> None:
         """One run in a child process; the outcome goes to the state, transient failures are retried."""
+        text = self.config_text  # the text of the config `target` comes from: the child pins its models' inputs
         target = self.config.targets.get(name)
         if target is None:
             return
@@ -313,7 +314,7 @@ class Daemon:
             run_id = self.state.start_run(name, target.config_hash, inputs.shas, inputs.digests)
             self.log.info("run started", target=name, run=run_id)
             timeout = self.config.daemon.merge_timeout
-            finished = self.executor.run(self.config_path, self.config_text, name, timeout, inputs.shas, run_id)
+            finished = self.executor.run(self.config_path, text, name, timeout, inputs.shas, run_id)
             if finished is None or self.stopping.is_set():
                 return  # still "running" in the state: marked interrupted as the daemon stops
             code, record = finished
