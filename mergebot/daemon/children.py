@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mergebot.errors import ExitCode
+from mergebot.errors import ExitCode, StateError
 from mergebot.runrecord import RunRecord, from_json
 
 DAEMON_PID = "MERGEBOT_DAEMON_PID"
@@ -101,8 +101,7 @@ class Children:
             finally:
                 with self._lock:
                     self._running.discard(child)
-            result = from_json(result_path.read_bytes()) if result_path.exists() else RunRecord()
-            return child.returncode, result
+            return child.returncode, _read_record(result_path)
 
     def stop_all(self, grace: float) -> None:
         """SIGTERM every child at once (each stops at a shard boundary), then SIGKILL what is left after `grace`."""
@@ -114,3 +113,13 @@ class Children:
             child.send_signal(signal.SIGTERM)
         for child in children:
             stop_process(child, max(0.0, deadline - time.monotonic()))
+
+
+def _read_record(path: Path) -> RunRecord:
+    """The record the child wrote; none (a child killed before it wrote one) or an unreadable one says so."""
+    if not path.exists():
+        return RunRecord()
+    try:
+        return from_json(path.read_bytes())
+    except StateError as error:
+        return RunRecord(reason=f"the merge child's record: {error}")
