@@ -15,7 +15,7 @@ from mergebot.config.daemon import ValidateSettings
 from mergebot.config.document import read_document
 from mergebot.config.merge import MergeConfig, load_merge_config, parse_merge
 from mergebot.config.quick import quick_config, weighted
-from mergebot.errors import ConfigError, ConfigErrors, ExitCode, MergebotError
+from mergebot.errors import UNHEALTHY, ConfigError, ConfigErrors, ExitCode, MergebotError
 
 if TYPE_CHECKING:
     from mergebot.pipeline.parents import SignatureCache
@@ -135,46 +135,55 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _child_run(args: argparse.Namespace) -> int:
-    """The daemon's child: one target's pipeline, from the config text the daemon runs (on stdin); the outcome
-    goes to --result as JSON."""
+    """The daemon's child: one target's pipeline, from the config text the daemon runs (on stdin) and the inputs
+    it pinned; the run record goes to --result. An unexpected exception is an internal error, not a refusal."""
     from mergebot.config.daemon import load_daemon_config
     from mergebot.daemon.children import die_with_daemon
-    from mergebot.daemon.runs import RUNNING, Run
+    from mergebot.daemon.runs import run_from_dict
     from mergebot.daemon.state import State
-    from mergebot.files import write_json_atomic
+    from mergebot.files import write_atomic
+    from mergebot.pause import pause_point
+    from mergebot.pipeline.inputs import read_pinned
     from mergebot.pipeline.regression import baseline_from_record
-    from mergebot.pipeline.run import TargetRun, run_pipeline
+    from mergebot.pipeline.run import run_pipeline
+    from mergebot.runrecord import Outcome, RunRecord, to_json
 
     die_with_daemon()
     try:
+        pause_point("start")
+        pinned = read_pinned(args.inputs) if args.inputs is not None else None
         config = load_daemon_config(Path(args.config), sys.stdin.read())
         if args.target not in config.targets:
             raise ConfigError(f"{args.config}: no target named {args.target!r}")
         if args.last_run is not None:  # on a Ray worker: the daemon read the state, which is on its machine
             record = json.loads(args.last_run.read_text())
-            last = Run(**record) if record else None
+            last = run_from_dict(record) if record else None
         else:
             # Beside the running daemon: WAL lets it read meanwhile, and the busy timeout waits out its short writes.
             with State.open(config.daemon.state_dir) as state:
-                log.tag(run=next((run.id for run in state.runs(args.target, limit=1) if run.outcome == RUNNING), None))
                 # `mergebot release`: this run is not compared with the last publish
                 last = None if args.target in state.releases() else state.last_successful_run(args.target)
         target = config.targets[args.target]
         baseline = None
         if last is not None:
             same_merge = last.config_hash == target.config_hash
-            baseline = baseline_from_record(last.published_sha, last.inputs, last.details, same_merge=same_merge)
-        run = run_pipeline(config, target, _signature_cache(), baseline)
+            baseline = baseline_from_record(last.published_sha, last.inputs, last.record, same_merge=same_merge)
+        run = run_pipeline(config, target, _signature_cache(), baseline, pinned, args.run_id)
     except MergebotError as error:
-        write_json_atomic(args.result, TargetRun(args.target, reason=str(error)).as_dict())
+        write_atomic(args.result, to_json(RunRecord(reason=str(error))).encode())
         raise
-    write_json_atomic(args.result, run.as_dict())
-    return {"failed": ExitCode.VALIDATION_FAILED, "held": ExitCode.HELD}.get(run.outcome, ExitCode.OK)
+    except Exception as error:
+        reason = f"internal error: {type(error).__name__}: {error}".splitlines()[0]
+        write_atomic(args.result, to_json(RunRecord(Outcome.INTERNAL_ERROR, reason)).encode())
+        raise
+    write_atomic(args.result, to_json(run).encode())
+    return {Outcome.FAILED: ExitCode.VALIDATION_FAILED, Outcome.HELD: ExitCode.HELD}.get(run.outcome, ExitCode.OK)
 
 
 def _child(args: argparse.Namespace) -> int:
-    """`_child_run`, whose every line (its error line included) lands in the daemon's log tagged with its target."""
-    log.tag(target=args.target)
+    """`_child_run`, whose every line (its error line included) lands in the daemon's log tagged with its target
+    and run."""
+    log.tag(target=args.target, run=args.run_id)
     try:
         return _child_run(args)
     except MergebotError as error:
@@ -242,7 +251,7 @@ def _status(args: argparse.Namespace) -> int:
         pid = daemon_pid(config.daemon.state_dir)
         collect_status(config)
         print(f"healthy: daemon pid {pid}" if pid else "unhealthy: no mergebot daemon holds the state lock")
-        return ExitCode.OK if pid else ExitCode.UNHEALTHY
+        return ExitCode.OK if pid else UNHEALTHY
     status = collect_status(config)
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
     return ExitCode.OK
@@ -351,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mergebot: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except Exception as error:  # a bug: its traceback, once, and an exit code no refusal uses
+        log.get("cli").exception("internal error", error=f"{type(error).__name__}: {error}")
+        return ExitCode.INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -170,5 +170,7 @@ def build_child_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", required=True)
     parser.add_argument("--result", required=True, type=Path)
     parser.add_argument("--last-run", type=Path, help="the last successful run's record, when the state is elsewhere")
+    parser.add_argument("--inputs", type=Path, help="JSON: model -> the revision the daemon resolved, merged as is")
+    parser.add_argument("--run-id", type=int, help="the daemon's run id, named in the commit it publishes")
     parser.set_defaults(command=CHILD_COMMAND)
     return parser

@@ -3,17 +3,16 @@
 Every message is one line that names the file, repo or config key at fault.
 """
 
-from enum import IntEnum
+from enum import IntEnum, unique
 
 
+@unique
 class ExitCode(IntEnum):
     """What a mergebot process exits with; the daemon decides on a merge child's code alone."""
 
     OK = 0
     VALIDATION_FAILED = 1
     """The gate refused the merge (nothing was published), or `once` found a target that failed."""
-    UNHEALTHY = 1
-    """`status --health`: no daemon holds the state (1 is what a container health check reads as unhealthy)."""
     PERMANENT = 2
     """Bad config or input: running again changes nothing until the input or the config changes."""
     RETRY_LATER = 3
@@ -21,9 +20,17 @@ class ExitCode(IntEnum):
     HELD = 4
     """The merge is worse than the last published one, or an input got worse since then: the daemon holds the
     target at its published revision until an input changes or a person releases it."""
+    INTERNAL_ERROR = 70
+    """An unexpected exception (a bug in mergebot or a library): its traceback is logged; the daemon records the
+    run as an internal error and retries it with backoff, as a transient failure."""
     PARENT_GONE = 75
     """A merge child found its daemon gone before it started."""
     INTERRUPTED = 130
+
+
+UNHEALTHY = ExitCode.VALIDATION_FAILED
+"""`status --health`: no daemon holds the state. The same number as VALIDATION_FAILED, named apart: 1 is what a
+container health check reads as unhealthy."""
 
 
 class MergebotError(Exception):
@@ -64,20 +71,20 @@ class HubError(MergebotError):
     exit_code = ExitCode.RETRY_LATER
 
 
-class HubNotFoundError(HubError):
-    """Repo, revision or file does not exist (or is not visible with this token)."""
+class HubRefusedError(MergebotError):
+    """The Hub answered, and no retry changes the answer until the repo, the revision or the token does."""
 
-    exit_code = ExitCode.PERMANENT
+
+class HubNotFoundError(HubRefusedError):
+    """Repo, revision or file does not exist (or is not visible with this token)."""
 
 
 class HubRepoNotFoundError(HubNotFoundError):
     """The repo itself does not exist on the endpoint (or is not visible with this token)."""
 
 
-class HubAuthError(HubError):
+class HubAuthError(HubRefusedError):
     """401/403: the token is missing, revoked or lacks access."""
-
-    exit_code = ExitCode.PERMANENT
 
 
 class PublishError(MergebotError):

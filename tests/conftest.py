@@ -26,6 +26,54 @@ import pytest
 
 from mergebot.dev.devhub import DevHub
 
+TIERS = {
+    "slow": {"test_realmodel", "test_real_gate", "test_real_merges", "test_demo"},
+    "external": {
+        "test_mergekit_existing", "test_mergekit_geometric", "test_mergekit_sparse", "test_mergekit_examples",
+        "test_mirror", "test_ray",
+    },
+    "process": {
+        "test_daemon", "test_daemon_runs", "test_daemon_stages", "test_deploy", "test_disk_full", "test_status_page",
+    },
+}  # fmt: skip
+"""Each test's tier (markers registered in pyproject.toml), by its module: `slow` runs the real model (or takes
+tens of seconds), `external` needs what lives outside the project (mergekit's reference install, an olah mirror, a
+Ray cluster, chromium), `process` runs the real daemon or the CLI as a process. A test elsewhere that starts the
+daemon (the `setup` fixture) or reads mergekit's merges (`mergekit`, `kit`) goes with them, and so do the tests below.
+What is left is the fast tier: `pytest -m "not slow and not process and not external"`."""
+BY_FIXTURE = {"setup": "process", "mergekit": "external", "kit": "external"}
+BY_TEST = {
+    "slow": (
+        "test_publish.py::test_interrupted_upload_leaves_previous_revision",
+        "test_kernels.py::test_fused_loops_give_the_torch_methods_bytes[random-",
+        "test_kernels.py::test_fused_loops_in_float32_and_with_other_settings",
+        "test_gate_measure.py::test_lumped_kl_is_at_most_the_full_kl",
+    ),
+    "process": (
+        "test_kernels.py::test_engine_output_is_the_same_with_one_thread_or_two",
+        "test_merge_engine.py::test_kill_at_any_moment_then_resume_is_byte_identical",
+        "test_merge_errors.py::test_exit_code_and_single_line_from_the_real_command",
+        "test_config.py::test_a_method_without_fused_loops_loads_torch",
+        "test_config.py::test_a_fused_merge_loads_neither",
+        "test_synthetic.py::test_same_arguments_give_byte_identical_files_even_across_processes",
+    ),
+    "external": (
+        "test_stages.py::test_the_same_multi_stage_merge_as_mergekit_multimerge",
+        "test_lora.py::test_the_same_lora_merge_as_mergekit",
+        "test_status_page.py::test_chromium_renders_the_table",
+    ),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module, test = item.path.stem, item.nodeid.rpartition("/")[2]
+        tiers = {tier for tier, modules in TIERS.items() if module in modules}
+        tiers |= {BY_FIXTURE[name] for name in getattr(item, "fixturenames", ()) if name in BY_FIXTURE}
+        tiers |= {tier for tier, prefixes in BY_TEST.items() if test.startswith(prefixes)}
+        for tier in sorted(tiers):
+            item.add_marker(tier)
+
 
 @pytest.fixture
 def devhub(tmp_path):

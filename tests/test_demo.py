@@ -38,7 +38,7 @@ def test_demo_publishes_remerges_one_shard_and_holds_the_broken_input(real_base,
         status = state.target_status(demo.TARGET)
     assert (first.outcome, update.outcome, held.outcome) == ("published", "published", "held")
     assert status is not None and status.state == TargetState.HELD
-    assert demo.CODE in held.reason and held.details["culprit"] == demo.CODE
+    assert demo.CODE in held.reason and held.record.culprit == demo.CODE
     assert "perplexity" in held.reason and update.published_sha[:12] in held.reason
 
     with DevHub(root / "hub").start() as hub:
@@ -52,5 +52,5 @@ def test_demo_publishes_remerges_one_shard_and_holds_the_broken_input(real_base,
     assert "Paris" in realmodel.chat_answer(Path(merged), demo.QUESTION)
     assert len(changed) == 1 and changed == broken, (changed, broken)
     # Input and output shards are packed alike, so the one changed input shard feeds one output shard of that name.
-    assert update.details["computed"] == sorted(changed)
-    assert len(update.details["reused"]) == len(first.details["computed"]) - 1
+    assert update.record.computed == sorted(changed)
+    assert len(update.record.reused) == len(first.record.computed) - 1

@@ -18,6 +18,7 @@ from mergebot.daemon.scheduler import Daemon
 from mergebot.daemon.schema import SCHEMA_VERSION
 from mergebot.daemon.state import STATE_FILE, State, TargetState
 from mergebot.errors import ExitCode, StateError
+from mergebot.runrecord import Outcome, RunRecord
 from tests import test_daemon
 from tests.helpers import run_cli_process
 from tests.test_daemon import Setup, endpoints, free_port, published_runs, target, update_payload, wait_for
@@ -68,7 +69,7 @@ def test_version_3_file_keeps_every_run_and_admits_held(tmp_path):
         assert user_version(path) == SCHEMA_VERSION
         assert dump(path) == before
         assert s.start_run("t", "cfg", {"org/a": "a3"}) == 6  # id 5 was given out once: never again
-        s.finish_run(6, "held", "org/a@a3: perplexity 7.0 → 900.0 since the last publish")
+        s.finish_run(6, RunRecord(Outcome.HELD, "org/a@a3: perplexity 7.0 → 900.0 since the last publish"))
         assert (s.last_run("t").outcome, s.last_successful_run("t").id) == ("held", 1)
     db = sqlite3.connect(path)
     try:
@@ -113,7 +114,7 @@ def held(state: State, target: str, inputs: dict[str, str] | None = None) -> int
     """Record a held run of `target`, as the daemon does, and return its id."""
     run_id = state.start_run(target, "cfg", inputs or {"org/a": "a2"})
     with state.transaction():
-        state.finish_run(run_id, "held", "org/a@a2: worse", details={"culprit": "org/a"})
+        state.finish_run(run_id, RunRecord(Outcome.HELD, "org/a@a2: worse", culprit="org/a"))
         state.set_target_status(target, TargetState.HELD, "org/a@a2: worse", None)
     return run_id
 
@@ -122,7 +123,7 @@ def test_release_requests(tmp_path):
     with State.open(tmp_path) as s:
         assert s.request_release("t") is None  # never ran
         published = s.start_run("t", "cfg", {"org/a": "a1"})
-        s.finish_run(published, "published", published_sha="p1")
+        s.finish_run(published, RunRecord(Outcome.PUBLISHED, published_sha="p1"))
         assert s.request_release("t") is None  # nothing holds it
         hold = held(s, "t")
         assert s.releases() == set()
@@ -154,7 +155,7 @@ def daemon(tmp_path):
     config.write_text('[daemon]\nstate_dir = "state"\ndebounce = "1h"\n' + target("t"))
     created = Daemon(config)
     run_id = created.state.start_run("t", created.config.targets["t"].config_hash, {"org/ft1": "a1"})
-    created.state.finish_run(run_id, "published", published_sha="p1", details={"digests": DIGESTS})
+    created.state.finish_run(run_id, RunRecord(Outcome.PUBLISHED, published_sha="p1", digests=DIGESTS))
     yield created
     created.state.close()
     created.lock.close()
@@ -163,8 +164,8 @@ def daemon(tmp_path):
 def hold_run(daemon: Daemon, digests: dict[str, str]) -> None:
     """A run of "t" that its child held, recorded by the daemon."""
     run_id = daemon.state.start_run("t", daemon.config.targets["t"].config_hash, {"org/ft1": "a2"})
-    result = {"outcome": "held", "reason": "org/ft1@a2: worse since the last publish", "culprit": "org/ft1"}
-    daemon._record(daemon.config.targets["t"], run_id, ExitCode.HELD, result | {"digests": digests})
+    result = RunRecord(Outcome.HELD, "org/ft1@a2: worse since the last publish", culprit="org/ft1", digests=digests)
+    daemon._record(daemon.config.targets["t"], run_id, ExitCode.HELD, result)
 
 
 def test_a_held_target_waits_until_a_release_or_new_content(daemon):
@@ -173,7 +174,7 @@ def test_a_held_target_waits_until_a_release_or_new_content(daemon):
     t = daemon.config.targets["t"]
     status = daemon.state.target_status("t")
     assert (status.state, status.waiting_reason) == (TargetState.HELD, "org/ft1@a2: worse since the last publish")
-    assert daemon.state.last_run("t").details["culprit"] == "org/ft1"
+    assert daemon.state.last_run("t").record.culprit == "org/ft1"
 
     daemon._consider(t, bad, 1234.0)  # polls find the same content: it stays held, nothing runs
     daemon._watch_releases()
@@ -191,11 +192,11 @@ def test_a_held_target_waits_until_a_release_or_new_content(daemon):
 
     # the release run fails on a transient error: the release stays for its retry
     run_id = daemon.state.start_run("t", t.config_hash, {"org/ft1": "a2"})
-    daemon._record(t, run_id, ExitCode.RETRY_LATER, {"reason": "Hub 503", "digests": bad})
+    daemon._record(t, run_id, ExitCode.RETRY_LATER, RunRecord(reason="Hub 503", digests=bad))
     assert daemon.state.releases() == {"t"}
     # the retry fails the gate: it ended for good, so the release is used up, and new inputs are compared again
     run_id = daemon.state.start_run("t", t.config_hash, {"org/ft1": "a2"})
-    daemon._record(t, run_id, ExitCode.VALIDATION_FAILED, {"reason": "validation failed", "digests": bad})
+    daemon._record(t, run_id, ExitCode.VALIDATION_FAILED, RunRecord(reason="validation failed", digests=bad))
     assert daemon.state.releases() == set()
     assert daemon.state.target_status("t").state == TargetState.WAITING_FOR_CHANGE
 

@@ -15,6 +15,16 @@ SHAPE = (300, 700)
 BLOCK_ROWS = 97
 """Blocks of 67,900 elements: not a multiple of the loops' 2,048, so spans and ranges straddle rows."""
 FUSED = [name for name, method in BUILTIN_METHODS.items() if method.fused is not None]
+"""The methods the tests below compare, from the registry: a new fused method is tested without listing it."""
+HAVE_FUSED = {
+    "linear", "slerp", "passthrough", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear",
+}  # fmt: skip
+"""Written out on purpose: a method that loses its fused path fails here instead of leaving the tests quietly."""
+
+
+def test_no_method_lost_its_fused_loops():
+    assert set(FUSED) >= HAVE_FUSED, f"no fused path any more: {sorted(HAVE_FUSED - set(FUSED))}"
 
 
 def deltas_of(seed: int, models: int, dtype: torch.dtype, tied: bool = False) -> list[torch.Tensor]:

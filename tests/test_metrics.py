@@ -6,6 +6,7 @@ import time
 from mergebot.config.daemon import load_daemon_config
 from mergebot.daemon.state import STATE_FILE, State
 from mergebot.daemon.status import metrics_text
+from mergebot.runrecord import Outcome, RunRecord
 from tests.test_daemon import target
 
 
@@ -15,15 +16,15 @@ def test_bytes_holds_and_the_time_since_the_last_publish_per_target(tmp_path):
     config = load_daemon_config(config_path)
     with State.open(config.daemon.state_dir) as state:
         runs = [
-            ("published", {"downloaded_bytes": 1000, "uploaded_bytes": 300}, "p1"),
-            ("held", {"downloaded_bytes": 50, "uploaded_bytes": 0}, None),
-            ("failed", None, None),  # a child that died wrote no record
-            ("unchanged", {"downloaded_bytes": 7, "uploaded_bytes": 0}, "p1"),
+            RunRecord(Outcome.PUBLISHED, downloaded_bytes=1000, uploaded_bytes=300, published_sha="p1"),
+            RunRecord(Outcome.HELD, downloaded_bytes=50),
+            RunRecord(Outcome.FAILED),  # a child that died wrote no record
+            RunRecord(Outcome.UNCHANGED, downloaded_bytes=7, published_sha="p1"),
         ]
         ids = []
-        for outcome, details, sha in runs:
+        for record in runs:
             ids.append(state.start_run("a", "cfg", {"org/base": "b1"}))
-            state.finish_run(ids[-1], outcome, published_sha=sha, details=details)
+            state.finish_run(ids[-1], record)
     db = sqlite3.connect(config.daemon.state_dir / STATE_FILE)
     with db:
         db.execute("UPDATE runs SET finished = ? WHERE id = ?", (time.time() - 3600, ids[0]))

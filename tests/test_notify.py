@@ -15,6 +15,7 @@ from mergebot.config.daemon import NOTIFY_EVENTS, NotifySettings, check_daemon_c
 from mergebot.daemon import notify
 from mergebot.daemon.scheduler import Daemon
 from mergebot.errors import ExitCode
+from mergebot.runrecord import from_json
 from tests import test_daemon
 from tests.test_daemon import Setup, free_port, target, wait_for
 from tests.test_hold import BROKEN_SCALE, good_ft1, push, variant
@@ -136,7 +137,7 @@ def record(daemon: Daemon, code: ExitCode, result: dict) -> int:
     """A run of "t" whose child exited with `code` and wrote `result`, recorded as the daemon does."""
     t = daemon.config.targets["t"]
     run_id = daemon.state.start_run("t", t.config_hash, {"org/base": "b1", "org/ft1": f"f{time.monotonic_ns()}"})
-    daemon._record(t, run_id, code, result | {"digests": DIGESTS})
+    daemon._record(t, run_id, code, from_json(json.dumps(result | {"digests": DIGESTS})))
     return run_id
 
 
@@ -172,6 +173,17 @@ def test_giving_up_notifies_failed_and_the_next_publish_recovered(daemon):
     assert published["version"] == notify.PAYLOAD_VERSION and published["reason"] is None
     assert recovered["recovered_from"] == {"run": gave_up, "outcome": "failed", "reason": "Hub 503"}
     assert {r["headers"]["X-Mergebot-Secret"] for r in daemon.receiver.requests} == {SECRET}
+
+
+def test_giving_up_on_an_internal_error_notifies_failed(daemon):
+    daemon.receiver.start()
+    crash = {"reason": "internal error: KeyError: 'x'"}
+    first = record(daemon, ExitCode.INTERNAL_ERROR, crash)  # retried: nobody is told
+    gave_up = record(daemon, ExitCode.INTERNAL_ERROR, crash)
+    assert daemon.state.last_run("t").record.gave_up and first < gave_up
+    (body,) = wait_for(lambda: daemon.receiver.bodies("/hook"), 10)
+    assert (body["event"], body["run"], body["outcome"]) == ("failed", gave_up, "internal_error")
+    assert body["reason"] == "gave up after 1 retries: internal error: KeyError: 'x'"
 
 
 def test_a_receiver_down_for_several_events_is_logged_once(daemon, capsys, monkeypatch):

@@ -141,8 +141,8 @@ def test_two_targets_run_on_the_cluster_and_the_daemon_records_them(cluster, set
         run, shards = record(setup, name)
         assert setup.head(f"me/{name}") == head
         merged = {path.name for path in cluster.merged(name)}
-        assert set(run.details["computed"]) == merged == set(shards), "the worker's record, recorded by the daemon"
-        assert run.details["ray_node"], "the node it ran on, which the target's next run asks for"
+        assert set(run.record.computed) == merged == set(shards), "the worker's record, recorded by the daemon"
+        assert run.record.node, "the node it ran on, which the target's next run asks for"
     assert not (setup.root / "state" / "targets").exists(), "merges are made on the worker, not beside the state"
     assert not any("/torch/" in path for path in native_libraries(setup.process.pid))
 
@@ -150,8 +150,8 @@ def test_two_targets_run_on_the_cluster_and_the_daemon_records_them(cluster, set
     head = published(setup, "alpha", after=heads["alpha"])
     assert setup.head("me/alpha") == head
     run, shards = record(setup, "alpha")
-    assert run.details["reused"] and run.details["computed"], "the worker kept the merge between runs"
-    assert set(run.details["computed"]) | set(run.details["reused"]) == set(shards)
+    assert run.record.reused and run.record.computed, "the worker kept the merge between runs"
+    assert set(run.record.computed) | set(run.record.reused) == set(shards)
     assert setup.head("me/beta") == heads["beta"]
     status = setup.status()["targets"]
     assert {status[n]["last_run"]["outcome"] for n in heads} == {"published"}
@@ -179,7 +179,7 @@ def test_a_stopped_run_stops_on_its_worker_and_resumes_there(cluster, tmp_path):
         setup.start()
         published(setup, "big")
         run, _ = record(setup, "big")
-        assert finished <= set(run.details["reused"]), "the retried run resumed from the worker's finished shards"
+        assert finished <= set(run.record.reused), "the retried run resumed from the worker's finished shards"
         assert setup.stop() == 0
     finally:
         if setup.process and setup.process.poll() is None:

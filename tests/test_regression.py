@@ -12,7 +12,7 @@ from mergebot.pipeline.parents import ParentResult
 from mergebot.pipeline.perplexity import TOP_TOKENS, Signature
 from mergebot.pipeline.regression import Baseline, Hold, baseline_from_record, held_reason
 from mergebot.pipeline.report import ValidationReport
-from mergebot.pipeline.run import TargetRun
+from mergebot.runrecord import Figures, Outcome, RunRecord
 
 PUBLISHED = "c0ffee" * 7
 OLD_A, NEW_A = "a" * 40, "1234567890ab" + "f" * 28
@@ -40,18 +40,19 @@ def identities(a: str = NEW_A) -> dict[str, str]:
 
 
 def test_baseline_comes_from_a_published_runs_record() -> None:
-    run = TargetRun("t", inputs=identities(), outcome="published", published_sha=PUBLISHED, merge_ppl=9.5)
-    run.parent_ppl = {"org/a": 10.0, "org/b": None}  # org/b was not measured: nothing to compare it with later
-    baseline = baseline_from_record(PUBLISHED, run.inputs, run.as_dict())
+    # org/b was not measured: nothing to compare it with later
+    figures = Figures(merge_ppl=9.5, parent_ppl={"org/a": 10.0, "org/b": None})
+    run = RunRecord(Outcome.PUBLISHED, inputs=identities(), published_sha=PUBLISHED, figures=figures)
+    baseline = baseline_from_record(PUBLISHED, run.inputs, run)
     assert baseline == Baseline(PUBLISHED, 9.5, {"org/a": (NEW_A, 10.0)})
 
 
 @pytest.mark.parametrize(
-    ("published_sha", "details"),
-    [(PUBLISHED, {"parent_ppl": {"org/a": 10.0}}), (PUBLISHED, None), (None, {"merge_ppl": 9.5}), ("", {})],
+    ("published_sha", "figures"),
+    [(PUBLISHED, {"parent_ppl": {"org/a": 10.0}}), (PUBLISHED, {}), (None, {"merge_ppl": 9.5}), ("", {})],
 )
-def test_a_record_without_the_figures_gives_no_baseline(published_sha: str | None, details: dict | None) -> None:
-    assert baseline_from_record(published_sha, identities(), details) is None
+def test_a_record_without_the_figures_gives_no_baseline(published_sha: str | None, figures: Figures) -> None:
+    assert baseline_from_record(published_sha, identities(), RunRecord(figures=figures)) is None
 
 
 @pytest.mark.parametrize(
@@ -111,9 +112,9 @@ def test_a_run_within_the_limits_is_not_held(merge_ppl: float | None) -> None:
 
 
 def test_after_a_config_change_only_the_inputs_are_compared() -> None:
-    run = TargetRun("t", inputs=identities(OLD_A), outcome="published", published_sha=PUBLISHED, merge_ppl=10.0)
-    run.parent_ppl = {"org/a": 10.0, "org/b": 12.0}
-    changed = baseline_from_record(PUBLISHED, run.inputs, run.as_dict(), same_merge=False)
+    figures = Figures(merge_ppl=10.0, parent_ppl={"org/a": 10.0, "org/b": 12.0})
+    run = RunRecord(Outcome.PUBLISHED, inputs=identities(OLD_A), published_sha=PUBLISHED, figures=figures)
+    changed = baseline_from_record(PUBLISHED, run.inputs, run, same_merge=False)
     assert changed is not None and changed.merge_ppl is None
     assert held_reason(changed, report(30.0, a=10.0, b=12.0), identities(), SETTINGS) is None
     hold = held_reason(changed, report(30.0, a=40.0, b=12.0), identities(), SETTINGS)

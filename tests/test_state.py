@@ -18,6 +18,7 @@ from mergebot.daemon.lock import LOCK_FILE, acquire_lock
 from mergebot.daemon.schema import SCHEMA_VERSION
 from mergebot.daemon.state import STATE_FILE, State, TargetState
 from mergebot.errors import StateError
+from mergebot.runrecord import Outcome, RunRecord
 
 # Version 1 of the schema written out by hand, as a file from the first release would hold it: migrating it must
 # keep working even if someone edits the migration list by mistake.
@@ -124,7 +125,8 @@ def test_version_1_file_is_migrated_keeping_its_rows(tmp_path):
         assert not s.record_revision("org/a", "main", "a1")
         run = s.last_successful_run("t")
         assert run is not None
-        assert (run.id, run.published_sha, run.inputs, run.details) == (1, "p1", {"org/a": "a1"}, {"seconds": 10})
+        assert (run.id, run.published_sha, run.inputs) == (1, "p1", {"org/a": "a1"})
+        assert run.record == RunRecord(seconds=10), "a record of version 1 reads"
         assert s.shard_fingerprints("t") == {"model-00001.safetensors": "fp1"}
         # the tables version 2 added work (the one that later moved out is gone)
         s.set_target_status("t", TargetState.WAITING_FOR_WINDOW, "waiting for the nightly window", 2000.0)
@@ -331,29 +333,33 @@ def test_runs(state):
     assert run.inputs == {"org/a": "a1", "/models/b": "b1"}
     assert before <= run.started <= time.time()
 
-    details = {"shards_computed": 2, "shards_reused": 1, "bytes_downloaded": 123, "ppl": {"merged": 5.5}}
-    state.finish_run(first, "published", published_sha="p1", details=details)
+    record = RunRecord(
+        Outcome.PUBLISHED, published_sha="p1", computed=["s1", "s2"], reused=["s3"], downloaded_bytes=123
+    )
+    record.figures["merge_ppl"] = 5.5
+    state.finish_run(first, record)
     run = state.last_run("t")
-    assert (run.outcome, run.published_sha, run.details, run.reason, run.transient) == (
+    assert (run.outcome, run.published_sha, run.record, run.reason, run.transient) == (
         "published",
         "p1",
-        details,
+        record,
         None,
         False,
     )
     assert run.finished is not None and run.finished >= run.started
 
     second = state.start_run("t", "cfg1", {"org/a": "a2"})
-    state.finish_run(second, "failed", "HubError: 503", transient=True)
+    state.finish_run(second, RunRecord(Outcome.FAILED, "HubError: 503"), transient=True)
     third = state.start_run("t", "cfg1", {"org/a": "a2"})
-    state.finish_run(third, "unchanged")
+    state.finish_run(third, RunRecord(Outcome.UNCHANGED))
     fourth = state.start_run("t", "cfg2", {"org/a": "a2"})
-    state.finish_run(fourth, "failed", "perplexity 9.1 above limit 7.0", details={"ppl": math.inf})
+    refused = RunRecord(Outcome.FAILED, "perplexity 9.1 above limit 7.0", figures={"merge_ppl": math.inf})
+    state.finish_run(fourth, refused)
 
     assert [r.id for r in state.runs("t", limit=10)] == [fourth, third, second, first]
     assert [r.id for r in state.runs("t", limit=2)] == [fourth, third]
     assert state.last_run("t").reason == "perplexity 9.1 above limit 7.0"
-    assert state.last_run("t").details == {"ppl": math.inf}
+    assert state.last_run("t").record == refused
     assert state.last_successful_run("t").id == third
     failed = state.runs("t")[2]
     assert (failed.outcome, failed.reason, failed.transient) == ("failed", "HubError: 503", True)
@@ -363,20 +369,20 @@ def test_runs(state):
 def test_finish_run_refuses_bad_calls(state):
     run_id = state.start_run("t", "cfg", {})
     with pytest.raises(ValueError, match="outcome must be one of"):
-        state.finish_run(run_id, "running")  # type: ignore[arg-type]
+        state.finish_run(run_id, RunRecord("running"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="published sha"):
-        state.finish_run(run_id, "published")
+        state.finish_run(run_id, RunRecord(Outcome.PUBLISHED))
     with pytest.raises(StateError, match="no run 999"):
-        state.finish_run(999, "failed")
-    state.finish_run(run_id, "failed", "x")
+        state.finish_run(999, RunRecord(Outcome.FAILED))
+    state.finish_run(run_id, RunRecord(Outcome.FAILED, "x"))
     with pytest.raises(StateError, match="already finished as 'failed'"):
-        state.finish_run(run_id, "unchanged")
+        state.finish_run(run_id, RunRecord(Outcome.UNCHANGED))
 
 
 def test_run_left_running_by_a_killed_daemon_is_marked_interrupted(tmp_path):
     with State.open(tmp_path) as s:
         done = s.start_run("t", "cfg", {"org/a": "a1"})
-        s.finish_run(done, "published", published_sha="p1")
+        s.finish_run(done, RunRecord(Outcome.PUBLISHED, published_sha="p1"))
     child = start_python(f"""
         import time
         from mergebot.daemon.state import State
@@ -396,7 +402,7 @@ def test_run_left_running_by_a_killed_daemon_is_marked_interrupted(tmp_path):
         assert s.last_successful_run("t").id == done
         assert s.mark_interrupted_runs() == []
         with pytest.raises(StateError, match="already finished as 'interrupted'"):
-            s.finish_run(interrupted[0].id, "published", published_sha="p2")
+            s.finish_run(interrupted[0].id, RunRecord(Outcome.PUBLISHED, published_sha="p2"))
 
 
 def test_shard_fingerprints(state):
@@ -429,13 +435,13 @@ def test_target_status(state):
 def test_published_inputs_are_those_of_each_targets_last_published_run(state):
     assert state.published_inputs() == set()
     old = state.start_run("t", "cfg", {"org/a": "a1", "org/b": "b1"})
-    state.finish_run(old, "published", published_sha="p1")
+    state.finish_run(old, RunRecord(Outcome.PUBLISHED, published_sha="p1"))
     new = state.start_run("t", "cfg", {"org/a": "a2", "org/b": "b1"})
-    state.finish_run(new, "published", published_sha="p2")
+    state.finish_run(new, RunRecord(Outcome.PUBLISHED, published_sha="p2"))
     failed = state.start_run("t", "cfg", {"org/a": "a3", "org/b": "b1"})
-    state.finish_run(failed, "failed", "x")
+    state.finish_run(failed, RunRecord(Outcome.FAILED, "x"))
     other = state.start_run("u", "cfg", {"org/a": "a1", "/local/c": "c1"})
-    state.finish_run(other, "published", published_sha="q1")
+    state.finish_run(other, RunRecord(Outcome.PUBLISHED, published_sha="q1"))
     state.start_run("v", "cfg", {"org/z": "z1"})  # never finished
     assert state.published_inputs() == {("org/a", "a2"), ("org/b", "b1"), ("org/a", "a1"), ("/local/c", "c1")}
 

@@ -1,8 +1,9 @@
 """The daemon's merge children, and the contract between the two: a child runs one target's pipeline with the
-config text the daemon accepted (on stdin), and must not outlive its daemon.
+config text the daemon accepted (on stdin) and the input revisions the daemon resolved (pinned: the child merges
+exactly these, never resolving a branch again), and must not outlive its daemon.
 
 The merge child imports this module only to call `die_with_daemon` as early as it can, so it imports nothing
-beyond the standard library (no apscheduler, no HTTP server).
+beyond the standard library and mergebot's lowest layers (no apscheduler, no HTTP server).
 """
 
 import ctypes
@@ -17,7 +18,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mergebot.errors import ExitCode
+from mergebot.errors import ExitCode, StateError
+from mergebot.runrecord import RunRecord, from_json
 
 DAEMON_PID = "MERGEBOT_DAEMON_PID"
 """Tells a merge child which process it must not outlive (the daemon may itself be pid 1 in a container)."""
@@ -61,18 +63,24 @@ class Children:
         config_text: str,
         target: str,
         timeout: float,
+        pinned: Mapping[str, str],
+        run_id: int,
         *,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
-    ) -> tuple[int, dict] | None:
-        """One run of `target` in a child: its exit code and the result it wrote; None when the daemon is
-        stopping and no child was started. `args` and `env`: more for the child (on a Ray worker: where its
-        state is)."""
+    ) -> tuple[int, RunRecord] | None:
+        """One run of `target` in a child: its exit code and the record it wrote; None when the daemon is
+        stopping and no child was started. `pinned`: model -> the revision the daemon resolved, which the child
+        merges; `run_id` goes into the commit it publishes. `args` and `env`: more for the child (on a Ray worker:
+        where its state is)."""
         with tempfile.TemporaryDirectory(prefix="mergebot-run-") as temp:
             result_path = Path(temp) / "result.json"
+            inputs_path = Path(temp) / "inputs.json"
+            inputs_path.write_text(json.dumps(dict(pinned)))
             command = [
                 sys.executable, "-m", "mergebot.cli", "run-target",
-                "--config", str(config_path), "--target", target, "--result", str(result_path), *args,
+                "--config", str(config_path), "--target", target, "--result", str(result_path),
+                "--inputs", str(inputs_path), "--run-id", str(run_id), *args,
             ]  # fmt: skip
             with self._lock:
                 if self._stopped:
@@ -89,12 +97,11 @@ class Children:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-                return -signal.SIGKILL, {"reason": f"merge_timeout of {timeout:.0f} s exceeded"}
+                return -signal.SIGKILL, RunRecord(reason=f"merge_timeout of {timeout:.0f} s exceeded")
             finally:
                 with self._lock:
                     self._running.discard(child)
-            result = json.loads(result_path.read_text()) if result_path.exists() else {}
-            return child.returncode, result
+            return child.returncode, _read_record(result_path)
 
     def stop_all(self, grace: float) -> None:
         """SIGTERM every child at once (each stops at a shard boundary), then SIGKILL what is left after `grace`."""
@@ -106,3 +113,13 @@ class Children:
             child.send_signal(signal.SIGTERM)
         for child in children:
             stop_process(child, max(0.0, deadline - time.monotonic()))
+
+
+def _read_record(path: Path) -> RunRecord:
+    """The record the child wrote; none (a child killed before it wrote one) or an unreadable one says so."""
+    if not path.exists():
+        return RunRecord()
+    try:
+        return from_json(path.read_bytes())
+    except StateError as error:
+        return RunRecord(reason=f"the merge child's record: {error}")

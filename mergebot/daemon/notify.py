@@ -25,10 +25,11 @@ from urllib.parse import urlsplit
 from mergebot import log
 from mergebot.config.daemon import DaemonConfig, NotifySettings, Target
 from mergebot.daemon.page import hub_url
-from mergebot.daemon.runs import Run
+from mergebot.daemon.runs import RUNNING, Run
 from mergebot.daemon.state import State
 from mergebot.files import short_identity
 from mergebot.log import redact, redact_value
+from mergebot.runrecord import SUCCESSFUL, Outcome, RunRecord
 
 PAYLOAD_VERSION = 1
 """Of the json format; it grows only by new fields, and goes up when a field changes meaning or goes."""
@@ -53,6 +54,7 @@ LOOKBACK = 100
 DISCORD_LIMIT = 2000
 
 _log = log.get("notify")
+UNSUCCESSFUL = (Outcome.FAILED, Outcome.INTERNAL_ERROR)
 
 
 class Notifier:
@@ -110,13 +112,15 @@ def run_events(target: Target, state: State, hub: str, run_id: int | None, gave_
     if run is None:
         return [_payload("failed", target, None, revision, hub) | {"reason": gave_up}] if gave_up else []
     names = []
-    if run.outcome == "published":
+    if run.outcome == Outcome.PUBLISHED:
         names.append("published")
-    elif run.outcome == "held" or (run.outcome == "failed" and _ended_for_good(run)):
-        names.append(run.outcome)
+    elif run.outcome == Outcome.HELD:
+        names.append("held")
+    elif run.outcome in UNSUCCESSFUL and _ended_for_good(run):
+        names.append("failed")  # an internal error too, once the daemon gave up on it
     before = next((r for r in runs if r.id < run.id and _ended_for_good(r)), None)
-    recovering = before is not None and before.outcome in ("held", "failed")
-    if run.outcome in ("published", "unchanged") and recovering:
+    recovering = before is not None and before.outcome in (*UNSUCCESSFUL, Outcome.HELD)
+    if run.outcome in SUCCESSFUL and recovering:
         names.append("recovered")
     events = [_payload(name, target, run, revision, hub) for name in names]
     for event in events:
@@ -129,13 +133,14 @@ def run_events(target: Target, state: State, hub: str, run_id: int | None, gave_
 
 def _ended_for_good(run: Run) -> bool:
     """Not a failure the daemon retries: transient ones count only once the daemon gave up on them."""
-    if run.outcome in ("interrupted", "running"):
+    if run.outcome in (Outcome.INTERRUPTED, RUNNING):
         return False
-    return not run.transient or bool((run.details or {}).get("gave_up"))
+    return not run.transient or run.record.gave_up
 
 
 def _payload(name: str, target: Target, run: Run | None, revision: str | None, hub: str) -> dict:
-    details = (run.details if run else None) or {}
+    record = run.record if run else RunRecord()
+    figures = record.figures
     finished = run.finished if run and run.finished else time.time()
     return {
         "version": PAYLOAD_VERSION,
@@ -149,12 +154,12 @@ def _payload(name: str, target: Target, run: Run | None, revision: str | None, h
         "finished": datetime.fromtimestamp(finished, UTC).isoformat(timespec="seconds"),
         "inputs": run.inputs if run else {},
         "reason": run.reason if run and name in ("held", "failed") else None,
-        "culprit": details.get("culprit") if name in ("held", "failed") else None,
-        "shards": {"recomputed": details.get("computed", []), "reused": details.get("reused", [])},
+        "culprit": record.culprit if name in ("held", "failed") else None,
+        "shards": {"recomputed": record.computed, "reused": record.reused},
         "validation": {
-            "merge_ppl": _finite(details.get("merge_ppl")),
-            "parent_ppl": {k: _finite(v) for k, v in details.get("parent_ppl", {}).items()},
-            "kl": {k: _finite(v) for k, v in details.get("kl", {}).items()},
+            "merge_ppl": _finite(figures.get("merge_ppl")),
+            "parent_ppl": {k: _finite(v) for k, v in figures.get("parent_ppl", {}).items()},
+            "kl": {k: _finite(v) for k, v in figures.get("kl", {}).items()},
         },
     }
 

@@ -20,7 +20,8 @@ import signal
 import socket
 import tempfile
 import threading
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -30,14 +31,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mergebot.config.executor import RaySettings
 from mergebot.daemon.children import Children
+from mergebot.daemon.runs import run_as_dict
 from mergebot.daemon.state import State
 from mergebot.errors import ClusterError, ExitCode
 from mergebot.files import write_json_atomic
+from mergebot.runrecord import RunRecord
 
 STATE_DIR_ENV = "MERGEBOT_STATE_DIR"
 """Overrides the config's state_dir (config/daemon.py): on a worker, the child's state_dir is its work directory."""
-NODE = "ray_node"
-"""In a run's record: the Ray node it ran on, which the target's next run asks for; None for any."""
 CONNECT_TIMEOUT_S = 10.0
 STOP_MARGIN_S = 5.0
 """Past `stop_grace`, how long the actors' own SIGKILL of their children may take before the actors are killed."""
@@ -62,26 +63,28 @@ class RayExecutor:
         self._lock = threading.Lock()
         self._stopped = False
 
-    def run(self, config_path: Path, config_text: str, target: str, timeout: float) -> tuple[int, dict] | None:
+    def run(
+        self, config_path: Path, config_text: str, target: str, timeout: float, pinned: Mapping[str, str], run_id: int
+    ) -> tuple[int, RunRecord] | None:
         with self._lock:
             if self._stopped:
                 return None
             actor = _Worker.options(**self._placement(target)).remote()
             self._running.add(actor)
         try:
-            job = (str(config_path), config_text, target, timeout, self._last_run(target))
+            job = (str(config_path), config_text, target, timeout, dict(pinned), run_id, self._last_run(target))
             ref = actor.run.remote(*job, self._key, self._settings.work_dir, self._settings.disk)
             ready, _ = ray.wait([ref], timeout=timeout)  # from submission: time waiting for a worker counts
             if not ready:
-                return -signal.SIGKILL, {"reason": f"merge_timeout of {timeout:.0f} s exceeded"}
+                return -signal.SIGKILL, RunRecord(reason=f"merge_timeout of {timeout:.0f} s exceeded")
             code, result, node = ray.get(ref)
         except RayError as error:
-            return ExitCode.RETRY_LATER, {"reason": f"the Ray task failed: {_first_line(error)}", NODE: None}
+            return ExitCode.RETRY_LATER, RunRecord(reason=f"the Ray task failed: {_first_line(error)}")
         finally:
             with self._lock:
                 self._running.discard(actor)
             ray.kill(actor)
-        return code, result | {NODE: node}
+        return code, replace(result, node=node)
 
     def stop_all(self, grace: float) -> None:
         with self._lock:
@@ -104,8 +107,8 @@ class RayExecutor:
         """The node that made the target's merge last, where its finished shards are: as its last run recorded
         it (None: any node will do), or, for a run that recorded nothing (interrupted), its last successful one."""
         for run in (self._state.last_run(target), self._state.last_successful_run(target)):
-            if run is not None and NODE in (run.details or {}):
-                return run.details[NODE]
+            if run is not None and run.record.node is not None:
+                return run.record.node
         return None
 
     def _last_run(self, target: str) -> dict | None:
@@ -114,7 +117,7 @@ class RayExecutor:
         if target in self._state.releases():
             return None
         last = self._state.last_successful_run(target)
-        return asdict(last) if last else None
+        return run_as_dict(last) if last else None
 
 
 def _check_reachable(address: str) -> None:
@@ -148,11 +151,13 @@ class _Worker:
         config_text: str,
         target: str,
         timeout: float,
+        pinned: dict[str, str],
+        run_id: int,
         last_run: dict | None,
         key: str,
         work_dir: str | None,
         disk: int | None,
-    ) -> tuple[int, dict, str | None]:
+    ) -> tuple[int, RunRecord, str | None]:
         """(exit code, result, the node to prefer for the target's next run, None for any)."""
         node = ray.get_runtime_context().get_node_id()
         state_dir = Path(work_dir or Path(tempfile.gettempdir()) / "mergebot-ray") / key
@@ -161,7 +166,7 @@ class _Worker:
         if disk is not None and free < disk:
             where = f"{socket.gethostname()}:{state_dir}"
             reason = f"{where} has {free:,} bytes free, less than daemon.ray.disk ({disk:,} bytes)"
-            return ExitCode.RETRY_LATER, {"reason": reason}, None
+            return ExitCode.RETRY_LATER, RunRecord(reason=reason), None
         with tempfile.TemporaryDirectory(prefix="mergebot-run-") as temp:
             record = Path(temp) / "last-run.json"
             write_json_atomic(record, last_run)
@@ -170,11 +175,13 @@ class _Worker:
                 config_text,
                 target,
                 timeout,
+                pinned,
+                run_id,
                 args=["--last-run", str(record)],
                 env={STATE_DIR_ENV: str(state_dir)},
             )
         if finished is None:
-            return ExitCode.INTERRUPTED, {"reason": "stopped before the run began"}, node
+            return ExitCode.INTERRUPTED, RunRecord(reason="stopped before the run began"), node
         code, result = finished
         return code, result, node
 

@@ -3,13 +3,12 @@
 Apart from `state.py` so that the database's machinery and the meaning of one row each fit in a module.
 """
 
-import json
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
-Outcome = Literal["published", "failed", "unchanged", "interrupted", "held"]
-"""`held`: the regression check against the last publish refused the merge; nothing was uploaded."""
-OUTCOMES: tuple[str, ...] = get_args(Outcome)
+from mergebot.runrecord import Outcome, RunRecord, from_json, to_json
+
+OUTCOMES: tuple[str, ...] = tuple(Outcome)
 # What a run is before it finishes; a run still in this state on daemon start-up belongs to a dead process.
 RUNNING = "running"
 
@@ -18,7 +17,8 @@ RUN_COLUMNS = "id, target, config_hash, started, finished, outcome, reason, tran
 
 @dataclass(frozen=True)
 class Run:
-    """One pipeline run of a target. `outcome` is "running" until `finish_run` (or `mark_interrupted_runs`)."""
+    """One pipeline run of a target. `outcome` is "running" until `finish_run` (or `mark_interrupted_runs`);
+    `record` is what the daemon knew when it started the run until then, and the child's record after."""
 
     id: int
     target: str
@@ -30,7 +30,7 @@ class Run:
     reason: str | None
     transient: bool
     published_sha: str | None
-    details: dict[str, Any] | None
+    record: RunRecord
 
 
 def run_from_row(row: tuple[Any, ...], inputs: dict[str, str]) -> Run:
@@ -43,9 +43,18 @@ def run_from_row(row: tuple[Any, ...], inputs: dict[str, str]) -> Run:
         inputs=inputs,
         started=started,
         finished=finished,
-        outcome=outcome,
+        outcome=outcome if outcome == RUNNING else Outcome(outcome),
         reason=reason,
         transient=bool(transient),
         published_sha=published_sha,
-        details=None if details is None else json.loads(details),
+        record=RunRecord() if details is None else from_json(details),
     )
+
+
+def run_as_dict(run: Run) -> dict[str, Any]:
+    """A run as JSON can carry it (to a merge child on a Ray worker, which cannot read the daemon's state)."""
+    return asdict(run) | {"record": to_json(run.record)}
+
+
+def run_from_dict(data: dict[str, Any]) -> Run:
+    return Run(**(data | {"record": from_json(data["record"])}))

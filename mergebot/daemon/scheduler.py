@@ -1,13 +1,9 @@
 """The long-running daemon: decides *when* a target runs and runs it in a child process. It never imports torch.
 
 Polling resolves each distinct upstream (repo, revision) once per interval with one cheap call; a webhook only
-moves that check forward. A target is due when an input's content or its config differs from its last successful
-run; `on_change` targets run after a short debounce, `nightly` ones in the cron window (or at once if a window
-passed while the daemon was down). One run per target at a time; at most `max_concurrent_merges` at once.
-
-A run the child holds (worse than the target's last publish) publishes nothing; the target then waits, like a
-failed one, for new input content or a config change, or for a person's `mergebot release`, which the 2 s watch
-job turns into a run at once.
+moves that check forward. What a target needs is `decide`'s; `on_change` targets run after a short debounce,
+`nightly` ones in the cron window. One run per target at a time; at most `max_concurrent_merges` at once. A held
+target's `mergebot release` is turned into a run at once by the 2 s watch job.
 
 Stopping (SIGTERM, SIGINT): no new job or child starts, the children are stopped within `stop_grace`, the jobs
 still running see `stopping` and end, and only then is the state closed.
@@ -16,6 +12,7 @@ still running see `stopping` and end, and only then is the state closed.
 import signal
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -27,21 +24,24 @@ from apscheduler.triggers.cron import CronTrigger
 from mergebot import log
 from mergebot.config.daemon import DaemonConfig, Target
 from mergebot.daemon.cleanup import clean_unused_revisions
+from mergebot.daemon.decide import Act, Facts, decide, window_passed
 from mergebot.daemon.endpoints import start_metrics, start_webhook
 from mergebot.daemon.executor import start_executor
 from mergebot.daemon.lock import acquire_lock
 from mergebot.daemon.notify import Notifier
 from mergebot.daemon.page import page_data
+from mergebot.daemon.recover import recover_runs
 from mergebot.daemon.reload import read_config, reread
-from mergebot.daemon.runs import Outcome
+from mergebot.daemon.runs import Run
 from mergebot.daemon.stages import reference, running_reader, waits_for_upstream
 from mergebot.daemon.state import State, TargetState
 from mergebot.daemon.status import metrics_text
 from mergebot.daemon.systemd import notify, watchdog_interval
-from mergebot.daemon.watch import RetryUntilStopped, Upstream, due_reason, refused_with, window_missed
+from mergebot.daemon.watch import RetryUntilStopped, Upstream
 from mergebot.errors import ExitCode, MergebotError
 from mergebot.hub.client import HubClient
-from mergebot.hub.endpoints import reader
+from mergebot.hub.endpoints import publisher, reader
+from mergebot.runrecord import SUCCESSFUL, Outcome, RunRecord
 
 WATCH_SECONDS = 2.0
 """How often the config file's mtime and the releases in the state are looked at."""
@@ -79,8 +79,7 @@ class Daemon:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def run(self) -> int:
-        for interrupted in self.state.mark_interrupted_runs():
-            self.log.warning("interrupted run found", target=interrupted.target, run=interrupted.id)
+        self._recover()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
@@ -140,6 +139,14 @@ class Daemon:
         self.scheduler.add_job(self._watch_config, "interval", seconds=WATCH_SECONDS, id="reload")
         self.scheduler.add_job(self._watch_releases, "interval", seconds=WATCH_SECONDS, id="releases")
 
+    def _recover(self) -> None:
+        """The runs a killed daemon left: a publish whose record was lost is recorded and announced."""
+        hub = publisher(self.config.daemon, retry=RetryUntilStopped(stopping=self.stopping))
+        recover_runs(self.config, self.state, hub, self._announce)
+
+    def _announce(self, run: Run) -> None:
+        self.notifier.after_run(self.config, self.config.targets[run.target], self.state, run.id)
+
     def _hub(self) -> HubClient:
         """The client the checks read upstream repos with (the read endpoint)."""
         return reader(self.config.daemon, retry=RetryUntilStopped(stopping=self.stopping))
@@ -164,7 +171,7 @@ class Daemon:
         for name in removed:
             if self.scheduler.get_job(f"run:{name}"):
                 self.scheduler.remove_job(f"run:{name}")
-        self.config, self.config_text = config, text
+        self.config_text, self.config = text, config
         for warning in config.warnings:
             self.log.warning("config", warning=warning)
         self.log.info("config reloaded", targets=sorted(config.targets), removed=sorted(removed))
@@ -201,39 +208,32 @@ class Daemon:
         self.log.warning("check failed", target=target.name, error=str(error))
         self.state.set_target_status(target.name, TargetState.CHECK_FAILED, f"cannot check inputs: {error}", next_check)
 
-    def _consider(self, target: Target, digests: dict[str, str], next_check: float) -> None:
-        reason = due_reason(target, digests, self.state)
-        if reason is None:
-            self.state.set_target_status(target.name, TargetState.UP_TO_DATE, None, next_check)
-            return
+    def _facts(self, target: Target) -> Facts:
         last = self.state.last_run(target.name)
-        unchanged = refused_with(self.state, target, digests)
-        if unchanged and last.outcome == "failed":
-            waiting = f"last run failed: {last.reason}; waits for new inputs or a config change"
-            self.state.set_target_status(target.name, TargetState.WAITING_FOR_CHANGE, waiting, next_check)
-            return
-        if unchanged:
-            if target.name not in self.state.releases():  # a released one is _watch_releases' to run
-                self.state.set_target_status(target.name, TargetState.HELD, last.reason, next_check)
-            return
-        if self._run_pending(target.name):
-            return
-        timezone = self.scheduler.timezone
-        if target.when == "nightly" and not window_missed(self.state, target, self.config.daemon.schedule, timezone):
-            fire = self.scheduler.get_job("nightly").next_run_time
-            waiting = f"due ({reason}); waits for the nightly window {fire}"
-            self.state.set_target_status(target.name, TargetState.WAITING_FOR_WINDOW, waiting, next_check)
-            return
-        self.log.info("target due", target=target.name, reason=reason)
-        self.state.set_target_status(target.name, TargetState.DUE, f"due ({reason}); run scheduled", next_check)
-        self._schedule_run(target.name, delay=self.config.daemon.debounce if target.when == "on_change" else 0)
+        passed = window_passed(last, self.config.daemon.schedule, self.scheduler.timezone)
+        return Facts(last, self.state.last_successful_run(target.name), target.name in self.state.releases(), passed)
+
+    def _consider(self, target: Target, digests: dict[str, str], next_check: float) -> None:
+        """Carry out what `decide` says; a released target is `_watch_releases`' to run."""
+        action = decide(target, digests, self._facts(target))
+        name, act, why = target.name, action.act, action.why
+        if act in (Act.UP_TO_DATE, Act.WAIT_FOR_CHANGE, Act.HOLD):
+            state = {Act.UP_TO_DATE: TargetState.UP_TO_DATE, Act.HOLD: TargetState.HELD}
+            self.state.set_target_status(name, state.get(act, TargetState.WAITING_FOR_CHANGE), why, next_check)
+        elif act == Act.WAIT_FOR_WINDOW and not self._run_pending(name):
+            waiting = f"due ({why}); waits for the nightly window {self.scheduler.get_job('nightly').next_run_time}"
+            self.state.set_target_status(name, TargetState.WAITING_FOR_WINDOW, waiting, next_check)
+        elif act == Act.RUN and not self._run_pending(name):
+            self.log.info("target due", target=name, reason=why)
+            self.state.set_target_status(name, TargetState.DUE, f"due ({why}); run scheduled", next_check)
+            self._schedule_run(name, delay=self.config.daemon.debounce if target.when == "on_change" else 0)
 
     def _watch_releases(self) -> None:
         """Run each held target a person released (`mergebot release`) now, not at the next poll, whatever its
         `when`: the person asked for this run."""
         for name in sorted(self.state.releases() & set(self.config.targets)):
             last = self.state.last_run(name)
-            if self.stopping.is_set() or last is None or last.outcome != "held" or self._run_pending(name):
+            if self.stopping.is_set() or last is None or last.outcome != Outcome.HELD or self._run_pending(name):
                 continue
             self.log.info("hold released", target=name, run=last.id)
             self.state.set_target_status(name, TargetState.DUE, "due (its hold was released); run scheduled", None)
@@ -261,6 +261,7 @@ class Daemon:
         """For cron users: run every due target now, one after another. A target whose inputs cannot be checked is
         recorded as such and the others still run; one refused before on the same content is not run again.
         ExitCode.VALIDATION_FAILED (1) when any target failed or is held."""
+        self._recover()
         hub = self._hub()
         resolved: dict[tuple[str, str | None], str] = {}
         failed = False
@@ -273,19 +274,19 @@ class Daemon:
                 self._check_failed(target, error, None)
                 failed = True
                 continue
-            reason = due_reason(target, inputs.digests, self.state)
-            if reason is None:
+            action = decide(target, inputs.digests, self._facts(target), now=True)
+            if action.act == Act.UP_TO_DATE:
                 self.log.info("up to date", target=target.name)
                 self.state.set_target_status(target.name, TargetState.UP_TO_DATE, None, None)
                 continue
-            if refused_with(self.state, target, inputs.digests) and target.name not in self.state.releases():
+            if action.act in (Act.WAIT_FOR_CHANGE, Act.HOLD):
                 self.log.info("still refused: nothing changed since", target=target.name)
                 failed = True
                 continue
-            self.log.info("target due", target=target.name, reason=reason)
+            self.log.info("target due", target=target.name, reason=action.why)
             self.run_target(target.name)
             last = self.state.last_run(target.name)
-            failed |= last is None or last.outcome in ("failed", "held")
+            failed |= last is None or last.outcome not in SUCCESSFUL
         self.notifier.close()
         self.state.close()
         self.lock.close()
@@ -294,6 +295,7 @@ class Daemon:
     # -- running -------------------------------------------------------------------------------------------------
     def run_target(self, name: str) -> None:
         """One run in a child process; the outcome goes to the state, transient failures are retried."""
+        text = self.config_text  # the text of the config `target` comes from: the child pins its models' inputs
         target = self.config.targets.get(name)
         if target is None:
             return
@@ -310,67 +312,70 @@ class Daemon:
                 if not self.stopping.is_set():
                     self._retry_later(target, f"cannot check inputs: {error}")
                 return
-            run_id = self.state.start_run(name, target.config_hash, inputs.shas)
+            run_id = self.state.start_run(name, target.config_hash, inputs.shas, inputs.digests)
             self.log.info("run started", target=name, run=run_id)
-            finished = self.executor.run(self.config_path, self.config_text, name, self.config.daemon.merge_timeout)
+            timeout = self.config.daemon.merge_timeout
+            finished = self.executor.run(self.config_path, text, name, timeout, inputs.shas, run_id)
             if finished is None or self.stopping.is_set():
                 return  # still "running" in the state: marked interrupted as the daemon stops
-            code, result = finished
-            self._record(target, run_id, code, result | {"digests": inputs.digests})
+            code, record = finished
+            self._record(target, run_id, code, replace(record, digests=inputs.digests))
         # Inputs may have moved while the child ran (a webhook or poll then found the run busy): look again, and
         # at the targets that read this one's merge.
         repos = [*target.merge.sources, reference(name)]
         self.scheduler.add_job(self.poll, args=[repos], id=f"recheck:{name}", replace_existing=True)
 
-    def _record(self, target: Target, run_id: int, code: int, result: dict) -> None:
+    def _record(self, target: Target, run_id: int, code: int, record: RunRecord) -> None:
         """The run's outcome by the child's exit code. A run that ends for good (anything but a transient failure)
         uses up a release of its target: its child read it, and the next inputs are compared with the last
         publish again."""
-        reason = result.get("reason")
+        reason = record.reason
         if code == ExitCode.OK:
-            self.failures.pop(target.name, None)
-            outcome = result.get("outcome", "published")
-            with self.state.transaction():
-                self.state.finish_run(run_id, outcome, published_sha=result.get("published_sha"), details=result)
-                for shard, fingerprint in result.get("fingerprints", {}).items():
-                    self.state.record_shard(target.name, shard, fingerprint)
-                self.state.set_target_status(target.name, TargetState.UP_TO_DATE, None, None)
-                self.state.clear_release(target.name)
-            self.log.info("run finished", target=target.name, outcome=outcome, sha=result.get("published_sha"))
-            self.notifier.after_run(self.config, target, self.state, run_id)
-            self._clean_cache()
+            self._succeeded(target, run_id, record)
             return
         if code == ExitCode.HELD:
             why = reason or "worse than the last publish"
-            self._finish_for_good(target, run_id, "held", why, result, TargetState.HELD, why)
-            self.log.warning("run held", target=target.name, culprit=result.get("culprit"), reason=why)
+            held = replace(record, outcome=Outcome.HELD, reason=why)
+            self._finish_for_good(target, run_id, held, TargetState.HELD, why)
+            self.log.warning("run held", target=target.name, culprit=record.culprit, reason=why)
             return
         if code in (ExitCode.VALIDATION_FAILED, ExitCode.PERMANENT):
             waiting = f"failed: {reason}; waits for new inputs or a config change"
-            why = reason or f"exit code {code}"
-            self._finish_for_good(target, run_id, "failed", why, result, TargetState.WAITING_FOR_CHANGE, waiting)
+            failed = replace(record, outcome=Outcome.FAILED, reason=reason or f"exit code {code}")
+            self._finish_for_good(target, run_id, failed, TargetState.WAITING_FOR_CHANGE, waiting)
             self.log.error("run failed", target=target.name, reason=reason)
             return
-        # RETRY_LATER, a crash, a signal, a timeout: the same run may succeed later.
+        # RETRY_LATER, an internal error, a crash, a signal, a timeout: the same run may succeed later.
+        outcome = Outcome.INTERNAL_ERROR if code == ExitCode.INTERNAL_ERROR else Outcome.FAILED
         why = reason or (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
-        details = (result | {"gave_up": True}) if self._out_of_retries(target.name) else result
-        self.state.finish_run(run_id, "failed", why, transient=True, details=details)
+        retried = replace(record, outcome=outcome, reason=why, gave_up=self._out_of_retries(target.name))
+        self.state.finish_run(run_id, retried, transient=True)
         self._retry_later(target, why, run_id)
 
-    def _finish_for_good(
-        self, target: Target, run_id: int, outcome: Outcome, why: str, result: dict, state: TargetState, waiting: str
-    ) -> None:
-        """A run that nothing but new inputs, a config change (or, held, a release) would change: it waits."""
+    def _succeeded(self, target: Target, run_id: int, record: RunRecord) -> None:
+        """A run that published or found nothing to change: its shards are the target's now."""
+        self.failures.pop(target.name, None)
         with self.state.transaction():
-            self.state.finish_run(run_id, outcome, why, details=result)
-            self.state.set_target_status(target.name, state, waiting, None)
+            self.state.finish_run(run_id, record)
+            for shard, fingerprint in record.fingerprints.items():
+                self.state.record_shard(target.name, shard, fingerprint)
+            self.state.set_target_status(target.name, TargetState.UP_TO_DATE, None, None)
             self.state.clear_release(target.name)
+        self.log.info("run finished", target=target.name, outcome=record.outcome, sha=record.published_sha)
         self.notifier.after_run(self.config, target, self.state, run_id)
-
-    def _clean_cache(self) -> None:
         removed, freed = clean_unused_revisions(self.config, self.state)
         if removed:
             self.log.info("cache cleaned", revisions=removed, freed_bytes=freed)
+
+    def _finish_for_good(
+        self, target: Target, run_id: int, record: RunRecord, state: TargetState, waiting: str
+    ) -> None:
+        """A run that nothing but new inputs, a config change (or, held, a release) would change: it waits."""
+        with self.state.transaction():
+            self.state.finish_run(run_id, record)
+            self.state.set_target_status(target.name, state, waiting, None)
+            self.state.clear_release(target.name)
+        self.notifier.after_run(self.config, target, self.state, run_id)
 
     def _out_of_retries(self, name: str) -> bool:
         return self.failures.get(name, 0) >= self.config.daemon.max_retries

@@ -105,6 +105,30 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 5: parents' measurements moved to files in mergebot's cache directory (mergebot.pipeline.parents), which the
     # CLI and the daemon's child share; the table's perplexities alone no longer make a gate decision.
     ("DROP TABLE parent_perplexity",),
+    # 6: a run may end "internal_error" (an unexpected exception in the merge child). Rebuilt as in 4.
+    (
+        """CREATE TABLE runs_v6 (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, target TEXT NOT NULL, config_hash TEXT NOT NULL,
+            started REAL NOT NULL, finished REAL,
+            outcome TEXT NOT NULL DEFAULT 'running' CHECK (outcome IN
+                ('running', 'published', 'failed', 'unchanged', 'interrupted', 'held', 'internal_error')),
+            reason TEXT, transient INTEGER NOT NULL DEFAULT 0, published_sha TEXT, details TEXT
+        )""",
+        "INSERT INTO runs_v6 SELECT id, target, config_hash, started, finished, outcome, reason, transient, "
+        "published_sha, details FROM runs",
+        "DELETE FROM sqlite_sequence WHERE name = 'runs_v6'",
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'runs_v6', seq FROM sqlite_sequence WHERE name = 'runs'",
+        """CREATE TABLE run_inputs_v6 (
+            run_id INTEGER NOT NULL REFERENCES runs_v6 (id), source TEXT NOT NULL, sha TEXT NOT NULL,
+            PRIMARY KEY (run_id, source)
+        ) WITHOUT ROWID""",
+        "INSERT INTO run_inputs_v6 SELECT run_id, source, sha FROM run_inputs",
+        "DROP TABLE run_inputs",
+        "DROP TABLE runs",
+        "ALTER TABLE runs_v6 RENAME TO runs",
+        "ALTER TABLE run_inputs_v6 RENAME TO run_inputs",
+        "CREATE INDEX runs_by_target ON runs (target, outcome, id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -12,8 +12,7 @@ from mergebot.config.daemon import DaemonConfig, Target
 from mergebot.config.models import TARGET_PREFIX
 from mergebot.daemon.runs import RUNNING
 from mergebot.daemon.state import State, TargetState
-
-PASSED = ("published", "unchanged")
+from mergebot.runrecord import SUCCESSFUL
 
 
 def reference(target: str) -> str:
@@ -37,7 +36,7 @@ def _upstream_wait(target: Target, state: State, pending: Callable[[str], bool])
         last = state.last_run(name)
         if last is None:
             return f"waits for target {name}, which it reads, to make its first merge"
-        if last.outcome not in PASSED:
+        if last.outcome not in SUCCESSFUL:
             return f"waits for target {name}, which it reads: its last run {last.outcome} ({last.reason})"
     return None
 

@@ -13,22 +13,22 @@ writes are few and small and SQLite admits one writer at a time anyway, so per-t
 connections to close and nothing in throughput. Keep `transaction()` blocks short: other threads wait on them.
 """
 
-import json
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from mergebot.daemon.runs import OUTCOMES, RUN_COLUMNS, RUNNING, Outcome, Run, run_from_row
+from mergebot.daemon.runs import OUTCOMES, RUN_COLUMNS, RUNNING, Run, run_from_row
 from mergebot.daemon.schema import check_version, enable_wal, migrate
 from mergebot.errors import StateError
 from mergebot.log import redact
+from mergebot.runrecord import Outcome, RunRecord, to_json
 
 STATE_FILE = "state.sqlite3"
 # Long enough to outwait any write the daemon or its child makes (all are small), short enough that a wedged
@@ -196,11 +196,16 @@ class State:
 
     # --- runs ---------------------------------------------------------------------------------------------------
 
-    def start_run(self, target: str, config_hash: str, inputs: Mapping[str, str]) -> int:
-        """Record a run as started with the input shas it merges (repo id or local path -> sha); returns its id."""
+    def start_run(
+        self, target: str, config_hash: str, inputs: Mapping[str, str], digests: Mapping[str, str] | None = None
+    ) -> int:
+        """Record a run as started with what the daemon resolved for it: the input shas it merges (repo id or local
+        path -> sha) and their content digests, kept as the run's record until it finishes; returns its id."""
+        started = RunRecord(inputs=dict(inputs), digests=dict(digests or {}))
         with self._write() as db:
             run_id = db.execute(
-                "INSERT INTO runs (target, config_hash, started) VALUES (?, ?, ?)", (target, config_hash, time.time())
+                "INSERT INTO runs (target, config_hash, started, details) VALUES (?, ?, ?, ?)",
+                (target, config_hash, time.time(), to_json(started)),
             ).lastrowid
             db.executemany(
                 "INSERT INTO run_inputs (run_id, source, sha) VALUES (?, ?, ?)",
@@ -209,25 +214,14 @@ class State:
         assert run_id is not None  # an INSERT always sets it
         return run_id
 
-    def finish_run(
-        self,
-        run_id: int,
-        outcome: Outcome,
-        reason: str | None = None,
-        *,
-        transient: bool = False,
-        published_sha: str | None = None,
-        details: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Record how a run ended. `transient` failures are retried with backoff; others wait for a change.
-
-        `details` is stored as JSON (shards computed/reused, bytes downloaded, perplexities, seconds).
-        """
-        if outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
-        if outcome == "published" and not published_sha:
+    def finish_run(self, run_id: int, record: RunRecord, *, transient: bool = False) -> None:
+        """Record how a run ended: its outcome, reason and published sha as the record says, and the record.
+        `transient` failures are retried with backoff; others wait for a change."""
+        if record.outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {record.outcome!r}")
+        if record.outcome == Outcome.PUBLISHED and not record.published_sha:
             raise ValueError("a published run needs the published sha")
-        details_json = None if details is None else json.dumps(details, sort_keys=True)
+        record = replace(record, reason=record.reason and redact(record.reason))
         with self._write() as db:
             row = db.execute("SELECT outcome FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None:
@@ -237,8 +231,20 @@ class State:
             db.execute(
                 "UPDATE runs SET finished = ?, outcome = ?, reason = ?, transient = ?, published_sha = ?, details = ? "
                 "WHERE id = ?",
-                (time.time(), outcome, reason and redact(reason), transient, published_sha, details_json, run_id),
+                (
+                    time.time(),
+                    str(record.outcome),
+                    record.reason,
+                    transient,
+                    record.published_sha,
+                    to_json(record),
+                    run_id,
+                ),
             )
+
+    def running_runs(self) -> list[Run]:
+        """Runs still "running": on daemon start-up (holding the lock), those of a dead process."""
+        return self._select_runs("outcome = ? ORDER BY id", (RUNNING,))
 
     def mark_interrupted_runs(self, reason: str = "the daemon stopped before the run finished") -> list[Run]:
         """Mark every run still "running" as interrupted (transient, so it is retried) and return them.
@@ -323,7 +329,7 @@ class State:
         """
         with self._write() as db:
             status, last = self.target_status(target), self.last_run(target)
-            if status is None or status.state != TargetState.HELD or last is None or last.outcome != "held":
+            if status is None or status.state != TargetState.HELD or last is None or last.outcome != Outcome.HELD:
                 return None
             db.execute(
                 "INSERT INTO releases (target, requested) VALUES (?, ?) "

@@ -11,6 +11,7 @@ from mergebot.daemon.lock import daemon_pid
 from mergebot.daemon.runs import Run
 from mergebot.daemon.state import STATE_FILE, State, TargetState
 from mergebot.log import redact_value
+from mergebot.runrecord import Outcome
 
 
 def _when(timestamp: float | None) -> str | None:
@@ -33,17 +34,18 @@ def _finite(value: object) -> float | None:
 
 def _figures(run: Run) -> dict:
     """A run in a line of the status page: how long it took, the gate's figures and the shards it recomputed."""
-    details = run.details or {}
+    record = run.record
+    figures = record.figures
     return {
         "id": run.id,
         "outcome": run.outcome,
         "started": _when(run.started),
         "seconds": round(run.finished - run.started, 1) if run.finished else None,
-        "merge_ppl": _finite(details.get("merge_ppl")),
-        "parent_ppl": {name: _finite(ppl) for name, ppl in (details.get("parent_ppl") or {}).items()},
-        "kl": {name: _finite(kl) for name, kl in (details.get("kl") or {}).items()},
-        "computed": len(details.get("computed") or ()),
-        "reused": len(details.get("reused") or ()),
+        "merge_ppl": _finite(figures.get("merge_ppl")),
+        "parent_ppl": {name: _finite(ppl) for name, ppl in (figures.get("parent_ppl") or {}).items()},
+        "kl": {name: _finite(kl) for name, kl in (figures.get("kl") or {}).items()},
+        "computed": len(record.computed),
+        "reused": len(record.reused),
         "published_sha": run.published_sha,
     }
 
@@ -90,9 +92,9 @@ def collect_status(config: DaemonConfig) -> dict:
                 "state": status.state.value if status else None,
                 "waiting": (status.waiting_reason if status else "never checked") or "up to date",
                 "hold": None
-                if last is None or last.outcome != "held" or status is None or status.state != TargetState.HELD
+                if last is None or last.outcome != Outcome.HELD or status is None or status.state != TargetState.HELD
                 else {
-                    "culprit": (last.details or {}).get("culprit"),
+                    "culprit": last.record.culprit,
                     "reason": last.reason,
                     "at": success.published_sha if success else None,
                     "released": name in released,
@@ -152,21 +154,20 @@ def metrics_text(config: DaemonConfig, state: State) -> str:
     for name in sorted(config.targets):
         runs = state.runs(name, limit=1_000_000)
         for way, samples in transfers.items():
-            total = sum((run.details or {}).get(f"{way}_bytes", 0) for run in runs)
+            total = sum(getattr(run.record, f"{way}_bytes") for run in runs)
             samples.append(f'mergebot_{way}_bytes_total{{target="{name}"}} {total}')
-        publish = next((run for run in runs if run.outcome == "published" and run.finished), None)
+        publish = next((run for run in runs if run.outcome == Outcome.PUBLISHED and run.finished), None)
         if publish is not None:
             since_publish.append(f'mergebot_seconds_since_last_publish{{target="{name}"}} {now - publish.finished:.0f}')
         for outcome in sorted({run.outcome for run in runs}):
             count = sum(run.outcome == outcome for run in runs)
             lines.append(f'mergebot_runs_total{{target="{name}",outcome="{outcome}"}} {count}')
-        holds.append(f'mergebot_holds_total{{target="{name}"}} {sum(run.outcome == "held" for run in runs)}')
+        holds.append(f'mergebot_holds_total{{target="{name}"}} {sum(run.outcome == Outcome.HELD for run in runs)}')
         success = state.last_successful_run(name)
         if success is not None:
             gauges.append(f'mergebot_last_success_timestamp_seconds{{target="{name}"}} {success.finished or 0:.0f}')
-            seconds = (success.details or {}).get("seconds")
-            if seconds is not None:
-                gauges.append(f'mergebot_last_run_seconds{{target="{name}"}} {seconds}')
+            if success.record.seconds:  # a publish recovered after a crash has no duration
+                gauges.append(f'mergebot_last_run_seconds{{target="{name}"}} {success.record.seconds}')
     lines += [
         "# HELP mergebot_holds_total Runs held because an input or the merge regressed since the last publish.",
         "# TYPE mergebot_holds_total counter",

@@ -1,5 +1,5 @@
-"""What changed upstream: each input's identity now, the content a merge would read from it, and whether that makes
-a target due.
+"""What changed upstream: each input's identity now, and the content a merge would read from it (whether that
+makes a target due is `decide`'s).
 
 A Hub input costs one cheap `resolve` per (repo, revision) per check; its file listing is fetched once per commit
 sha (a commit never changes). A local directory's identity already is a digest of the files a merge reads.
@@ -10,9 +10,6 @@ import json
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
-
-from apscheduler.triggers.cron import CronTrigger
 
 from mergebot import log
 from mergebot.config.daemon import Target
@@ -51,20 +48,6 @@ def content_digest(hub: HubClient, repo: str, sha: str) -> str:
     files = hub.list_files(repo, sha).files
     read = sorted((name, file.sha256 or file.oid or "") for name, file in files.items() if is_merge_input(name))
     return hashlib.sha256(json.dumps(read).encode()).hexdigest()
-
-
-def due_reason(target: Target, digests: dict[str, str], state: State) -> str | None:
-    """Why the target needs a run, or None when its last successful run read exactly this content and config."""
-    last = state.last_successful_run(target.name)
-    if last is None:
-        return "never merged"
-    if last.config_hash != target.config_hash:
-        return "its merge config changed"
-    previous = (last.details or {}).get("digests", {})
-    changed = sorted(model for model, digest in digests.items() if previous.get(model) != digest)
-    if changed:
-        return "new upstream content in " + ", ".join(changed)
-    return None
 
 
 class Upstream:
@@ -109,24 +92,3 @@ class Upstream:
 
 def _joined(digests: Iterable[str]) -> str:
     return hashlib.sha256("+".join(digests).encode()).hexdigest()
-
-
-def refused_with(state: State, target: Target, digests: dict[str, str]) -> bool:
-    """The last run was refused (failed for good, or held) on exactly this content and config: running it again
-    would only be refused again."""
-    last = state.last_run(target.name)
-    return bool(
-        last
-        and last.outcome in ("failed", "held")
-        and not last.transient
-        and (last.details or {}).get("digests") == digests
-        and last.config_hash == target.config_hash
-    )
-
-
-def window_missed(state: State, target: Target, schedule: str, timezone: tzinfo) -> bool:
-    """A nightly window that passed since the target's last run (the daemon was down or busy) still counts."""
-    last = state.last_run(target.name)
-    since = datetime.fromtimestamp(last.started if last else 0, timezone)
-    fire = CronTrigger.from_crontab(schedule, timezone=timezone).get_next_fire_time(None, since)
-    return last is not None and fire is not None and fire <= datetime.now(timezone)

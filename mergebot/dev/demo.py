@@ -25,6 +25,7 @@ from mergebot.daemon.runs import RUNNING, Run
 from mergebot.daemon.state import STATE_FILE, State
 from mergebot.errors import MergebotError
 from mergebot.files import INDEX_FILE, SINGLE_FILE, default_cache_dir
+from mergebot.runrecord import Outcome
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -127,7 +128,7 @@ class _Watch:
                 phase += f" {event.get('number')}/{event.get('of')}: {event.get('step')}"
             yield phase
 
-    def next_run(self, count: int, label: str, expected: str) -> Run:
+    def next_run(self, count: int, label: str, expected: Outcome) -> Run:
         """Wait for the target's `count`-th finished run, saying what it does meanwhile, say what it did, and fail
         the demo unless its outcome is `expected`."""
         started = time.monotonic()
@@ -144,12 +145,12 @@ class _Watch:
         run = runs[0]
         if run.outcome != expected:
             raise DemoError(f"{label}: expected {expected}, the run {run.outcome}: {run.reason}; see {self.log_path}")
-        details = run.details or {}
-        parents = ", ".join(f"{name} {_ppl(ppl)}" for name, ppl in details.get("parent_ppl", {}).items())
+        record, figures = run.record, run.record.figures
+        parents = ", ".join(f"{name} {_ppl(ppl)}" for name, ppl in figures.get("parent_ppl", {}).items())
         sha = f" {run.published_sha[:12]}" if run.published_sha else ""
         _say(
-            f"   {TARGET}: {run.outcome}{sha} · output shards computed {len(details.get('computed', []))}, reused "
-            f"{len(details.get('reused', []))} · perplexity {_ppl(details.get('merge_ppl'))} (parents: {parents})"
+            f"   {TARGET}: {run.outcome}{sha} · output shards computed {len(record.computed)}, reused "
+            f"{len(record.reused)} · perplexity {_ppl(figures.get('merge_ppl'))} (parents: {parents})"
         )
         return run
 
@@ -285,7 +286,7 @@ def run_demo(keep: bool) -> int:
             _say(f"   pid {daemon.pid}, log {log_path}")
         watch = _Watch(state_dir, daemon, log_path)
         with step("The daemon merges, validates and publishes; then the published merge is asked a question"):
-            first = watch.next_run(1, "merge, validate, publish", "published")
+            first = watch.next_run(1, "merge, validate, publish", Outcome.PUBLISHED)
             published = Path(snapshot_download(MERGED, revision=first.published_sha, endpoint=hub.url, token=TOKEN))
             answer = realmodel.chat_answer(published, QUESTION)
             _say(f"   asked {QUESTION!r}, the published merge answers {answer!r}")
@@ -296,9 +297,9 @@ def run_demo(keep: bool) -> int:
             hub.reset_stats()
             update = api.upload_folder(repo_id=CODE, folder_path=upstream[CODE], commit_message="retouch one shard").oid
             _say(f"   pushed {update[:12]}")
-            second = watch.next_run(2, "re-merge what the changed shard feeds", "published")
+            second = watch.next_run(2, "re-merge what the changed shard feeds", Outcome.PUBLISHED)
         downloaded = hub.stats()["bytes_served"]
-        computed, reused = second.details["computed"], second.details["reused"]
+        computed, reused = second.record.computed, second.record.reused
         if computed != [shard]:
             raise DemoError(f"the update of {shard} recomputed {computed or 'nothing'}, not just {shard}")
 
@@ -307,7 +308,7 @@ def run_demo(keep: bool) -> int:
             broken = realmodel.broken_copy(upstream[CODE], root / "upstream" / f"{CODE}-broken")
             bad = api.upload_folder(repo_id=CODE, folder_path=broken, commit_message="broken conversion").oid
             _say(f"   pushed {bad[:12]}")
-            third = watch.next_run(3, "check the broken revision", "held")
+            third = watch.next_run(3, "check the broken revision", Outcome.HELD)
         status = collect_status(load_daemon_config(config))["targets"][TARGET]
         head = api.model_info(MERGED).sha
         if status["state"] != "held" or (status["hold"] or {}).get("culprit") != CODE:

@@ -214,7 +214,13 @@ class HubClient:
         self._call(repo, None, lambda: self._api.create_repo(repo, private=private, exist_ok=True), "create_repo")
 
     def commit(
-        self, repo: str, add: Mapping[str, Path | bytes], delete: Iterable[str], message: str, parent: str | None
+        self,
+        repo: str,
+        add: Mapping[str, Path | bytes],
+        delete: Iterable[str],
+        message: str,
+        parent: str | None,
+        description: str = "",
     ) -> str:
         """One atomic commit on main adding `add` (name → file or content) and removing `delete`. `parent` is the
         head the commit was computed against, so a concurrent change fails it instead of being overwritten.
@@ -224,11 +230,20 @@ class HubClient:
         info = self._call(
             repo,
             "main",
-            lambda: self._api.create_commit(repo, operations, commit_message=message, parent_commit=parent),
+            lambda: self._api.create_commit(
+                repo, operations, commit_message=message, commit_description=description, parent_commit=parent
+            ),
             "commit",
         )
         self.uploaded_bytes += sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in add.values())
         return check_id(COMMIT_SHA, info.oid, "commit sha", f"{repo}@main")
+
+    def head_commit(self, repo: str) -> tuple[str, str, float]:
+        """(sha, description, unix time) of the newest commit on the repo's main branch."""
+        commits = self._call(repo, "main", lambda: self._api.list_repo_commits(repo, revision="main"))
+        if not commits:
+            raise HubNotFoundError(f"repo {repo}: main has no commits")
+        return commits[0].commit_id, commits[0].message or "", commits[0].created_at.timestamp()
 
     def _call(
         self, repo: str, revision: str | None, action: Callable[[], T], what: str = "request", file: str | None = None

@@ -2,17 +2,48 @@
 the standard cache (only the files a merge reads), a LoRA adapter the same way, applied to its base; and what each
 input is known by in run records and caches."""
 
+import json
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergebot.config.merge import MergeConfig
 from mergebot.config.models import Checkpoint, ModelSpec
-from mergebot.errors import HubRepoNotFoundError
+from mergebot.errors import ConfigError, HubRepoNotFoundError
 from mergebot.files import FileHashes, default_cache_dir, local_identity
 from mergebot.merge.source import AdapterSource, InputModel, open_model
 
 if TYPE_CHECKING:
     from mergebot.hub.client import HubClient
+
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+"""A full commit sha names one commit for good: a checkpoint pinned to one is read without resolving it again."""
+
+
+def read_pinned(path: Path) -> dict[str, str]:
+    """The revisions the daemon resolved for a run (model -> identity, as `identities` gives), from its file."""
+    try:
+        pinned = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: cannot read the pinned inputs: {error}") from error
+    if not isinstance(pinned, dict) or not all(isinstance(v, str) and isinstance(k, str) for k, v in pinned.items()):
+        raise ConfigError(f"{path}: the pinned inputs must map each model to a revision")
+    return pinned
+
+
+def pin_inputs(config: MergeConfig, pinned: Mapping[str, str]) -> MergeConfig:
+    """The merge with each Hub checkpoint fixed at the commit the daemon resolved, so the child merges exactly
+    what the daemon recorded even if a branch moved since; a local checkpoint is read as it is (its identity is
+    its content)."""
+    revisions = {}
+    for spec in config.models:
+        parts = pinned.get(spec.model, "").split("+")
+        if len(parts) != len(spec.checkpoints) or not all(parts):
+            raise ConfigError(f"model {spec.model}: no pinned revision for it among the run's inputs")
+        hub = [None if checkpoint.is_local else part for checkpoint, part in zip(spec.checkpoints, parts, strict=True)]
+        revisions[spec.model] = (hub[0], hub[1] if len(hub) > 1 else None)
+    return config.pinned(revisions)
 
 
 def resolve_inputs(config: MergeConfig, hub: "HubClient | None" = None) -> dict[str, InputModel]:
@@ -51,8 +82,9 @@ def _checkpoint_files(checkpoint: Checkpoint, hub: "HubClient | None") -> tuple[
     if checkpoint.is_local:
         return checkpoint.local_path, None, {}
     assert hub is not None, "a Hub checkpoint needs a Hub client"
+    revision = checkpoint.revision
     try:
-        sha = hub.resolve(checkpoint.name, checkpoint.revision)
+        sha = revision if revision and COMMIT_SHA.fullmatch(revision) else hub.resolve(checkpoint.name, revision)
     except HubRepoNotFoundError as error:
         raise HubRepoNotFoundError(
             f"no directory {checkpoint.name} here, and no repo {checkpoint.name} on {hub.endpoint} (or not visible "

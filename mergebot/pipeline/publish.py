@@ -44,9 +44,11 @@ def publish(
     *,
     private: bool = False,
     force: bool = False,
+    description: str = "",
 ) -> PublishResult:
     """One commit with changed shards, index, config, tokenizer and card; refused when validation failed.
-    `merged` is the merge config pinned to the revisions merged, for the card."""
+    `merged` is the merge config pinned to the revisions merged, for the card; `description`: the commit's (the
+    daemon's run id, by which a publish whose record was lost is recognised)."""
     if not report.passed and not force:
         raise PublishError(
             f"refusing to publish {out_dir} to {repo}: validation failed ({report.failure_summary}); --force overrides"
@@ -71,7 +73,7 @@ def publish(
     deleted = sorted(name for name in remote if name.endswith(".safetensors") and name not in shards)
     if not upload and not deleted:
         return PublishResult(repo, head or "", [], unchanged, deleted)
-    commit = client.commit(repo, upload, deleted, commit_message(merged), parent=head)
+    commit = client.commit(repo, upload, deleted, commit_message(merged), parent=head, description=description)
     return PublishResult(repo, commit, list(upload), unchanged, deleted)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from mergebot.config.daemon import ValidateSettings
 from mergebot.files import short_identity
 from mergebot.pipeline.report import ValidationReport
+from mergebot.runrecord import RunRecord
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,12 @@ class Hold:
 
 
 def baseline_from_record(
-    published_sha: str | None, inputs: dict[str, str], details: dict | None, *, same_merge: bool = True
+    published_sha: str | None, inputs: dict[str, str], record: RunRecord, *, same_merge: bool = True
 ) -> Baseline | None:
-    """The baseline from a successful run's record (its input identities and the TargetRun it wrote); None when the
+    """The baseline from a successful run's record (its input identities and the record it wrote); None when the
     record lacks the figures (a run from before they were recorded). With `same_merge` false (the target's merge
     config changed since), only the inputs are compared."""
-    details = details or {}
-    merge_ppl, parent_ppl = details.get("merge_ppl"), details.get("parent_ppl") or {}
+    merge_ppl, parent_ppl = record.figures.get("merge_ppl"), record.figures.get("parent_ppl") or {}
     if not published_sha or merge_ppl is None:
         return None
     known = {model: (identity, parent_ppl[model]) for model, identity in inputs.items() if parent_ppl.get(model)}

@@ -5,7 +5,7 @@ inputs did not change and resumes after a crash.
 """
 
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
 from mergebot import log
@@ -14,41 +14,15 @@ from mergebot.config.daemon import DaemonConfig, Target, ValidateSettings
 from mergebot.hub.endpoints import publisher, reader
 from mergebot.merge.engine import run_merge
 from mergebot.merge.source import InputModel
+from mergebot.pause import pause_point
 from mergebot.pipeline.gate import validate
-from mergebot.pipeline.inputs import identities, resolve_inputs
+from mergebot.pipeline.inputs import identities, pin_inputs, resolve_inputs
 from mergebot.pipeline.parents import Parent, SignatureCache
 from mergebot.pipeline.publish import publish
 from mergebot.pipeline.regression import Baseline, held_reason
 from mergebot.pipeline.report import ValidationReport, format_report
 from mergebot.progress import ShardProgress
-
-
-@dataclass
-class TargetRun:
-    """What a run did, written as JSON for the daemon to record."""
-
-    target: str
-    inputs: dict[str, str] = field(default_factory=dict)
-    outcome: str = "failed"
-    """published, unchanged, failed (the gate refused the merge) or held (worse than the last publish)."""
-    reason: str | None = None
-    culprit: str | None = None
-    """The input blamed for a failed or held run, when one is."""
-    published_sha: str | None = None
-    computed: list[str] = field(default_factory=list)
-    reused: list[str] = field(default_factory=list)
-    fingerprints: dict[str, str] = field(default_factory=dict)
-    uploaded: list[str] = field(default_factory=list)
-    downloaded_bytes: int = 0
-    """Fetched from the Hub by this run (files the cache did not hold yet)."""
-    uploaded_bytes: int = 0
-    merge_ppl: float | None = None
-    parent_ppl: dict[str, float | None] = field(default_factory=dict)
-    kl: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from mergebot.runrecord import RUN_TRAILER, Figures, Outcome, RunRecord
 
 
 def merged_dir(config: DaemonConfig, target: Target) -> Path:
@@ -65,30 +39,37 @@ def check_merge(
 
 
 def run_pipeline(
-    config: DaemonConfig, target: Target, cache: SignatureCache | None, baseline: Baseline | None
-) -> TargetRun:
+    config: DaemonConfig,
+    target: Target,
+    cache: SignatureCache | None,
+    baseline: Baseline | None,
+    pinned: Mapping[str, str] | None = None,
+    run_id: int | None = None,
+) -> RunRecord:
     """Run the whole pipeline for one target. A merge the gate refuses, or one the regression check against
-    `baseline` (the last publish) holds, is not published: the run says why, and which input is to blame."""
+    `baseline` (the last publish) holds, is not published: the run says why, and which input is to blame.
+    `pinned`: the revisions the daemon resolved, merged as they are; `run_id`: named in the commit."""
     started = time.monotonic()
     logger = log.get("pipeline").bind(target=target.name)
     upstream = reader(config.daemon)
-    run = TargetRun(target.name)
-    models = resolve_inputs(target.merge, upstream)
+    run = RunRecord()
+    merge_config = target.merge if pinned is None else pin_inputs(target.merge, pinned)
+    models = resolve_inputs(merge_config, upstream)
     run.inputs = identities(models)
     run.downloaded_bytes = upstream.downloaded_bytes
     logger.info("inputs resolved", inputs=run.inputs)
     out_dir = merged_dir(config, target)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    merge = run_merge(target.merge, models, out_dir, ShardProgress())
+    merge = run_merge(merge_config, models, out_dir, ShardProgress())
     run.computed, run.reused, run.fingerprints = merge.computed, merge.reused, merge.fingerprints
     logger.info("merged", computed=len(merge.computed), reused=len(merge.reused))
     report = check_merge(out_dir, models, target.validate, cache)
-    run.merge_ppl, run.kl = report.merge_ppl, report.kl
-    run.parent_ppl = {parent.name: parent.ppl for parent in report.parents}
+    parent_ppl = {parent.name: parent.ppl for parent in report.parents}
+    run.figures = Figures(merge_ppl=report.merge_ppl, parent_ppl=parent_ppl, kl=report.kl)
     run.seconds = round(time.monotonic() - started, 3)
     hold = held_reason(baseline, report, run.inputs, target.validate) if baseline else None
     if hold is not None:
-        run.outcome, run.reason, run.culprit = "held", hold.reason, hold.culprit
+        run.outcome, run.reason, run.culprit = Outcome.HELD, hold.reason, hold.culprit
         logger.warning("held", reason=hold.reason, report=format_report(report))
         return run
     if not report.passed:
@@ -98,11 +79,13 @@ def run_pipeline(
         return run
     merged = target.merge.pinned({name: model.pins for name, model in models.items()})
     hub = publisher(config.daemon)
-    result = publish(out_dir, target.repo, hub, report, merged, private=target.private)
+    trailer = f"{RUN_TRAILER}: {run_id}" if run_id is not None else ""
+    result = publish(out_dir, target.repo, hub, report, merged, private=target.private, description=trailer)
+    pause_point("published")
     run.published_sha = result.commit
     run.uploaded = result.uploaded
     run.uploaded_bytes = hub.uploaded_bytes
-    run.outcome = "published" if result.uploaded or result.deleted else "unchanged"
+    run.outcome = Outcome.PUBLISHED if result.uploaded or result.deleted else Outcome.UNCHANGED
     run.seconds = round(time.monotonic() - started, 3)
     logger.info("published", repo=target.repo, sha=result.commit, uploaded=len(result.uploaded))
     return run
