@@ -8,6 +8,7 @@ commit names it by sha256 as the client does (`lfsFile`). Nothing here is visibl
 """
 
 import json
+import secrets
 import threading
 from collections.abc import Iterator
 from itertools import accumulate
@@ -19,6 +20,8 @@ from mergebot.dev.devhub.store import HubError, Store
 from mergebot.dev.devhub.xetformat import (
     Chunk,
     FileInfo,
+    dedupe_eligible,
+    dedupe_shard,
     file_hash,
     hash_hex,
     hash_raw,
@@ -30,6 +33,7 @@ from mergebot.dev.devhub.xetformat import (
 from mergebot.files import write_atomic
 
 _READ = 1024 * 1024
+_DEDUPE_XORBS = 4  # xorbs a global-dedupe answer lists for one chunk (a run of zeros is in many)
 
 
 class _Reassembled:
@@ -123,6 +127,34 @@ class XetStore:
             raise HubError(400, f"File {name}: its bytes do not hash to the sha256 {sha256} its shard names") from None
         write_atomic(self._path("files", name), json.dumps({"size": size, "sha256": sha256, "terms": terms}).encode())
         write_atomic(self._path("sha256", sha256), name.encode())
+        self._index_for_dedupe(info)
+
+    def _index_for_dedupe(self, info: FileInfo) -> None:
+        """Note the xorb of each chunk of a kept file the client may ask global dedupe about: the file's first
+        chunk, and those `dedupe_eligible` names."""
+        for number, term in enumerate(info.terms):
+            xorb = hash_hex(term.xorb)
+            chunks = self.chunks(xorb) or []
+            for index in range(term.start, term.end):
+                if (number == 0 and index == term.start) or dedupe_eligible(chunks[index].hash):
+                    self._note_dedupe(hash_hex(chunks[index].hash), xorb)
+
+    def _note_dedupe(self, chunk: str, xorb: str) -> None:
+        path = self._path("dedupe", chunk)
+        with self._lock:
+            xorbs = json.loads(path.read_bytes()) if path.exists() else []
+            if xorb not in xorbs and len(xorbs) < _DEDUPE_XORBS:
+                write_atomic(path, json.dumps([*xorbs, xorb]).encode())
+
+    def dedupe(self, chunk: str) -> bytes | None:
+        """The global-dedupe answer for a chunk of a kept file (a shard listing the xorbs that hold it, keyed with a
+        fresh key), or None for a chunk no kept file's dedupe chunks name."""
+        path = self._path("dedupe", chunk)
+        if not path.exists():
+            return None
+        xorbs = json.loads(path.read_bytes())
+        listed = [(hash_raw(x), self.chunks(x) or [], self.xorb_path(x).stat().st_size) for x in xorbs]
+        return dedupe_shard(listed, secrets.token_bytes(32))
 
     def _content(self, terms: list[list[Any]]) -> Iterator[bytes]:
         loaded, data = None, b""  # consecutive terms often read the same xorb
