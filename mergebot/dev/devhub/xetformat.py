@@ -1,10 +1,10 @@
-"""The Xet formats the local Hub reads: hashes (keyed BLAKE3, the aggregated Merkle tree), xorbs and shards.
+"""The Xet formats the local Hub reads and writes: hashes (keyed BLAKE3, the aggregated Merkle tree), xorbs, shards.
 
 Written from the public Xet Protocol Specification; where the reference client (hf_xet) does more than the document
-says, the client is followed: it compresses chunks as LZ4 *frames*, and it appends a footer (`XETBLOB`, the chunk
-hashes and boundaries) after a xorb's chunks; a shard it downloads (a global-dedupe answer) must end with lookup
-tables and a footer naming them, where the specification shows reserved bytes. Everything here parses hostile bytes: every length is checked against
-what is left, and a chunk may not inflate past the size its header declares.
+says, the client is followed: it compresses chunks as LZ4 *frames*; it appends a footer (`XETBLOB`, the chunk hashes
+and boundaries) after a xorb's chunks; a shard it downloads (a global-dedupe answer) must end with lookup tables and
+a footer naming them, where the specification shows reserved bytes. Everything here parses hostile bytes: every
+length is checked against what is left, and a chunk may not inflate past the size its header declares.
 """
 
 import struct
@@ -246,25 +246,14 @@ def dedupe_shard(xorbs: list[tuple[bytes, list[Chunk], int]], key: bytes) -> byt
     chunk_table = xorb_table + 12 * len(xorb_lookup)
     footer_offset = chunk_table + 16 * len(chunk_lookup)
     now, disk = int(time.time()), sum(x[2] for x in xorbs)
-    counts = (xorb_table, 0, xorb_table, len(xorb_lookup), chunk_table, len(chunk_lookup))
+    tables = (xorb_table, 0, xorb_table, len(xorb_lookup), chunk_table, len(chunk_lookup))  # files, xorbs, chunks
+    times = (now, now + _DEDUPE_DAYS * 86400)  # created; expires (the client drops the shard, and its key, then)
+    footer = _FOOTER.pack(1, 48, xorb_offset, *tables, key, *times, *[0] * 6, disk, total, total, footer_offset)
     return b"".join(
         [
             SHARD_TAG + struct.pack("<QQ", 2, _FOOTER.size) + bookend + section + bookend,
             *(struct.pack("<QI", *entry) for entry in sorted(xorb_lookup)),
             *(struct.pack("<QII", *entry) for entry in sorted(chunk_lookup)),
-            _FOOTER.pack(
-                1,
-                48,
-                xorb_offset,
-                *counts,
-                key,
-                now,
-                now + _DEDUPE_DAYS * 86400,
-                *[0] * 6,
-                disk,
-                total,
-                total,
-                footer_offset,
-            ),
+            footer,
         ]
     )

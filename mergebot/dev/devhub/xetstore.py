@@ -131,10 +131,12 @@ class XetStore:
 
     def _index_for_dedupe(self, info: FileInfo) -> None:
         """Note the xorb of each chunk of a kept file the client may ask global dedupe about: the file's first
-        chunk, and those `dedupe_eligible` names."""
+        chunk, and those `dedupe_eligible` names; not of a xorb whose size a shard cannot state (32 bits)."""
         for number, term in enumerate(info.terms):
             xorb = hash_hex(term.xorb)
             chunks = self.chunks(xorb) or []
+            if sum(c.size for c in chunks) >= 1 << 32:
+                continue
             for index in range(term.start, term.end):
                 if (number == 0 and index == term.start) or dedupe_eligible(chunks[index].hash):
                     self._note_dedupe(hash_hex(chunks[index].hash), xorb)
