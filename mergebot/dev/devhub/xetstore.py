@@ -33,7 +33,7 @@ from mergebot.dev.devhub.xetformat import (
 from mergebot.files import write_atomic
 
 _READ = 1024 * 1024
-_DEDUPE_XORBS = 4  # xorbs a global-dedupe answer lists for one chunk (a run of zeros is in many)
+_DEDUPE_XORBS = 8  # xorbs a global-dedupe answer lists for one chunk (up to 512 MB of what follows it)
 
 
 class _Reassembled:
@@ -130,23 +130,25 @@ class XetStore:
         self._index_for_dedupe(info)
 
     def _index_for_dedupe(self, info: FileInfo) -> None:
-        """Note the xorb of each chunk of a kept file the client may ask global dedupe about: the file's first
-        chunk, and those `dedupe_eligible` names; not of a xorb whose size a shard cannot state (32 bits)."""
-        for number, term in enumerate(info.terms):
-            xorb = hash_hex(term.xorb)
+        """For each chunk of a kept file the client may ask global dedupe about (the file's first chunk, and those
+        `dedupe_eligible` names), note the xorbs of the file from that chunk's on: the client dedupes the chunks
+        that follow against them. Not a xorb whose size a shard cannot state (32 bits)."""
+        order = [hash_hex(t.xorb) for t in info.terms]
+        sizes = {x: sum(c.size for c in self.chunks(x) or []) for x in order}
+        for number, (term, xorb) in enumerate(zip(info.terms, order, strict=True)):
             chunks = self.chunks(xorb) or []
-            if sum(c.size for c in chunks) >= 1 << 32:
-                continue
             for index in range(term.start, term.end):
                 if (number == 0 and index == term.start) or dedupe_eligible(chunks[index].hash):
-                    self._note_dedupe(hash_hex(chunks[index].hash), xorb)
+                    following = [x for x in dict.fromkeys(order[number:]) if sizes[x] < 1 << 32]
+                    self._note_dedupe(hash_hex(chunks[index].hash), following[:_DEDUPE_XORBS])
 
-    def _note_dedupe(self, chunk: str, xorb: str) -> None:
+    def _note_dedupe(self, chunk: str, xorbs: list[str]) -> None:
         path = self._path("dedupe", chunk)
         with self._lock:
-            xorbs = json.loads(path.read_bytes()) if path.exists() else []
-            if xorb not in xorbs and len(xorbs) < _DEDUPE_XORBS:
-                write_atomic(path, json.dumps([*xorbs, xorb]).encode())
+            known = json.loads(path.read_bytes()) if path.exists() else []
+            noted = list(dict.fromkeys(known + xorbs))[:_DEDUPE_XORBS]
+            if noted != known:
+                write_atomic(path, json.dumps(noted).encode())
 
     def dedupe(self, chunk: str) -> bytes | None:
         """The global-dedupe answer for a chunk of a kept file (a shard listing the xorbs that hold it, keyed with a
