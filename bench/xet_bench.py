@@ -1,7 +1,7 @@
 """Publish benchmark: the real model's merge (SmolLM2-135M-Instruct and its "code" fine-tune, linear, ~270 MB in
 shards) published to a local Hub through Xet (the default) and through LFS (`HF_HUB_DISABLE_XET=1`, a repo without
-Xet storage), then re-published after one tensor of one shard changed (through Xet also from a client with an empty cache, which
-learns what the Hub holds only from its global dedupe). For each: seconds, and the bytes the Hub
+Xet storage), then re-published after one tensor of one shard changed (through Xet also from a client with an empty
+cache, which learns what the Hub holds only from its global dedupe). For each: seconds, and the bytes the Hub
 received (Xet: the xorbs, compressed, only the chunks it lacked; LFS: whole files). Then, through Xet, a fresh
 download of the merge and of the re-published revision: the bytes of xorb ranges served, to show whether the
 unchanged chunks of the changed shard are fetched again. Every publish and download runs in its own process with its
@@ -73,6 +73,10 @@ def change_one_tensor(folder: Path) -> str:
     name = min(tensors, key=lambda n: tensors[n].numel())
     tensors[name] = tensors[name] * 1.5
     save_file(tensors, shard, metadata={"format": "pt"})
+    with shard.open("rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        start, end = json.loads(file.read(size))[name]["data_offsets"]
+    print(f"changed {name} in {shard.name}: bytes {8 + size + start}..{8 + size + end} of the file")
     return shard.name
 
 

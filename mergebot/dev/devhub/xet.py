@@ -4,9 +4,9 @@ The Hub hands out a short-lived CAS token for one repo (`xet-read-token`, `xet-w
 specification says and in `X-Xet-*` headers, which is where huggingface_hub reads it; the CAS routes on this same
 server accept only such tokens. Xorb bytes are fetched from the URL a reconstruction names, without a token, as from
 a presigned URL. Global dedupe answers, for a chunk the client may ask about (a file's first chunk, or one whose hash
-is 0 mod 1024) that a kept file holds, a shard listing the xorbs that hold it, with its chunk hashes keyed; for any
-other chunk 404 ("not tracked"). The v2 routes (`/v2/reconstructions`, `/v2/shards`) answer
-404, on which the client falls back to v1, as the specification asks of it.
+is 0 mod 1024) that a kept file holds, a shard listing that file's xorbs from the chunk on, chunk hashes keyed; for
+any other chunk 404 ("not tracked"). The v2 routes (`/v2/reconstructions`, `/v2/shards`) answer 404, on which the
+client falls back to v1, as the specification asks of it.
 """
 
 import secrets

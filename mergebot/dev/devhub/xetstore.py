@@ -151,8 +151,8 @@ class XetStore:
                 write_atomic(path, json.dumps(noted).encode())
 
     def dedupe(self, chunk: str) -> bytes | None:
-        """The global-dedupe answer for a chunk of a kept file (a shard listing the xorbs that hold it, keyed with a
-        fresh key), or None for a chunk no kept file's dedupe chunks name."""
+        """The global-dedupe answer for a chunk `_index_for_dedupe` noted (a shard listing the xorbs noted for it,
+        chunk hashes keyed with a fresh key), or None for any other chunk."""
         path = self._path("dedupe", chunk)
         if not path.exists():
             return None
