@@ -310,3 +310,32 @@ def test_a_dedupe_answer_lists_what_the_store_holds_behind_lookup_tables(devhub)
         listed = data[xorbs_at + 48 * (xorb_index + 1 + position) :][:32]
         keyed = blake3.blake3(hash_raw(stored[position]), key=key).digest()
         assert listed == keyed and truncated == int.from_bytes(keyed[:8], "little")
+
+
+def test_dedupe_answers_a_kept_files_first_chunk_and_chunks_0_mod_1024_only(devhub):
+    api(devhub).create_repo(REPO)
+    tokens = {
+        scope: requests.get(
+            f"{devhub.url}/api/models/{REPO}/xet-{scope}-token/main", headers={"Authorization": "Bearer t"}
+        ).json()["accessToken"]
+        for scope in ("read", "write")
+    }
+    seeds = (
+        s
+        for s in range(100_000)
+        if int.from_bytes(chunk_hash(random.Random(s).randbytes(9000))[24:], "little") % 1024 == 0
+    )
+    chunks = [random.Random(-i).randbytes(9000) for i in range(1, 4)]
+    chunks.insert(2, random.Random(next(seeds)).randbytes(9000))  # an eligible chunk, third of four
+    name, body = xorb(chunks)
+    write = {"Authorization": f"Bearer {tokens['write']}"}
+    assert requests.post(f"{devhub.url}/v1/xorbs/default/{name}", data=body, headers=write).ok
+
+    def answered(index: int) -> int:
+        url = f"{devhub.url}/v1/chunks/default/{hash_hex(chunk_hash(chunks[index]))}"
+        return requests.get(url, headers={"Authorization": f"Bearer {tokens['read']}"}).status_code
+
+    assert [answered(i) for i in range(4)] == [404] * 4  # a xorb alone is no kept file
+    sha256 = hashlib.sha256(b"".join(chunks[1:4])).digest()
+    assert requests.post(f"{devhub.url}/v1/shards", data=shard(name, chunks, 1, 4, sha256), headers=write).ok
+    assert [answered(i) for i in range(4)] == [404, 200, 200, 404]
