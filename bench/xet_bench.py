@@ -1,6 +1,7 @@
 """Publish benchmark: the real model's merge (SmolLM2-135M-Instruct and its "code" fine-tune, linear, ~270 MB in
 shards) published to a local Hub through Xet (the default) and through LFS (`HF_HUB_DISABLE_XET=1`, a repo without
-Xet storage), then re-published after one tensor of one shard changed. For each: seconds, and the bytes the Hub
+Xet storage), then re-published after one tensor of one shard changed (through Xet also from a client with an empty
+cache, which learns what the Hub holds only from its global dedupe). For each: seconds, and the bytes the Hub
 received (Xet: the xorbs, compressed, only the chunks it lacked; LFS: whole files). Then, through Xet, a fresh
 download of the merge and of the re-published revision: the bytes of xorb ranges served, to show whether the
 unchanged chunks of the changed shard are fetched again. Every publish and download runs in its own process with its
@@ -72,32 +73,39 @@ def change_one_tensor(folder: Path) -> str:
     name = min(tensors, key=lambda n: tensors[n].numel())
     tensors[name] = tensors[name] * 1.5
     save_file(tensors, shard, metadata={"format": "pt"})
+    with shard.open("rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        start, end = json.loads(file.read(size))[name]["data_offsets"]
+    print(f"changed {name} in {shard.name}: bytes {8 + size + start}..{8 + size + end} of the file")
     return shard.name
 
 
 def measure(root: Path, merged: Path, mode: str, rows: list) -> list[str]:
-    """Publish, download (Xet only), change one tensor, re-publish, download again, on a Hub of its own."""
+    """Publish, download (Xet only), change one tensor, re-publish, download again, on a Hub of its own; "xet-fresh"
+    re-publishes from a client with an empty cache (only the Hub's global dedupe tells it what the Hub holds)."""
     env = {"HF_HUB_DISABLE_XET": "1"} if mode == "lfs" else {}
     folder = root / f"merge-{mode}"
     shutil.copytree(merged, folder)
     with DevHub(root / f"hub-{mode}") as hub:
-        hub.create_repo("me/merge", xet=mode == "xet")
+        hub.create_repo("me/merge", xet=mode != "lfs")
         steps = ["publish", "download", "change", "re-publish", "re-download"]
         for step in steps if mode == "xet" else ["publish", "change", "re-publish"]:
             hub.reset_stats()
             if step == "change":
                 shard = change_one_tensor(folder)
-                before = hub.xet_ranges("me/merge", shard) if mode == "xet" else {}
+                before = hub.xet_ranges("me/merge", shard) if mode != "lfs" else {}
                 continue
             if step.endswith("publish"):
                 only = {"MERGEBOT_BENCH_ONLY": shard} if step == "re-publish" else {}
-                seconds = run("publish", hub, "me/merge", folder, root / f"home-{mode}", **env, **only)
-                rows.append((mode, step, seconds, sent(hub.stats(), "me/merge")))
+                fresh = "-fresh" if mode == "xet-fresh" and step == "re-publish" else ""
+                seconds = run("publish", hub, "me/merge", folder, root / f"home-{mode}{fresh}", **env, **only)
+                label = step + (" (empty cache)" if fresh else "")
+                rows.append((mode.split("-")[0], label, seconds, sent(hub.stats(), "me/merge")))
             else:  # one reader's cache, as the daemon's: the second download finds the unchanged shards in it
                 seconds = run("fetch", hub, "me/merge", root / "reader", root / "home-reader")
                 served = hub.stats()["xorb_bytes_served"].get("me/merge", {})
                 rows.append((mode, step, seconds, sum(served.values())))
-        if mode == "lfs":
+        if mode != "xet":
             return []
         after = hub.xet_ranges("me/merge", shard)
         old = sum(n for x, n in after.items() if x in before)
@@ -117,10 +125,11 @@ def main() -> None:
         print(f"merge: {sum(p.stat().st_size for p in shards) / 1e6:.1f} MB of weights in {len(shards)} shards")
         rows: list = []
         notes = measure(root, merged, "xet", rows)
+        measure(root, merged, "xet-fresh", rows)
         measure(root, merged, "lfs", rows)
-        print(f"{'path':5} {'step':12} {'seconds':>8} {'MB sent':>8}")
+        print(f"{'path':5} {'step':26} {'seconds':>8} {'MB sent':>8}")
         for mode, step, seconds, size in rows:
-            print(f"{mode:5} {step:12} {seconds:8.2f} {size / 1e6:8.2f}")
+            print(f"{mode:5} {step:26} {seconds:8.2f} {size / 1e6:8.2f}")
         print("\n".join(notes))
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import pytest
 import requests
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
@@ -251,3 +252,90 @@ def test_a_reconstruction_of_a_byte_range_names_whole_chunks_and_where_to_start(
     assert data[start : start + 10] == weights[700_000:700_010] and len(data) < len(weights) // 4
     assert requests.get(url, headers=auth | {"Range": f"bytes={len(weights) * 2}-"}).status_code == 416
     assert requests.get(url).status_code == 401
+
+
+# --- global dedupe: a client with an empty cache finds the Hub's chunks -----------------------------------------------
+
+
+def fresh_client_upload(hub: DevHub, folder: Path, name: str, data: bytes) -> None:
+    """Upload from another process with its own, empty HF_HOME (its shard cache knows nothing of the Hub)."""
+    (folder / name).write_bytes(data)
+    script = (
+        "import sys; from huggingface_hub import HfApi\n"
+        f"HfApi(endpoint=sys.argv[1], token={TOKEN!r}).upload_file(path_or_fileobj=sys.argv[2], "
+        f"path_in_repo={name!r}, repo_id={REPO!r})\n"
+    )
+    env = {**os.environ, "HF_HOME": str(folder / "home")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, hub.url, folder / name], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_client_with_an_empty_cache_sends_only_what_the_hub_lacks(devhub, tmp_path):
+    weights = content(3_000_000)
+    upload(devhub, {"model.safetensors": weights})
+    changed = bytearray(weights)
+    changed[1_500_000:1_500_400] = random.Random(7).randbytes(400)  # one region differs
+    devhub.reset_stats()
+    fresh_client_upload(devhub, tmp_path, "model.safetensors", bytes(changed))
+    stats = devhub.stats()
+    assert stats["requests"]["chunk_dedupe"] >= 1
+    assert 0 < stats["xorb_bytes_received"][REPO] < len(weights) // 10, stats["xorb_bytes_received"]
+    assert requests.get(f"{devhub.url}/{REPO}/resolve/main/model.safetensors").content == changed
+
+
+def test_a_dedupe_answer_lists_what_the_store_holds_behind_lookup_tables(devhub):
+    weights = content(600_000)
+    upload(devhub, {"model.safetensors": weights})
+    token = requests.get(f"{devhub.url}/api/models/{REPO}/xet-read-token/main", headers={"Authorization": "Bearer t"})
+    auth = {"Authorization": f"Bearer {token.json()['accessToken']}"}
+    [path] = (devhub.root / "objects" / "xet" / "xorbs").glob("*/*")  # one xorb holds the file
+    stored = [hash_hex(chunk.hash) for chunk, _ in iter_chunks(path.read_bytes())]
+    unknown = requests.get(f"{devhub.url}/v1/chunks/default/{stored[1]}", headers=auth)  # not a dedupe chunk
+    assert unknown.status_code == 404
+    answer = requests.get(f"{devhub.url}/v1/chunks/default/{stored[0]}", headers=auth)  # the file's first chunk
+    assert answer.status_code == 200 and answer.content[:32] == SHARD_TAG
+    data = answer.content
+    footer = struct.unpack("<9Q32s2Q6Q4Q", data[-200:])
+    version, _, xorbs_at, _, files, xorb_table, xorb_count, chunk_table, chunk_count, key = footer[:10]
+    assert version == 1 and files == 0 and xorb_count == 1 and chunk_count == len(stored)
+    assert footer[-1] == len(data) - 200 and struct.unpack_from("<Q", data, 40) == (200,)
+    xorb_hash, _, count = struct.unpack_from("<32sII", data, xorbs_at)
+    assert hash_hex(xorb_hash) == path.parent.name + path.name and count == len(stored)
+    assert struct.unpack_from("<QI", data, xorb_table) == (int.from_bytes(xorb_hash[:8], "little"), 0)
+    lookup = [struct.unpack_from("<QII", data, chunk_table + 16 * i) for i in range(chunk_count)]
+    assert lookup == sorted(lookup)
+    for truncated, xorb_index, position in lookup:
+        listed = data[xorbs_at + 48 * (xorb_index + 1 + position) :][:32]
+        keyed = blake3.blake3(hash_raw(stored[position]), key=key).digest()
+        assert listed == keyed and truncated == int.from_bytes(keyed[:8], "little")
+
+
+def test_dedupe_answers_a_kept_files_first_chunk_and_chunks_0_mod_1024_only(devhub):
+    api(devhub).create_repo(REPO)
+    tokens = {
+        scope: requests.get(
+            f"{devhub.url}/api/models/{REPO}/xet-{scope}-token/main", headers={"Authorization": "Bearer t"}
+        ).json()["accessToken"]
+        for scope in ("read", "write")
+    }
+    seeds = (
+        s
+        for s in range(100_000)
+        if int.from_bytes(chunk_hash(random.Random(s).randbytes(9000))[24:], "little") % 1024 == 0
+    )
+    chunks = [random.Random(-i).randbytes(9000) for i in range(1, 4)]
+    chunks.insert(2, random.Random(next(seeds)).randbytes(9000))  # an eligible chunk, third of four
+    name, body = xorb(chunks)
+    write = {"Authorization": f"Bearer {tokens['write']}"}
+    assert requests.post(f"{devhub.url}/v1/xorbs/default/{name}", data=body, headers=write).ok
+
+    def answered(index: int) -> int:
+        url = f"{devhub.url}/v1/chunks/default/{hash_hex(chunk_hash(chunks[index]))}"
+        return requests.get(url, headers={"Authorization": f"Bearer {tokens['read']}"}).status_code
+
+    assert [answered(i) for i in range(4)] == [404] * 4  # a xorb alone is no kept file
+    sha256 = hashlib.sha256(b"".join(chunks[1:4])).digest()
+    assert requests.post(f"{devhub.url}/v1/shards", data=shard(name, chunks, 1, 4, sha256), headers=write).ok
+    assert [answered(i) for i in range(4)] == [404, 200, 200, 404]

@@ -3,9 +3,10 @@
 The Hub hands out a short-lived CAS token for one repo (`xet-read-token`, `xet-write-token`), in a JSON body as the
 specification says and in `X-Xet-*` headers, which is where huggingface_hub reads it; the CAS routes on this same
 server accept only such tokens. Xorb bytes are fetched from the URL a reconstruction names, without a token, as from
-a presigned URL. Global dedupe answers 404 for every chunk ("not tracked"), which the specification allows: the
-client then dedupes against its own shard cache only. The v2 routes (`/v2/reconstructions`, `/v2/shards`) answer
-404, on which the client falls back to v1, as the specification asks of it.
+a presigned URL. Global dedupe answers, for a chunk the client may ask about (a file's first chunk, or one whose hash
+is 0 mod 1024) that a kept file holds, a shard listing that file's xorbs from the chunk on, chunk hashes keyed; for
+any other chunk 404 ("not tracked"). The v2 routes (`/v2/reconstructions`, `/v2/shards`) answer 404, on which the
+client falls back to v1, as the specification asks of it.
 """
 
 import secrets
@@ -117,7 +118,10 @@ def shard_upload(api: "HubApi", req: Request) -> Response:
 
 def chunk_dedupe(api: "HubApi", req: Request) -> Response:
     api.cas.authorize(req, write=False)
-    raise HubError(404, "Chunk not tracked by global deduplication")
+    shard = api.cas.storage.dedupe(req.params["hash"])
+    if shard is None:
+        raise HubError(404, "Chunk not tracked by global deduplication")
+    return Response(200, {"Content-Type": "application/octet-stream"}, shard)
 
 
 def reconstruction(api: "HubApi", req: Request) -> Response:

@@ -1,12 +1,14 @@
-"""The Xet formats the local Hub reads: hashes (keyed BLAKE3, the aggregated Merkle tree), xorbs and shards.
+"""The Xet formats the local Hub reads and writes: hashes (keyed BLAKE3, the aggregated Merkle tree), xorbs, shards.
 
 Written from the public Xet Protocol Specification; where the reference client (hf_xet) does more than the document
-says, the client is followed: it compresses chunks as LZ4 *frames*, and it appends a footer (`XETBLOB`, the chunk
-hashes and boundaries) after a xorb's chunks. Everything here parses hostile bytes: every length is checked against
-what is left, and a chunk may not inflate past the size its header declares.
+says, the client is followed: it compresses chunks as LZ4 *frames*; it appends a footer (`XETBLOB`, the chunk hashes
+and boundaries) after a xorb's chunks; a shard it downloads (a global-dedupe answer) must end with lookup tables and
+a footer naming them, where the specification shows reserved bytes. Everything here parses hostile bytes: every
+length is checked against what is left, and a chunk may not inflate past the size its header declares.
 """
 
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -27,6 +29,9 @@ _XORB_FOOTER = b"XETBLOB"
 _ENTRY = 48
 WITH_VERIFICATION = 1 << 31
 WITH_METADATA = 1 << 30
+DEDUPE_MODULUS = 1024
+_FOOTER = struct.Struct("<9Q32s2Q6Q4Q")  # version, section and lookup-table offsets and counts, HMAC key, times, sizes
+_DEDUPE_DAYS = 7
 
 
 def hash_hex(raw: bytes) -> str:
@@ -211,3 +216,44 @@ def parse_shard(data: bytes) -> tuple[list[FileInfo], list[XorbInfo]]:
     if len(data) - reader.position != footer_size:
         raise HubError(400, "Shard footer size does not match what follows its sections")
     return files, xorbs
+
+
+def dedupe_eligible(chunk: bytes) -> bool:
+    """Whether the client asks global dedupe about a chunk for its hash alone (its last word is 0 mod 1024); it also
+    asks about the first chunk of each file."""
+    return int.from_bytes(chunk[24:], "little") % DEDUPE_MODULUS == 0
+
+
+def dedupe_shard(xorbs: list[tuple[bytes, list[Chunk], int]], key: bytes) -> bytes:
+    """A global-dedupe answer: a shard with no files that lists each (xorb hash, chunks, bytes on disk), its chunk
+    hashes keyed with `key` (so it tells a client only about chunks it already has), then the lookup tables the
+    client reads through the footer: truncated hash (first word) → entry index, sorted; chunks → (xorb, chunk)."""
+    bookend = _BOOKEND + bytes(16)
+    section, xorb_lookup, chunk_lookup, index, total = bytearray(), [], [], 0, 0
+    for xorb, chunks, on_disk in sorted(xorbs, key=lambda x: x[0]):
+        size = sum(c.size for c in chunks)
+        xorb_lookup.append((int.from_bytes(xorb[:8], "little"), index))
+        section += struct.pack("<32sIIII", xorb, 0, len(chunks), size, on_disk)
+        start = 0
+        for position, chunk in enumerate(chunks):
+            keyed = blake3.blake3(chunk.hash, key=key).digest()
+            chunk_lookup.append((int.from_bytes(keyed[:8], "little"), index, position))
+            section += struct.pack("<32sIIII", keyed, start, chunk.size, 0, 0)
+            start += chunk.size
+        index, total = index + 1 + len(chunks), total + size
+    xorb_offset = 48 + len(bookend)
+    xorb_table = xorb_offset + len(section) + len(bookend)
+    chunk_table = xorb_table + 12 * len(xorb_lookup)
+    footer_offset = chunk_table + 16 * len(chunk_lookup)
+    now, disk = int(time.time()), sum(x[2] for x in xorbs)
+    tables = (xorb_table, 0, xorb_table, len(xorb_lookup), chunk_table, len(chunk_lookup))  # files, xorbs, chunks
+    times = (now, now + _DEDUPE_DAYS * 86400)  # created; expires (the client drops the shard, and its key, then)
+    footer = _FOOTER.pack(1, 48, xorb_offset, *tables, key, *times, *[0] * 6, disk, total, total, footer_offset)
+    return b"".join(
+        [
+            SHARD_TAG + struct.pack("<QQ", 2, _FOOTER.size) + bookend + section + bookend,
+            *(struct.pack("<QI", *entry) for entry in sorted(xorb_lookup)),
+            *(struct.pack("<QII", *entry) for entry in sorted(chunk_lookup)),
+            footer,
+        ]
+    )

@@ -8,6 +8,7 @@ commit names it by sha256 as the client does (`lfsFile`). Nothing here is visibl
 """
 
 import json
+import secrets
 import threading
 from collections.abc import Iterator
 from itertools import accumulate
@@ -19,6 +20,8 @@ from mergebot.dev.devhub.store import HubError, Store
 from mergebot.dev.devhub.xetformat import (
     Chunk,
     FileInfo,
+    dedupe_eligible,
+    dedupe_shard,
     file_hash,
     hash_hex,
     hash_raw,
@@ -30,6 +33,7 @@ from mergebot.dev.devhub.xetformat import (
 from mergebot.files import write_atomic
 
 _READ = 1024 * 1024
+_DEDUPE_XORBS = 8  # xorbs a global-dedupe answer lists for one chunk (up to 512 MB of what follows it)
 
 
 class _Reassembled:
@@ -123,6 +127,38 @@ class XetStore:
             raise HubError(400, f"File {name}: its bytes do not hash to the sha256 {sha256} its shard names") from None
         write_atomic(self._path("files", name), json.dumps({"size": size, "sha256": sha256, "terms": terms}).encode())
         write_atomic(self._path("sha256", sha256), name.encode())
+        self._index_for_dedupe(info)
+
+    def _index_for_dedupe(self, info: FileInfo) -> None:
+        """For each chunk of a kept file the client may ask global dedupe about (the file's first chunk, and those
+        `dedupe_eligible` names), note the xorbs of the file from that chunk's on: the client dedupes the chunks
+        that follow against them. Not a xorb whose size a shard cannot state (32 bits)."""
+        order = [hash_hex(t.xorb) for t in info.terms]
+        sizes = {x: sum(c.size for c in self.chunks(x) or []) for x in order}
+        for number, (term, xorb) in enumerate(zip(info.terms, order, strict=True)):
+            chunks = self.chunks(xorb) or []
+            for index in range(term.start, term.end):
+                if (number == 0 and index == term.start) or dedupe_eligible(chunks[index].hash):
+                    following = [x for x in dict.fromkeys(order[number:]) if sizes[x] < 1 << 32]
+                    self._note_dedupe(hash_hex(chunks[index].hash), following[:_DEDUPE_XORBS])
+
+    def _note_dedupe(self, chunk: str, xorbs: list[str]) -> None:
+        path = self._path("dedupe", chunk)
+        with self._lock:
+            known = json.loads(path.read_bytes()) if path.exists() else []
+            noted = list(dict.fromkeys(known + xorbs))[:_DEDUPE_XORBS]
+            if noted != known:
+                write_atomic(path, json.dumps(noted).encode())
+
+    def dedupe(self, chunk: str) -> bytes | None:
+        """The global-dedupe answer for a chunk `_index_for_dedupe` noted (a shard listing the xorbs noted for it,
+        chunk hashes keyed with a fresh key), or None for any other chunk."""
+        path = self._path("dedupe", chunk)
+        if not path.exists():
+            return None
+        xorbs = json.loads(path.read_bytes())
+        listed = [(hash_raw(x), self.chunks(x) or [], self.xorb_path(x).stat().st_size) for x in xorbs]
+        return dedupe_shard(listed, secrets.token_bytes(32))
 
     def _content(self, terms: list[list[Any]]) -> Iterator[bytes]:
         loaded, data = None, b""  # consecutive terms often read the same xorb
