@@ -2,9 +2,9 @@
 shards) published to a local Hub through Xet (the default) and through LFS (`HF_HUB_DISABLE_XET=1`, a repo without
 Xet storage), then re-published after one tensor of one shard changed (through Xet also from a client with an empty
 cache, which learns what the Hub holds only from its global dedupe). For each: seconds, and the bytes the Hub
-received (Xet: the xorbs, compressed, only the chunks it lacked; LFS: whole files). Then, through Xet, a fresh
-download of the merge and of the re-published revision: the bytes of xorb ranges served, to show whether the
-unchanged chunks of the changed shard are fetched again. Every publish and download runs in its own process with its
+received (Xet: the xorbs, compressed, only the chunks it lacked; LFS: whole files). Then, from the Xet repo, a
+fresh download of the merge and of the re-published revision as mergebot downloads (its own GET through the resolve
+route, into one reader's cache): the bytes served, to show that only the changed shard is fetched again. Every publish and download runs in its own process with its
 own HF_HOME (huggingface_hub reads the variable once, at import), as a daemon's child would.
 
     python bench/xet_bench.py            # ~1 min once the real model is cached (mergebot demo builds it)
@@ -103,7 +103,7 @@ def measure(root: Path, merged: Path, mode: str, rows: list) -> list[str]:
                 rows.append((mode.split("-")[0], label, seconds, sent(hub.stats(), "me/merge")))
             else:  # one reader's cache, as the daemon's: the second download finds the unchanged shards in it
                 seconds = run("fetch", hub, "me/merge", root / "reader", root / "home-reader")
-                served = hub.stats()["xorb_bytes_served"].get("me/merge", {})
+                served = hub.stats()["bytes_served"].get("me/merge", {})
                 rows.append((mode, step, seconds, sum(served.values())))
         if mode != "xet":
             return []
@@ -113,7 +113,7 @@ def measure(root: Path, merged: Path, mode: str, rows: list) -> list[str]:
             f"{shard} ({(folder / shard).stat().st_size / 1e6:.1f} MB) before the change: {len(before)} xorb(s), "
             f"{sum(before.values()) / 1e6:.2f} MB of ranges; after: {len(after)} xorb(s), "
             f"{sum(after.values()) / 1e6:.2f} MB of ranges, {old / 1e6:.2f} MB of them in xorbs it had before",
-            f"re-download served, per xorb: {', '.join(f'{x[:8]} {n / 1e6:.2f} MB' for x, n in served.items())}",
+            f"re-download served, per file: {', '.join(f'{name} {n / 1e6:.2f} MB' for name, n in served.items())}",
         ]
 
 
