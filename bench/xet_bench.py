@@ -4,8 +4,9 @@ Xet storage), then re-published after one tensor of one shard changed (through X
 cache, which learns what the Hub holds only from its global dedupe). For each: seconds, and the bytes the Hub
 received (Xet: the xorbs, compressed, only the chunks it lacked; LFS: whole files). Then, from the Xet repo, a
 fresh download of the merge and of the re-published revision as mergebot downloads (its own GET through the resolve
-route, into one reader's cache): the bytes served, to show that only the changed shard is fetched again. Every publish and download runs in its own process with its
-own HF_HOME (huggingface_hub reads the variable once, at import), as a daemon's child would.
+route, into one reader's cache): the bytes served, to show that only the changed shard is fetched again. Every
+publish and download runs in its own process with its own HF_HOME (huggingface_hub reads the variable once, at
+import), as a daemon's child would.
 
     python bench/xet_bench.py            # ~1 min once the real model is cached (mergebot demo builds it)
 """
