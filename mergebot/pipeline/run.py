@@ -45,6 +45,13 @@ class TargetRun:
     merge_ppl: float | None = None
     parent_ppl: dict[str, float | None] = field(default_factory=dict)
     kl: dict[str, float] = field(default_factory=dict)
+    stop_rate: float | None = None
+    """The share of the behaviour probe's prompts the merge ended its turn on (None: not probed)."""
+    eot_prob: float | None = None
+    """The merge's mean end-of-turn probability after the probe's reference answers."""
+    parent_stop_rate: dict[str, float | None] = field(default_factory=dict)
+    input_facts: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per input: its chat template digest, end-of-turn ids and numerics config (`mergebot.pipeline.facts`)."""
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -85,6 +92,10 @@ def run_pipeline(
     report = check_merge(out_dir, models, target.validate, cache)
     run.merge_ppl, run.kl = report.merge_ppl, report.kl
     run.parent_ppl = {parent.name: parent.ppl for parent in report.parents}
+    if report.probe is not None:
+        run.stop_rate, run.eot_prob = report.probe.stop_rate, report.probe.mean_eot_prob
+    run.parent_stop_rate = {p.name: p.probe.stop_rate if p.probe else None for p in report.parents}
+    run.input_facts = report.facts
     run.seconds = round(time.monotonic() - started, 3)
     hold = held_reason(baseline, report, run.inputs, target.validate) if baseline else None
     if hold is not None:
