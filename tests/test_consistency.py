@@ -78,9 +78,10 @@ def test_a_turn_that_ends_where_generation_does_not_stop_is_refused(chat_model: 
     merge = copy_of(chat_model, tmp_path, "merge")
     edit(merge, "generation_config.json", eos_token_id=2)
     found = checks(merge, chat_model)
-    assert "ends an assistant turn with" in found["chat template"].detail and "stops at 2 </s>" in found[
-        "chat template"
-    ].detail
+    assert (
+        "ends an assistant turn with" in found["chat template"].detail
+        and "stops at 2 </s>" in found["chat template"].detail
+    )
     assert not found["end of turn"].passed and "generation_config.eos_token_id differs" in found["end of turn"].detail
 
 
@@ -96,7 +97,11 @@ def test_a_parents_eos_id_is_compared_by_field_and_can_be_accepted(chat_model: P
     parent = copy_of(chat_model, tmp_path, "parent")
     edit(parent, "config.json", eos_token_id=[0, 2])
     check = checks(chat_model, chat_model, parent)["end of turn"]
-    assert not check.passed and "config.eos_token_id differs" in check.detail and f"{parent} 0 <unk>, 2 </s>" in check.detail
+    assert (
+        not check.passed
+        and "config.eos_token_id differs" in check.detail
+        and f"{parent} 0 <unk>, 2 </s>" in check.detail
+    )
     accepted = checks(chat_model, chat_model, parent, accepted=("config.eos_token_id",))["end of turn"]
     assert "config.eos_token_id" not in accepted.detail
 

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from mergebot.files import short_identity
 from mergebot.merge.source import InputModel, open_model
+from mergebot.merge.vocab import is_vocab_tensor
 
 SAMPLE = 1 << 16
 """Elements per tensor compared (evenly strided): the relative distance of a damaged tensor shows in any even
@@ -63,6 +64,8 @@ def _nearest_distances(models: dict[str, InputModel]) -> dict[str, dict[str, flo
     """Per parent, per tensor every parent holds with one shape: the relative distance to the nearest other one."""
     names = list(models)
     shared = set.intersection(*(set(m.tensors) for m in models.values()))
+    if not _same_vocabulary(list(models.values())):  # rows of one id are not one token's: the merge aligns them
+        shared = {name for name in shared if not is_vocab_tensor(name)}
     result: dict[str, dict[str, float]] = {name: {} for name in names}
     handles: dict[Path, object] = {}
     try:
@@ -86,3 +89,11 @@ def _nearest_distances(models: dict[str, InputModel]) -> dict[str, dict[str, flo
     finally:
         handles.clear()
     return result
+
+
+def _same_vocabulary(models: list[InputModel]) -> bool:
+    """Whether every model's tokenizer.json is the same file (missing in all counts as the same)."""
+    contents = {
+        (m.path / "tokenizer.json").read_bytes() if (m.path / "tokenizer.json").is_file() else b"" for m in models
+    }
+    return len(contents) == 1
