@@ -147,6 +147,9 @@ def _payload(name: str, target: Target, run: Run | None, revision: str | None, h
             "merge_ppl": _finite(details.get("merge_ppl")),
             "parent_ppl": {k: _finite(v) for k, v in details.get("parent_ppl", {}).items()},
             "kl": {k: _finite(v) for k, v in details.get("kl", {}).items()},
+            "stop_rate": _finite(details.get("stop_rate")),
+            "eot_prob": _finite(details.get("eot_prob")),
+            "parent_stop_rate": {k: _finite(v) for k, v in details.get("parent_stop_rate", {}).items()},
         },
     }
 
