@@ -30,7 +30,7 @@ UNKNOWN_KEYS = {
         8,
         "targets[0].validate.max_ratio",
         "accept_config_fields, eval_text, max_input_jump, max_kl, max_parent_ratio, max_ppl_ratio, max_regression, "
-        "min_eot_ratio, min_stop_ratio, probe_prompts",
+        "max_weight_outlier, min_eot_ratio, min_stop_ratio, probe_prompts",
     ),
     "models": (
         f'{DAEMON}{TARGET}models = [\n  {{ model = "org/a" }},\n  {{ model = "org/b", revison = "v1" }},\n]\n',

@@ -39,7 +39,7 @@ DAEMON_KEYS = {
 WEBHOOK_KEYS = {"listen", "secret_env"}
 VALIDATE_KEYS = {
     "eval_text", "max_ppl_ratio", "max_parent_ratio", "max_kl", "max_input_jump", "max_regression",
-    "probe_prompts", "min_stop_ratio", "min_eot_ratio", "accept_config_fields",
+    "probe_prompts", "min_stop_ratio", "min_eot_ratio", "accept_config_fields", "max_weight_outlier",
 }  # fmt: skip
 TARGET_KEYS = {"name", "repo", "when", "private", "validate", "mergekit_config"} | MERGE_KEYS
 NOTIFY_KEYS = {"url", "format", "events", "secret_env", "secret_header"}
@@ -66,6 +66,9 @@ class ValidateSettings:
     """The daemon holds a target when an input's perplexity grew by more than this factor since the last publish."""
     max_regression: float = 1.25
     """The daemon holds a target when the merge is this many times worse than the last published merge."""
+    max_weight_outlier: float = 20.0
+    """A parent one of whose tensors is this many times farther from the nearest other model than a typical tensor
+    is suspect (`mergebot.pipeline.distance`): a fine-tune moves its tensors alike, damage moves one far."""
     probe_prompts: Path = Path(__file__).parent.parent / "data" / "probe.json"
     """The behaviour probe's chat prompts and reference answers (`mergebot.pipeline.probe.read_prompts`)."""
     min_stop_ratio: float = 0.5
@@ -350,7 +353,7 @@ def _validate_settings(raw: Any, located: Located, prefix: str) -> ValidateSetti
             raise located.error(f"{prefix}eval_text", f"{eval_text} does not exist")
         settings["eval_text"] = eval_text
     for key, minimum in (("max_ppl_ratio", 1.0), ("max_parent_ratio", 1.0), ("max_input_jump", 1.0),
-                         ("max_regression", 1.0), ("max_kl", 0.0)):  # fmt: skip
+                         ("max_regression", 1.0), ("max_kl", 0.0), ("max_weight_outlier", 1.0)):  # fmt: skip
         if key in raw:
             value = raw[key]
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= minimum:

@@ -5,7 +5,7 @@ judged against.
 Per tensor, each parent's relative distance ‖P − R‖ / ‖R‖ to the nearest other model R (the base and the other
 parents are all among the parents). Fine-tunes of one model move every tensor by about the same small fraction;
 a damaged tensor moves by a large fraction. A parent is suspect when one of its tensors is both far (above
-MIN_DISTANCE) and far beyond the typical distance of all tensors of all parents (OUTLIER_FACTOR times the median).
+MIN_DISTANCE) and far beyond the typical distance of all tensors of all parents (`outlier` times the median).
 With two parents the distance is symmetric: both look damaged in the same tensors, and the one with the worse
 perplexity is named.
 """
@@ -23,13 +23,14 @@ from mergebot.merge.vocab import is_vocab_tensor
 SAMPLE = 1 << 16
 """Elements per tensor compared (evenly strided): the relative distance of a damaged tensor shows in any even
 sample, and converting every element of every parent to float32 would cost as much as the perplexity run."""
-OUTLIER_FACTOR = 20.0
 MIN_DISTANCE = 0.05
 """Relative distance below which no tensor is suspect: fine-tunes, even long ones, stay below it in most tensors,
 and the outlier factor alone would flag two near-identical models whose one tensor differs by a rounding."""
 
 
-def weight_suspects(parents: dict[str, tuple[InputModel | None, Path, str]], ppl: dict[str, float]) -> dict[str, str]:
+def weight_suspects(
+    parents: dict[str, tuple[InputModel | None, Path, str]], ppl: dict[str, float], outlier: float
+) -> dict[str, str]:
     """name → why, for parents whose weights are an outlier. `parents` maps name → (the input as the merge read it
     or None, its directory, its identity); a parent with a LoRA adapter is left out (its weights are the base's)."""
     models = {}
@@ -46,7 +47,7 @@ def weight_suspects(parents: dict[str, tuple[InputModel | None, Path, str]], ppl
         if not per_tensor:
             continue
         tensor, distance = max(per_tensor.items(), key=lambda item: item[1])
-        if distance > MIN_DISTANCE and distance > OUTLIER_FACTOR * typical:
+        if distance > MIN_DISTANCE and distance > outlier * typical:
             flagged[name] = (tensor, distance)
     if len(flagged) == len(models):  # symmetric: keep the worse reader of the eval text
         worst = max(flagged, key=lambda n: ppl.get(n, math.inf) if math.isfinite(ppl.get(n, math.inf)) else math.inf)

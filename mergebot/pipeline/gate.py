@@ -83,9 +83,8 @@ def validate(
     checks += consistency_checks(candidate.facts, list(facts.values()), frozenset(settings.accept_config_fields))
     digest = measure_digest(text, window, max_windows)
     results = parent_results(parents, text, window, max_windows, digest, cache, candidate.prompts, facts)
-    damaged = weight_suspects(
-        {n: (p.model, p.path, p.revision) for n, p in parents.items()}, {r.name: r.ppl for r in results}
-    )
+    inputs = {n: (p.model, p.path, p.revision) for n, p in parents.items()}
+    damaged = weight_suspects(inputs, {r.name: r.ppl for r in results}, settings.max_weight_outlier)
     ids = torch.tensor(candidate.ids)
     comparable = [p for p in results if math.isfinite(p.ppl) and torch.equal(p.signature.ids, ids)]
     for step in candidate.model_steps([p.signature for p in comparable]):
