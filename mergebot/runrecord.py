@@ -45,6 +45,13 @@ class Figures(TypedDict, total=False):
     merge_ppl: float | None
     parent_ppl: dict[str, float | None]
     kl: dict[str, float]
+    stop_rate: float | None
+    """The share of the behaviour probe's prompts the merge ended its turn on (None: not probed)."""
+    eot_prob: float | None
+    """The merge's mean end-of-turn probability after the probe's reference answers."""
+    parent_stop_rate: dict[str, float | None]
+    input_facts: dict[str, dict[str, str]]
+    """Per input: its chat template digest, end-of-turn ids and numerics config (`mergebot.pipeline.facts`)."""
 
 
 @dataclass

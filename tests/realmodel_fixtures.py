@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mergebot.dev import realmodel
+from mergebot.dev import broken, realmodel
 
 REAL_CACHE_ENV = "MERGEBOT_REAL_MODEL_CACHE"
 
@@ -40,3 +40,15 @@ def real_fine_tunes(real_base: Path) -> dict[str, Path]:
 def real_broken(real_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A broken upload of the base: one middle-layer down_proj scaled by 30."""
     return realmodel.broken_copy(real_base, tmp_path_factory.mktemp("real-broken") / "broken")
+
+
+@pytest.fixture(scope="session")
+def real_broken_uploads(real_fine_tunes: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Broken uploads of the "code" fine-tune, one realistic defect each (mergebot.dev.broken), by kind."""
+    src, root = real_fine_tunes["code"], tmp_path_factory.mktemp("real-broken-uploads")
+    return {
+        "foreign template": broken.foreign_template(src, root / "template"),
+        "wrong eos id": broken.wrong_eos(src, root / "eos"),
+        "re-initialised chat token rows": broken.reinitialised_rows(src, root / "rows"),
+        "~10% perplexity damage": broken.scaled_tensor(src, root / "damaged", broken.MILD_FACTOR),
+    }

@@ -29,7 +29,8 @@ UNKNOWN_KEYS = {
         f"{DAEMON}{TARGET}{MODELS}validate = {{ max_ratio = 2 }}\n",
         8,
         "targets[0].validate.max_ratio",
-        "eval_text, max_input_jump, max_kl, max_parent_ratio, max_ppl_ratio, max_regression",
+        "accept_config_fields, eval_text, max_input_jump, max_kl, max_parent_ratio, max_ppl_ratio, max_regression, "
+        "max_weight_outlier, min_eot_ratio, min_stop_ratio, probe_prompts",
     ),
     "models": (
         f'{DAEMON}{TARGET}models = [\n  {{ model = "org/a" }},\n  {{ model = "org/b", revison = "v1" }},\n]\n',
@@ -135,3 +136,28 @@ def test_mergekit_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
         "merge_method: multislerp\nmodels: [{model: org/a}, {model: org/b}]\nparameters: {eps: 1e-8, weight: 1}\n"
     )
     assert load_merge_config(config).parameters["eps"] == 1e-8
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("accept_config_fields = 'rope_theta'", "targets[0].validate.accept_config_fields: must be a list of config"),
+        ("accept_config_fields = ['']", "targets[0].validate.accept_config_fields: must be a list of config"),
+        ("min_stop_ratio = 1.5", "targets[0].validate.min_stop_ratio: must be a number from 0 to 1"),
+        ("probe_prompts = 'missing.json'", "targets[0].validate.probe_prompts: "),
+    ],
+)
+def test_behaviour_settings_are_checked_with_their_line(tmp_path, setting, message):
+    found = problems(tmp_path, f"{DAEMON}{TARGET}{MODELS}validate = {{ {setting} }}\n")
+    assert len(found) == 1 and found[0].startswith(f"{tmp_path / 'mergebot.toml'}:8: {message}"), found
+
+
+def test_accepted_config_fields_reach_the_settings(tmp_path):
+    path = tmp_path / "mergebot.toml"
+    path.write_text(
+        f"{DAEMON}{TARGET}{MODELS}validate = {{ accept_config_fields = ['rope_theta'], min_stop_ratio = 0.3 }}\n"
+    )
+    config, found = check_daemon_config(path)
+    assert not found
+    settings = config.targets["t"].validate
+    assert settings.accept_config_fields == ("rope_theta",) and settings.min_stop_ratio == 0.3

@@ -2,6 +2,7 @@
 and release requests on real SQLite files, the daemon's decisions in-process, and the whole loop with the real
 daemon, its merge children and the local Hub."""
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -212,7 +213,7 @@ def test_new_content_runs_a_held_target_with_the_comparison(daemon):
 
 # --- the whole loop: the real daemon, its children and the local Hub ----------------------------------------------
 
-LOOSE_GATE = "validate = { max_parent_ratio = 1e9, max_ppl_ratio = 1e9, max_kl = 1e9 }\n"
+LOOSE_GATE = "validate = { max_parent_ratio = 1e9, max_ppl_ratio = 1e9, max_kl = 1e9, max_weight_outlier = 1e9 }\n"
 """The gate's own limits opened wide, so that what decides is the comparison with the last publish (kept at its
 defaults): a released run of the regressed input then passes and publishes."""
 BROKEN_SCALE = 30.0
@@ -347,3 +348,25 @@ def test_release_refuses_an_unknown_or_never_run_target(tmp_path):
     never = run_cli_process("release", "t", "--config", config)
     assert never.returncode == ExitCode.PERMANENT and "t is not held" in never.stderr
     assert not (tmp_path / "state").exists(), "a refused release writes nothing"
+
+
+def test_an_input_whose_eos_id_changed_holds_naming_the_field(setup):
+    """Weights untouched, only eos_token_id moved to another special token: perplexity cannot see it, the
+    comparison of the input's files with those at the last publish does."""
+    setup.write_config(target("guarded", extra=LOOSE_GATE))
+    setup.start()
+    published = wait_for(lambda: setup.head("me/guarded"), what="first publish")
+    folder = setup.root / "ft1-eos"
+    shutil.copytree(setup.local / "ft1", folder)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((folder / name).read_text())
+        config["eos_token_id"] = 0
+        (folder / name).write_text(json.dumps(config))
+    changed = push(setup, "org/ft1", folder, "eos on another token")
+    wait_for(lambda: logged(setup, "run held", "guarded"), what="the run to be held")
+    status = setup.status()["targets"]["guarded"]
+    assert status["state"] == "held" and status["hold"]["culprit"] == "org/ft1"
+    reason = status["hold"]["reason"]
+    assert reason.startswith(f"org/ft1@{changed[:12]}: config.eos_token_id 2 </s> → 0 <unk> since the last publish")
+    assert setup.head("me/guarded") == published
+    assert setup.stop() == 0

@@ -108,7 +108,13 @@ def test_notify_entries_and_their_defaults(tmp_path):
 # --- the daemon's decisions, in-process, with a real receiver ------------------------------------------------------
 
 DIGESTS = {"org/base": "d-base", "org/ft1": "d-ft1"}
-PUBLISHED = {"outcome": "published", "computed": ["model-00001-of-00002.safetensors"], "merge_ppl": 9.5}
+PUBLISHED = {
+    "outcome": "published",
+    "computed": ["model-00001-of-00002.safetensors"],
+    "merge_ppl": 9.5,
+    "stop_rate": 1.0,
+    "parent_stop_rate": {"org/a": 0.8333},
+}
 
 
 @pytest.fixture
@@ -169,7 +175,14 @@ def test_giving_up_notifies_failed_and_the_next_publish_recovered(daemon):
     assert (failed["revision"], failed["url"], failed["outcome"]) == (None, None, "failed")
     assert published["revision"] == "a" * 40 and published["url"] == f"http://hub.example.org/me/t/tree/{'a' * 40}"
     assert published["shards"] == {"recomputed": PUBLISHED["computed"], "reused": []}
-    assert published["validation"] == {"merge_ppl": 9.5, "parent_ppl": {}, "kl": {}}
+    assert published["validation"] == {
+        "merge_ppl": 9.5,
+        "parent_ppl": {},
+        "kl": {},
+        "stop_rate": 1.0,
+        "eot_prob": None,  # not recorded: null, the payload keeps its shape
+        "parent_stop_rate": {"org/a": 0.8333},
+    }
     assert published["version"] == notify.PAYLOAD_VERSION and published["reason"] is None
     assert recovered["recovered_from"] == {"run": gave_up, "outcome": "failed", "reason": "Hub 503"}
     assert {r["headers"]["X-Mergebot-Secret"] for r in daemon.receiver.requests} == {SECRET}

@@ -77,8 +77,9 @@ def test_publish_then_download_loads_and_card_tells_lineage(hub, merged, tmp_pat
     assert {"merge", "mergebot"} <= set(card.data.tags)
     assert card.data.library_name == "transformers"
     assert "slerp" in card.text and "| this merge |" in card.text and "KL from it" in card.text
-    for path in (tmp_path / "base", tmp_path / "ft"):  # each parent's row: its perplexity and the KL from it
-        assert re.search(rf"^\| {re.escape(str(path))} \| \d+\.\d{{3}} \| \d\.\d{{4}} \|$", card.text, re.MULTILINE)
+    for path in (tmp_path / "base", tmp_path / "ft"):  # each parent's row: perplexity, KL, probe (no template here)
+        row = rf"^\| {re.escape(str(path))} \| \d+\.\d{{3}} \| \d\.\d{{4}} \| not probed \|  \|$"
+        assert re.search(row, card.text, re.MULTILINE)
     assert "merge_method: slerp" in card.text
     for name in ("config.json", "generation_config.json", "tokenizer.json", "model.safetensors.index.json"):
         assert (snapshot / name).exists()

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -32,10 +33,35 @@ def copy_with(src: Path, dst: Path, change) -> Path:
     return dst
 
 
+def check_line(stdout: str, name: str) -> str:
+    return next(line for line in stdout.splitlines() if line.strip().startswith(f"{name} "))
+
+
 def test_healthy_merge_passes(real_fine_tunes, tmp_path):
     _, result = merge_and_validate(tmp_path, real_fine_tunes["code"], real_fine_tunes["licenses"])
     assert result.returncode == ExitCode.OK, result.stdout
-    assert "kl divergence   ok" in result.stdout and "parents         ok" in result.stdout
+    for name in ("kl divergence", "parents", "chat template", "end of turn", "config numerics", "stops"):
+        assert " ok " in check_line(result.stdout, name), result.stdout
+
+
+@pytest.mark.parametrize(
+    ("kind", "check", "says"),
+    [
+        ("foreign template", "chat template", "not single tokens of its vocabulary"),
+        ("wrong eos id", "end of turn", "eos_token_id differs"),
+        ("re-initialised chat token rows", "stops", "ends its turn on 0/"),
+        ("~10% perplexity damage", "parents", "damaged weights?"),
+    ],
+)
+def test_a_merge_with_a_broken_upload_is_refused(real_base, real_broken_uploads, tmp_path, kind, check, says):
+    """Each merged 50/50 with the instruct model, as users merge community fine-tunes: perplexity and KL pass all
+    four; the check for that kind of defect refuses it and names what it saw."""
+    upload = real_broken_uploads[kind]
+    _, result = merge_and_validate(tmp_path, real_base, upload)
+    assert result.returncode == ExitCode.VALIDATION_FAILED, result.stdout
+    line = check_line(result.stdout, check)
+    assert "FAIL" in line and says in line, result.stdout
+    assert " ok " in check_line(result.stdout, "perplexity")
 
 
 def test_merge_of_a_broken_upload_is_refused_naming_it(real_base, real_broken, tmp_path):

@@ -2,6 +2,7 @@
 (an input that got worse since that publish, or a merge clearly worse than the published one)."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,10 @@ import torch
 from mergebot.config.daemon import ValidateSettings
 from mergebot.pipeline.parents import ParentResult
 from mergebot.pipeline.perplexity import TOP_TOKENS, Signature
+from mergebot.pipeline.probe import ProbeResult
 from mergebot.pipeline.regression import Baseline, Hold, baseline_from_record, held_reason
 from mergebot.pipeline.report import ValidationReport
-from mergebot.runrecord import Figures, Outcome, RunRecord
+from mergebot.runrecord import Figures, Outcome, RunRecord, from_json, to_json
 
 PUBLISHED = "c0ffee" * 7
 OLD_A, NEW_A = "a" * 40, "1234567890ab" + "f" * 28
@@ -119,3 +121,35 @@ def test_after_a_config_change_only_the_inputs_are_compared() -> None:
     assert held_reason(changed, report(30.0, a=10.0, b=12.0), identities(), SETTINGS) is None
     hold = held_reason(changed, report(30.0, a=40.0, b=12.0), identities(), SETTINGS)
     assert hold is not None and hold.culprit == "org/a"
+
+
+def test_an_input_whose_eos_id_changed_since_the_publish_holds_naming_it() -> None:
+    before = {"config.eos_token_id": "2 <|im_end|>", "rope_theta": "100000.0"}
+    baseline = Baseline(PUBLISHED, 10.0, dict(BASELINE.inputs), facts={"org/a": (OLD_A, before)})
+    now = replace(report(10.0, a=10.0, b=12.0), facts={"org/a": {**before, "config.eos_token_id": "0 <|endoftext|>"}})
+    hold = held_reason(baseline, now, identities(), SETTINGS)
+    assert hold is not None and hold.culprit == "org/a"
+    assert hold.reason.startswith("org/a@1234567890ab: config.eos_token_id 2 <|im_end|> → 0 <|endoftext|> since")
+    assert f"holding at revision {PUBLISHED[:12]}" in hold.reason
+    assert held_reason(baseline, now, identities(OLD_A), SETTINGS) is None  # the same revision: nothing changed
+    accepting = replace(now, settings=ValidateSettings(accept_config_fields=("eos_token_id",)))
+    assert held_reason(baseline, accepting, identities(), SETTINGS) is None
+
+
+def test_a_merge_that_stopped_stopping_holds() -> None:
+    baseline = Baseline(PUBLISHED, 10.0, dict(BASELINE.inputs), stop_rate=1.0)
+    never = replace(report(10.0, a=10.0, b=12.0), probe=ProbeResult([False] * 6, [0.0] * 6))
+    hold = held_reason(baseline, never, identities(), SETTINGS)
+    assert hold is not None and hold.culprit is None and "ends its turn on 0% of the probe prompts" in hold.reason
+    usual = replace(never, probe=ProbeResult([True] * 5 + [False], [0.5] * 6))
+    assert held_reason(baseline, usual, identities(), SETTINGS) is None
+
+
+def test_the_baseline_reads_the_probe_and_facts_back_from_the_record() -> None:
+    figures = Figures(merge_ppl=9.5, parent_ppl={"org/a": 10.0}, stop_rate=0.75)
+    figures["input_facts"] = {"org/a": {"chat_template": "abc"}}
+    run = RunRecord(Outcome.PUBLISHED, inputs=identities(), published_sha=PUBLISHED, figures=figures)
+    stored = from_json(to_json(run))
+    baseline = baseline_from_record(PUBLISHED, run.inputs, stored)
+    assert baseline.stop_rate == 0.75 and baseline.facts == {"org/a": (NEW_A, {"chat_template": "abc"})}
+    assert baseline_from_record(PUBLISHED, run.inputs, stored, same_merge=False).stop_rate is None

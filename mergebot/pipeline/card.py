@@ -5,6 +5,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from mergebot.config.merge import MergeConfig, ModelSpec
+from mergebot.pipeline.probe import ProbeResult
 from mergebot.pipeline.report import ValidationReport
 
 
@@ -32,11 +33,12 @@ def model_card(merged: MergeConfig, report: ValidationReport, dropped: list[str]
         "",
         "## Validation",
         "",
-        "| model | perplexity | KL from it (nats/token) |",
-        "| --- | --- | --- |",
-        f"| this merge | {_number(report.merge_ppl)} | |",
+        "| model | perplexity | KL from it (nats/token) | ends its turn | P(end of turn) |",
+        "| --- | --- | --- | --- | --- |",
+        f"| this merge | {_number(report.merge_ppl)} | | {_probe(report.probe)} |",
         *(
-            f"| {parent.name} | {_number(parent.ppl)} | {_number(report.kl.get(parent.name), '.4f')} |"
+            f"| {parent.name} | {_number(parent.ppl)} | {_number(report.kl.get(parent.name), '.4f')} | "
+            f"{_probe(parent.probe)} |"
             for parent in report.parents
         ),
         "",
@@ -80,6 +82,13 @@ def _remote_code(dropped: list[str]) -> list[str]:
         "with the library's own classes only.",
         "",
     ]
+
+
+def _probe(probe: ProbeResult | None) -> str:
+    """The behaviour probe as two table cells: prompts ended on, and the mean end-of-turn probability."""
+    if probe is None:
+        return "not probed | "
+    return f"{sum(probe.stopped)}/{len(probe.stopped)} prompts | {probe.mean_eot_prob:.3f}"
 
 
 def _number(value: float | None, spec: str = ".3f") -> str:

@@ -23,6 +23,9 @@ from mergebot.config.daemon import ValidateSettings
 from mergebot.errors import ConfigError, MergebotError, ModelError
 from mergebot.files import read_json
 from mergebot.merge.io import TensorInfo, read_header
+from mergebot.pipeline.consistency import consistency_checks
+from mergebot.pipeline.distance import weight_suspects
+from mergebot.pipeline.facts import ModelFacts, read_facts
 from mergebot.pipeline.judge import judge
 from mergebot.pipeline.parents import Parent, SignatureCache, parent_results
 from mergebot.pipeline.perplexity import (
@@ -37,6 +40,7 @@ from mergebot.pipeline.perplexity import (
     token_ids,
     windows,
 )
+from mergebot.pipeline.probe import ProbeResult, Prompt, read_prompts, run_probe
 from mergebot.pipeline.report import Check, ValidationReport
 from mergebot.progress import StepProgress
 
@@ -70,21 +74,34 @@ def validate(
     if window < 2 or max_windows < 1:
         raise ConfigError(f"validate: need window >= 2 and max_windows >= 1 (got {window}, {max_windows})")
     text = _read_eval_text(settings.eval_text)
-    candidate = _Candidate(out_dir, text, window, max_windows)
-    checks: list[Check] = []
     parents = parents or {}
+    candidate = _Candidate(out_dir, text, window, max_windows, read_prompts(settings.probe_prompts))
+    checks: list[Check] = []
     structure = candidate.structure_steps()
-    progress = StepProgress("validate", len(structure) + len(parents) + _MODEL_STEPS)
+    progress = StepProgress("validate", len(structure) + 1 + len(parents) + _MODEL_STEPS)
     with closing(progress):
         for step in structure:
             progress.step(_step_name(step))
             checks.append(check := step())
             if not check.passed:
                 return _finish(candidate.report(checks, settings))
+        progress.step("consistency (chat template, end of turn, config)")
+        facts = {name: read_facts(name, parent.path) for name, parent in parents.items()}
+        checks += consistency_checks(candidate.facts, list(facts.values()), frozenset(settings.accept_config_fields))
         digest = measure_digest(text, window, max_windows)
         results = parent_results(
-            parents, text, window, max_windows, digest, cache, lambda name: progress.step(f"measure parent {name}")
+            parents,
+            text,
+            window,
+            max_windows,
+            digest,
+            cache,
+            candidate.prompts,
+            facts,
+            lambda name: progress.step(f"measure parent {name}"),
         )
+        inputs = {n: (p.model, p.path, p.revision) for n, p in parents.items()}
+        damaged = weight_suspects(inputs, {r.name: r.ppl for r in results}, settings.max_weight_outlier)
         ids = torch.tensor(candidate.ids)
         comparable = [p for p in results if math.isfinite(p.ppl) and torch.equal(p.signature.ids, ids)]
         for step in candidate.model_steps([p.signature for p in comparable]):
@@ -93,7 +110,8 @@ def validate(
             if not check.passed and check.name not in _NOT_BLOCKING:
                 break
     kl = {p.name: value for p, value in zip(comparable, candidate.kl, strict=False)}
-    return _finish(judge(candidate.report(checks, settings), results, kl))
+    report = replace(candidate.report(checks, settings), facts={n: f.facts for n, f in facts.items()})
+    return _finish(judge(report, results, kl, damaged))
 
 
 _MODEL_STEPS = 3
@@ -110,8 +128,11 @@ class _Candidate:
     """The checkpoint under test and what each check finds that a later one needs: the architecture built from
     config.json, the tensors the files declare, the eval text's token ids, the loaded model."""
 
-    def __init__(self, out_dir: Path, text: str, window: int, max_windows: int) -> None:
+    def __init__(self, out_dir: Path, text: str, window: int, max_windows: int, prompts: list[Prompt]) -> None:
         self.out_dir, self.text, self.window, self.max_windows = out_dir, text, window, max_windows
+        self.prompts = prompts
+        self.facts = ModelFacts("merge")
+        self.probe: ProbeResult | None = None
         self.config_dict: dict = {}
         self.config: PretrainedConfig | None = None
         self.meta_model: torch.nn.Module | None = None
@@ -140,6 +161,7 @@ class _Candidate:
             settings=settings,
             merge_ppl=self.merge_ppl,
             eval_tokens=len(self.ids) if measured else 0,
+            probe=self.probe,
             windows=len(windows(self.ids, self.window, self.max_windows)) if measured else 0,
         )
 
@@ -165,6 +187,7 @@ class _Candidate:
             tokenizer = load_tokenizer(self.out_dir)
         except Exception as exc:  # transformers raises many types for a bad tokenizer; all mean "unusable"
             return Check("tokenizer", False, one_line(exc))
+        self.facts = read_facts("merge", self.out_dir)
         self.ids, unknown = token_ids(tokenizer, self.text)
         count = len(windows(self.ids, self.window, self.max_windows))
         problem = _tokenization_problem(self.ids, unknown, self.config.vocab_size)
@@ -184,10 +207,12 @@ class _Candidate:
 
     def check_finite_logits(self) -> Check:
         result = measure(self.model, self.ids, self.window, self.max_windows, self.references)
-        self.model = None
         if result.bad_window is not None:
+            self.model = None
             return Check("finite logits", False, f"NaN/inf logits in window {result.bad_window}")
         self.merge_ppl, self.kl = result.signature.ppl, result.kl
+        self.probe = run_probe(self.model, self.facts, self.prompts)  # while the model is loaded; judged later
+        self.model = None
         return Check("finite logits", True, "all windows finite")
 
 

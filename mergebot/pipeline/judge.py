@@ -6,20 +6,26 @@ import math
 from dataclasses import replace
 
 from mergebot.files import short_identity
+from mergebot.pipeline.behaviour import behaviour_checks
 from mergebot.pipeline.parents import ParentResult
 from mergebot.pipeline.report import Check, ValidationReport
 
 
-def judge(report: ValidationReport, parents: list[ParentResult], kl: dict[str, float]) -> ValidationReport:
-    """The checks against the parents: none of them suspect, the merge's perplexity within the limit of the worst
-    healthy parent's, and its predictions close to its nearest parent's (the last two only for a merge that could
-    be measured)."""
+def judge(
+    report: ValidationReport, parents: list[ParentResult], kl: dict[str, float], damaged: dict[str, str]
+) -> ValidationReport:
+    """The checks against the parents: none of them suspect (by perplexity, or by `damaged`: weights far from
+    every other model's), the merge's perplexity within the limit of the worst healthy parent's, its predictions
+    close to its nearest parent's, and it ends its turn about as often as its best healthy parent (the last three
+    only for a merge that could be measured)."""
     if not parents:
         if report.merge_ppl is None:
             return report
         check = Check("perplexity", True, f"{report.merge_ppl:.3f} (no parents to compare with)")
-        return replace(report, checks=[*report.checks, check])
+        behaviour = behaviour_checks(report.probe, [], set(), report.settings)
+        return replace(report, checks=[*report.checks, check, *behaviour])
     suspects = _suspects(parents, report.settings.max_parent_ratio)
+    suspects |= {name: why for name, why in damaged.items() if name not in suspects}
     healthy = [p for p in parents if p.name not in suspects]
     checks = [*report.checks, _parents_check(parents, suspects)]
     report = replace(report, parents=parents, suspects=suspects, kl={k: v for k, v in kl.items() if k not in suspects})
@@ -39,6 +45,7 @@ def judge(report: ValidationReport, parents: list[ParentResult], kl: dict[str, f
     checks.append(Check("perplexity", ok, detail))
     if report.kl:
         checks.append(_kl_check(report))
+    checks += behaviour_checks(report.probe, parents, set(suspects), report.settings)
     return replace(report, checks=checks, worst_parent_ppl=worst, ratio=ratio, limit=limit)
 
 

@@ -4,7 +4,7 @@ published revision, even when the merge would pass the gate on its own (a broken
 means; the last publish does not move)."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mergebot.config.daemon import ValidateSettings
 from mergebot.files import short_identity
@@ -21,6 +21,10 @@ class Baseline:
     """None when the merge itself changed since (its config): a deliberate change is not a regression."""
     inputs: dict[str, tuple[str, float]]
     """model -> (its identity at that publish, its perplexity then)."""
+    stop_rate: float | None = None
+    """The share of probe prompts the published merge ended its turn on (None: not probed, or config changed)."""
+    facts: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
+    """model -> (its identity at that publish, its template, special tokens and numerics then)."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,15 @@ def baseline_from_record(
         return None
     known = {model: (identity, parent_ppl[model]) for model, identity in inputs.items() if parent_ppl.get(model)}
     merged = float(merge_ppl) if same_merge else None
-    return Baseline(published_sha, merged, {model: (i, float(p)) for model, (i, p) in known.items()})
+    stop_rate = record.figures.get("stop_rate") if same_merge else None
+    stop_rate = float(stop_rate) if isinstance(stop_rate, int | float) else None
+    recorded = record.figures.get("input_facts") or {}
+    facts = {
+        model: (identity, {str(k): str(v) for k, v in recorded[model].items()})
+        for model, identity in inputs.items()
+        if isinstance(recorded.get(model), dict)
+    }
+    return Baseline(published_sha, merged, {model: (i, float(p)) for model, (i, p) in known.items()}, stop_rate, facts)
 
 
 def held_reason(
@@ -60,6 +72,16 @@ def held_reason(
                 f"since the last publish ({short_identity(old_identity)}); {holding}"
             )
             return Hold(reason, parent.name)
+    changed = _changed_facts(baseline, report, identities)
+    if changed is not None:
+        return Hold(f"{changed[1]}; {holding}", changed[0])
+    probe, stop_before = report.probe, baseline.stop_rate
+    if probe is not None and stop_before and probe.stop_rate < settings.min_stop_ratio * stop_before:
+        reason = (
+            f"the merge ends its turn on {probe.stop_rate:.0%} of the probe prompts, the last published merge on "
+            f"{stop_before:.0%} (limit {settings.min_stop_ratio}x); {holding}"
+        )
+        return Hold(reason, None)
     merge_ppl, before = report.merge_ppl, baseline.merge_ppl
     if merge_ppl is not None and before is not None and merge_ppl > settings.max_regression * before:
         reason = (
@@ -67,4 +89,23 @@ def held_reason(
             f"merge's {before:,.1f} (limit {settings.max_regression}x); {holding}"
         )
         return Hold(reason, None)
+    return None
+
+
+def _changed_facts(baseline: Baseline, report: ValidationReport, identities: dict[str, str]) -> tuple[str, str] | None:
+    """(input, why) for the first input at a new identity whose chat template, end-of-turn ids or numerics config
+    changed since the last publish: a deliberate change upstream still deserves a human's look before it ships."""
+    accepted = set(report.settings.accept_config_fields)
+    for name, now in report.facts.items():
+        before = baseline.facts.get(name)
+        if before is None or before[0] == identities.get(name):
+            continue
+        for key in sorted(set(before[1]) | set(now)):
+            old, new = before[1].get(key, "unset"), now.get(key, "unset")
+            if old != new and key not in accepted and key.rsplit(".", 1)[-1] not in accepted:
+                identity = identities.get(name, "")
+                return name, (
+                    f"{name}@{short_identity(identity)}: {key} {old} → {new} since the last publish "
+                    f"({short_identity(before[0])})"
+                )
     return None

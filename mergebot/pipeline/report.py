@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mergebot.config.daemon import ValidateSettings
 from mergebot.pipeline.parents import ParentResult
+from mergebot.pipeline.probe import ProbeResult
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class ValidationReport:
     eval_tokens: int = 0
     windows: int = 0
     peak_rss_mb: float = 0.0
+    probe: ProbeResult | None = None
+    """The merge's behaviour probe (None without a chat template); each parent's is in its ParentResult."""
+    facts: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per parent, what the consistency checks read from its files (`mergebot.pipeline.consistency`)."""
 
     @property
     def passed(self) -> bool:
@@ -82,5 +87,15 @@ def format_report(report: ValidationReport) -> str:
                 f"(perplexity {report.limit:.3f})"
             )
         lines += [f"  KL from {name} {value:.4f} nats/token" for name, value in report.kl.items()]
+    probes = [("merge", report.probe)] + [(p.name, p.probe) for p in report.parents]
+    probes = [(name, probe) for name, probe in probes if probe is not None]
+    if probes:
+        name_w = max(len(name) for name, _ in probes)
+        lines.append("")
+        lines.append(f"  {'model':<{name_w}}  {'stops':>7}  {'P(end of turn)':>14}")
+        lines += [
+            f"  {name:<{name_w}}  {sum(p.stopped):>3}/{len(p.stopped):<3}  {p.mean_eot_prob:>14.3f}"
+            for name, p in probes
+        ]
     lines.append(f"  peak RSS {report.peak_rss_mb:.0f} MB")
     return "\n".join(lines)

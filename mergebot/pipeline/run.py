@@ -66,6 +66,10 @@ def run_pipeline(
     report = check_merge(out_dir, models, target.validate, cache)
     parent_ppl = {parent.name: parent.ppl for parent in report.parents}
     run.figures = Figures(merge_ppl=report.merge_ppl, parent_ppl=parent_ppl, kl=report.kl)
+    if report.probe is not None:
+        run.figures["stop_rate"], run.figures["eot_prob"] = report.probe.stop_rate, report.probe.mean_eot_prob
+    run.figures["parent_stop_rate"] = {p.name: p.probe.stop_rate if p.probe else None for p in report.parents}
+    run.figures["input_facts"] = report.facts
     run.seconds = round(time.monotonic() - started, 3)
     hold = held_reason(baseline, report, run.inputs, target.validate) if baseline else None
     if hold is not None:
