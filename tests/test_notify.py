@@ -109,11 +109,10 @@ def test_notify_entries_and_their_defaults(tmp_path):
 
 DIGESTS = {"org/base": "d-base", "org/ft1": "d-ft1"}
 PUBLISHED = {
+    "version": 2,
     "outcome": "published",
     "computed": ["model-00001-of-00002.safetensors"],
-    "merge_ppl": 9.5,
-    "stop_rate": 1.0,
-    "parent_stop_rate": {"org/a": 0.8333},
+    "figures": {"merge_ppl": 9.5, "stop_rate": 1.0, "parent_stop_rate": {"org/a": 0.8333}},
 }
 
 
