@@ -15,6 +15,7 @@ import requests
 
 from mergebot.config.daemon import load_daemon_config
 from mergebot.daemon.page import page_html
+from mergebot.daemon.status import gate_line
 from mergebot.dev.devhub import DevHub
 from mergebot.errors import ConfigError
 from tests.test_daemon import TOKEN, Setup, endpoints, free_port, published_runs, target, wait_for
@@ -78,6 +79,7 @@ def test_status_json_has_each_target_its_inputs_last_run_and_published_link(daem
             "org/ft1",
         }
     )
+    assert {"stop_rate", "eot_prob", "parent_stop_rate"} <= set(run)  # the behaviour probe (null: not probed)
     assert gone["recent_runs"] == []
 
 
@@ -110,7 +112,7 @@ def test_html_page_is_a_table_of_the_same_data_without_secrets(daemon):
     assert "<th>Recent runs</th>" in header and header.count("<th>") == 7
     (run,) = requests.get(f"{url}/status.json", timeout=10).json()["targets"]["paged"]["recent_runs"]
     recent = rows[0].split('<table class="runs">')[1].split("</table>")[0]
-    for column in ("run", "took", "ppl", "parents' ppl", "KL", "shards"):
+    for column in ("run", "took", "ppl", "parents' ppl", "KL", "ends turn", "shards"):
         assert f"<th>{column}</th>" in recent, column
     assert f'#{run["id"]} <span class="s-published">published</span>' in recent
     assert f"{run['merge_ppl']:,.2f}" in recent and f"{run['computed']} new, 0 reused" in recent
@@ -236,3 +238,12 @@ def _get(url: str) -> int | None:
         return requests.get(url, timeout=5).status_code
     except requests.ConnectionError:
         return None
+
+
+def test_the_status_text_gives_the_gate_figures_of_the_last_run():
+    run = {"merge_ppl": 35.7, "parent_ppl": {"org/a": 36.1, "org/b": None}, "stop_rate": 0.5}
+    run["parent_stop_rate"] = {"org/a": 1.0, "org/b": None}
+    probe = "ends its turn on 50% of the probe prompts (best parent 100%)"
+    assert gate_line(run) == f"perplexity 35.70 (parents: org/a 36.10); {probe}"
+    assert gate_line(run | {"stop_rate": None}) == "perplexity 35.70 (parents: org/a 36.10)"
+    assert gate_line(run | {"merge_ppl": None}).startswith("no figures")

@@ -130,10 +130,14 @@ def _ppl(value: float | None) -> str:
 
 def _recent(runs: list[dict]) -> str:
     """The target's last runs, newest first: outcome, duration, the gate's figures (the merge's perplexity, its
-    parents', the KL from the nearest parent) and the output shards recomputed and reused."""
+    parents', the KL from the nearest parent, the share of probe prompts it ended its turn on) and the output shards
+    recomputed and reused."""
     if not runs:
         return '<span class="muted">none yet</span>'
-    head = "<tr><th>run</th><th>took</th><th>ppl</th><th>parents' ppl</th><th>KL</th><th>shards</th></tr>"
+    head = (
+        "<tr><th>run</th><th>took</th><th>ppl</th><th>parents' ppl</th><th>KL</th><th>ends turn</th>"
+        "<th>shards</th></tr>"
+    )
     rows = []
     for run in runs:
         took = f"{run['seconds']:,.0f} s" if run.get("seconds") is not None else "–"
@@ -141,6 +145,8 @@ def _recent(runs: list[dict]) -> str:
         measured = [value for value in run["kl"].values() if value is not None]
         kl = f"{min(measured):.4f}" if measured else "–"
         shards = f"{run['computed']} new, {run['reused']} reused" if run["computed"] or run["reused"] else "–"
-        cells = (f"#{run['id']} {_badge(run['outcome'])}", took, _ppl(run["merge_ppl"]), parents or "–", kl, shards)
+        stops = "–" if run["stop_rate"] is None else f"{run['stop_rate']:.0%}"
+        badge = f"#{run['id']} {_badge(run['outcome'])}"
+        cells = (badge, took, _ppl(run["merge_ppl"]), parents or "–", kl, stops, shards)
         rows.append("<tr>" + "".join(f'<td class="nowrap">{cell}</td>' for cell in cells) + "</tr>")
     return f'<table class="runs">{head}{"".join(rows)}</table>'

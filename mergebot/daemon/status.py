@@ -44,6 +44,9 @@ def _figures(run: Run) -> dict:
         "merge_ppl": _finite(figures.get("merge_ppl")),
         "parent_ppl": {name: _finite(ppl) for name, ppl in (figures.get("parent_ppl") or {}).items()},
         "kl": {name: _finite(kl) for name, kl in (figures.get("kl") or {}).items()},
+        "stop_rate": _finite(figures.get("stop_rate")),
+        "eot_prob": _finite(figures.get("eot_prob")),
+        "parent_stop_rate": {name: _finite(r) for name, r in (figures.get("parent_stop_rate") or {}).items()},
         "computed": len(record.computed),
         "reused": len(record.reused),
         "published_sha": run.published_sha,
@@ -103,6 +106,19 @@ def collect_status(config: DaemonConfig) -> dict:
     return redact_value(result)
 
 
+def gate_line(run: dict) -> str:
+    """A run's gate figures in words: the merge's perplexity beside its parents', and how often it ends its turn."""
+    if run["merge_ppl"] is None:
+        return "no figures (the gate did not measure this run)"
+    parents = ", ".join(f"{name} {ppl:,.2f}" for name, ppl in run["parent_ppl"].items() if ppl is not None)
+    line = f"perplexity {run['merge_ppl']:,.2f}" + (f" (parents: {parents})" if parents else "")
+    if run["stop_rate"] is not None:
+        best = max((rate for rate in run["parent_stop_rate"].values() if rate is not None), default=None)
+        line += f"; ends its turn on {run['stop_rate']:.0%} of the probe prompts"
+        line += f" (best parent {best:.0%})" if best is not None else ""
+    return line
+
+
 def format_status(status: dict) -> str:
     """For people: the advice it gives are commands that run as written (with the config the status was read
     with), and without a daemon no time in the past is shown as a next check."""
@@ -121,6 +137,8 @@ def format_status(status: dict) -> str:
             lines.append(
                 f"  last   run #{last['id']} {last['outcome']} at {last['finished'] or last['started']}{reason}"
             )
+        if recent := target.get("recent_runs"):
+            lines.append(f"  gate   {gate_line(recent[0])}")
         lines.append(f"  head   {target.get('published_sha') or 'nothing published yet'}")
         if target.get("shards"):
             lines.append(f"  shards {target['shards']} with recorded fingerprints")
