@@ -2,10 +2,10 @@
 names.
 
 A vision-language model (LLaVA, Qwen2-VL) is not a causal LM to transformers: `AutoModelForCausalLM` refuses its
-config, so it is built with its image-text class. Such checkpoints are saved under older names
-(`language_model.model.*`) than the loaded model's (`model.language_model.*`); transformers renames them while
-loading, and the gate's tensor check must rename them the same way, with transformers' own mapping, or every
-tensor would look both missing and extra.
+config, so it is built with its image-text class. Such checkpoints are saved under older names (LLaVA's
+`language_model.model.*`, Qwen2-VL's `model.*`) than the loaded model's (`model.language_model.*`); transformers
+renames them while loading, and the gate's tensor check must rename them the same way, with transformers' own
+mapping, or every tensor would look both missing and extra.
 """
 
 import torch
