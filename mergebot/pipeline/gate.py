@@ -17,12 +17,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from mergebot.config.daemon import ValidateSettings
 from mergebot.errors import ConfigError, MergebotError, ModelError
 from mergebot.files import read_json
 from mergebot.merge.io import TensorInfo, read_header
+from mergebot.pipeline.architecture import build_on_meta, parameter_names
 from mergebot.pipeline.consistency import consistency_checks
 from mergebot.pipeline.distance import weight_suspects
 from mergebot.pipeline.facts import ModelFacts, read_facts
@@ -190,7 +191,7 @@ class _Candidate:
         self.facts = read_facts("merge", self.out_dir)
         self.ids, unknown = token_ids(tokenizer, self.text)
         count = len(windows(self.ids, self.window, self.max_windows))
-        problem = _tokenization_problem(self.ids, unknown, self.config.vocab_size)
+        problem = _tokenization_problem(self.ids, unknown, self.config.get_text_config().vocab_size)
         detail = problem or f"{len(self.ids)} tokens, {unknown:.1%} unknown, {count} window(s) of up to {self.window}"
         return Check("tokenizer", problem is None, detail)
 
@@ -243,19 +244,19 @@ def _config_dtype(config: dict) -> torch.dtype | None:
 
 
 def _read_config(out_dir: Path) -> tuple[dict, PretrainedConfig | None, torch.nn.Module | None, str]:
-    """Parse config.json and build its architecture on the meta device (no memory, no remote code)."""
+    """Parse config.json and build its architecture on the meta device (no memory, no remote code): a
+    vision-language model with its image-text class."""
     path = out_dir / "config.json"
     try:
         config_dict = read_json(path, str(out_dir), required=True)
         config = AutoConfig.from_pretrained(out_dir, local_files_only=True)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        model = build_on_meta(config)
     except Exception as exc:  # a missing file, bad JSON or unknown architecture all fail the same check
         return {}, None, None, f"{path}: {one_line(exc)}"
-    arch = type(model).__name__
+    arch, text = type(model).__name__, config.get_text_config()
     dtype = _config_dtype(config_dict)
     detail = (
-        f"{arch}, {getattr(config, 'num_hidden_layers', '?')} layers, vocab {getattr(config, 'vocab_size', '?')}, "
+        f"{arch}, {getattr(text, 'num_hidden_layers', '?')} layers, vocab {getattr(text, 'vocab_size', '?')}, "
         f"dtype {str(dtype).removeprefix('torch.') if dtype else 'not declared'}"
     )
     return config_dict, config, model, detail
@@ -313,24 +314,30 @@ def _declared_tensors(out_dir: Path) -> tuple[dict[str, TensorInfo], list[str], 
 def _compare_tensors(
     meta_model: torch.nn.Module, declared: dict[str, TensorInfo], dtype: torch.dtype | None
 ) -> list[str]:
-    """Missing, extra, wrong-shape and wrong-dtype tensors. Tied parameters (lm_head tied to embed_tokens) are one
-    group: any name of the group present covers them all."""
+    """Missing, extra, wrong-shape and wrong-dtype tensors, each checkpoint name taken to the parameter it loads
+    into by transformers' renamings (a vision-language checkpoint's `language_model.model.*` is the loaded
+    `model.language_model.*`); problems name the file's tensors. Tied parameters (lm_head tied to embed_tokens) are
+    one group: any name of the group present covers them all."""
     expected = meta_model.state_dict(keep_vars=True)
+    loaded_as = parameter_names(meta_model, list(declared))
+    file_name = {loaded: name for name, loaded in loaded_as.items()}
+    duplicates = sorted(name for name, loaded in loaded_as.items() if file_name[loaded] != name)
+    declared = {loaded_as[name]: info for name, info in declared.items()}
     groups: dict[int, list[str]] = {}
     for name, tensor in expected.items():
         groups.setdefault(id(tensor), []).append(name)
     missing = sorted(names[0] for names in groups.values() if not any(n in declared for n in names))
     ignorable = {n for n, _ in meta_model.named_buffers()}  # non-persistent buffers (rotary) some files carry
-    extra = sorted(n for n in declared if n not in expected and n not in ignorable)
+    extra = sorted(file_name[n] for n in declared if n not in expected and n not in ignorable) + duplicates
     shape_bad, dtype_bad = [], []
     for name, tensor in expected.items():
         if name not in declared:
             continue
         got = declared[name]
         if got.shape != tuple(tensor.shape):
-            shape_bad.append(f"{name} {list(got.shape)} (config implies {list(tensor.shape)})")
+            shape_bad.append(f"{file_name[name]} {list(got.shape)} (config implies {list(tensor.shape)})")
         if dtype is not None and got.dtype.torch != tensor.dtype:
-            dtype_bad.append(f"{name} {got.dtype.torch_name}")
+            dtype_bad.append(f"{file_name[name]} {got.dtype.torch_name}")
     problems = []
     if missing:
         problems.append(f"missing: {_listing(missing)}")

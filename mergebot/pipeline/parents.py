@@ -16,6 +16,7 @@ from mergebot.errors import ModelError
 from mergebot.files import write_atomic
 from mergebot.merge.lora import adapted_tensors
 from mergebot.merge.source import InputModel
+from mergebot.pipeline.architecture import parameter_names
 from mergebot.pipeline.facts import ModelFacts
 from mergebot.pipeline.perplexity import Signature, load_model, load_tokenizer, measure, one_line, token_ids
 from mergebot.pipeline.probe import ProbeResult, Prompt, probe_digest, run_probe
@@ -149,10 +150,12 @@ def _load_parent(name: str, parent: Parent, text: str) -> tuple[torch.nn.Module,
 
 
 def _apply_adapter(name: str, model: torch.nn.Module, merged: InputModel) -> None:
-    """The loaded base becomes the input the merge read: each tensor its adapter changes, in the model's dtype."""
+    """The loaded base becomes the input the merge read: each tensor its adapter changes, in the model's dtype.
+    The adapted tensors carry the checkpoint's names, which transformers renames on load (vision-language models)."""
     state = model.state_dict()
+    loaded_as = parameter_names(model, list(merged.tensors))
     with torch.no_grad():
         for tensor, value in adapted_tensors(merged):
-            if tensor not in state:
+            if loaded_as[tensor] not in state:
                 raise ModelError(f"parent {name}: the loaded model has no parameter {tensor} for its adapter to change")
-            state[tensor].copy_(value)
+            state[loaded_as[tensor]].copy_(value)

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from mergebot.pipeline.architecture import model_class
 
 DEFAULT_WINDOW = 128
 DEFAULT_MAX_WINDOWS = 32
@@ -68,8 +70,10 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
 def load_model(model_dir: Path) -> torch.nn.Module:
     """One copy of the weights: transformers builds on meta and fills parameters straight from the mmapped
-    safetensors, in the checkpoint's dtype."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", local_files_only=True)
+    safetensors, in the checkpoint's dtype. A vision-language model loads whole (its image-text class); only its
+    language model and head are run (`get_decoder`, `get_output_embeddings`), on text alone."""
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    model = model_class(config).from_pretrained(model_dir, dtype="auto", local_files_only=True)
     return model.eval()
 
 
@@ -105,7 +109,7 @@ def _measure(
 ) -> Measurement:
     hidden, targets, window_of = _final_hidden(model, chunks)
     head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     step = max(16, _LOGIT_ELEMENTS // head.weight.shape[0])
     nll = 0.0
     kl = [0.0] * len(references)
