@@ -65,7 +65,7 @@ class Setup:
     def change_shard(self, name: str, index: int = 0) -> str:
         shard = sorted((self.local / name).glob("model-*.safetensors"))[index]
         tensors = load_file(shard)
-        save_file({k: v * 1.5 for k, v in tensors.items()}, shard, metadata={"format": "pt"})
+        save_file({k: v * 1.02 for k, v in tensors.items()}, shard, metadata={"format": "pt"})
         return self.push(name, "change one shard")
 
     def write_config(self, targets: str, poll: str = "1s", daemon: str = "") -> None:
@@ -415,7 +415,7 @@ def test_a_local_input_reruns_only_when_a_file_the_merge_reads_changes(setup):
     (local / "README.md").write_text("# notes that no merge reads\n")
     time.sleep(3)  # three polls
     shard = sorted(local.glob("model-*.safetensors"))[-1]
-    save_file({k: v * 1.5 for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    save_file({k: v * 1.02 for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
     wait_for(lambda: len(published_runs(setup, "mixed")) >= 2, what="a re-merge after the shard changed")
     time.sleep(2)
     assert len([e for e in setup.events() if e.get("event") == "run started"]) == 2

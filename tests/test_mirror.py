@@ -183,7 +183,7 @@ def test_daemon_merges_from_the_mirror_and_publishes_to_the_hub(mirror, devhub, 
     assert weights == sorted([*(f"org/base/{s}" for s in shards), *(f"org/ft/{s}" for s in shards)])
 
     changed = ft / shards[1]
-    save_file({k: v * 1.5 for k, v in load_file(changed).items()}, changed, metadata={"format": "pt"})
+    save_file({k: v * 1.02 for k, v in load_file(changed).items()}, changed, metadata={"format": "pt"})
     new_ft = mirror.commit("ft", "change one shard")
     seen = len(mirror.served())
     once()
