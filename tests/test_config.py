@@ -124,7 +124,7 @@ def test_a_fused_merge_loads_neither_torch_nor_the_scheduler_nor_transformers(tm
 def test_a_method_without_fused_loops_loads_torch_but_not_transformers(tmp_path):
     base = make_model(tmp_path / "base")
     other = make_model(tmp_path / "other", base=base, seed=1)
-    imported = imports_of_merge(tmp_path, "nearswap", "--base-model", str(base), str(other), "--set", "t=0.01")
+    imported = imports_of_merge(tmp_path, "arcee_fusion", "--base-model", str(base), str(other))
     assert "torch" in imported
     assert not {"apscheduler", "transformers"} & imported
 

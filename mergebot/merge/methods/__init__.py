@@ -17,6 +17,9 @@ from mergebot.config.methods import ENTRY_POINT_GROUP, interface
 from mergebot.errors import ConfigError
 from mergebot.merge.methods.base import Block, BlockSource, MergeMethod, RawBlocks, TensorParams
 from mergebot.merge.methods.fused import fused_linear, fused_passthrough, fused_slerp, make_fused_task_arithmetic
+from mergebot.merge.methods.fused_entrywise import fused_nearswap, fused_ram, fused_ramplus_tl, fused_sce
+from mergebot.merge.methods.fused_geometric import fused_karcher, fused_model_stock, fused_multislerp, fused_nuslerp
+from mergebot.merge.methods.geometry import karcher_problem, multislerp_problem
 from mergebot.merge.methods.shared import magprune_problem
 
 if TYPE_CHECKING:
@@ -34,8 +37,6 @@ __all__ = [
     "method_named",
     "whole_tensor_method",
 ]
-_FAMILIES = {"sce": "SCE_METHODS", "ram": "RAM_METHODS", "geometric": "GEOMETRIC_METHODS", "fusion": "FUSION_METHODS"}
-"""Modules of this package, each with its tuple of methods."""
 
 
 def _torch_definition(module: str, name: str, *args: Any) -> Callable[[BlockSource, TensorParams], Iterator]:
@@ -63,6 +64,20 @@ _SPARSIFIED_TASK_ARITHMETIC = (
     ("della_linear", "magprune", False, magprune_problem),
 )
 """(name, pruner, TIES sign election, check); their parameters are declared in `mergebot.config.methods`."""
+
+_OTHER_METHODS = (
+    ("sce", "sce", None, fused_sce),
+    ("ram", "ram", None, fused_ram),
+    ("ram", "ramplus_tl", None, fused_ramplus_tl),
+    ("geometric", "model_stock", None, fused_model_stock),
+    ("geometric", "nuslerp", None, fused_nuslerp),
+    ("geometric", "multislerp", multislerp_problem, fused_multislerp),
+    ("geometric", "karcher", karcher_problem, fused_karcher),
+    ("fusion", "nearswap", None, fused_nearswap),
+    ("fusion", "arcee_fusion", None, None),
+)
+"""(module, name, check, fused loops) of the other built-in methods, whose torch definitions `module.name` are
+imported when a tensor takes them; their parameters are declared in `mergebot.config.methods`."""
 
 CORE_METHODS: dict[str, MergeMethod] = {
     method.name: method
@@ -95,17 +110,16 @@ CORE_METHODS: dict[str, MergeMethod] = {
             **interface("passthrough").fields(),
             fused=fused_passthrough,
         ),
+        *(
+            MergeMethod(name, _torch_definition(module, name), **interface(name).fields(), check=check, fused=fused)
+            for module, name, check, fused in _OTHER_METHODS
+        ),
     )
 }
 
 
-@cache
 def _builtin_methods() -> dict[str, MergeMethod]:
-    methods = dict(CORE_METHODS)
-    for module, name in _FAMILIES.items():
-        for method in getattr(import_module(f"mergebot.merge.methods.{module}"), name):
-            methods[method.name] = method
-    return methods
+    return dict(CORE_METHODS)
 
 
 def __getattr__(name: str) -> Any:

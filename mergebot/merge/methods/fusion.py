@@ -5,12 +5,11 @@ from collections.abc import Iterator
 
 import torch
 
-from mergebot.config.methods import interface
-from mergebot.merge.methods.base import BlockSource, MergeMethod, TensorParams
+from mergebot.merge.methods.base import BlockSource, TensorParams
+from mergebot.merge.methods.entrywise import NEARSWAP_MIN_DISTANCE
 from mergebot.merge.methods.gram import regrid
 from mergebot.merge.methods.topk import top_cuts
 
-NEARSWAP_MIN_DISTANCE = 1e-6
 FUSION_EPS = 1e-8
 SIGN_FLIP = 1 << 31
 
@@ -74,9 +73,3 @@ def _order_key(values: torch.Tensor) -> torch.Tensor:
 def _from_order_key(key: int) -> torch.Tensor:
     bits = key - SIGN_FLIP if key >= SIGN_FLIP else -1 - key
     return torch.tensor(bits, dtype=torch.int32).view(torch.float32)
-
-
-FUSION_METHODS = (
-    MergeMethod("nearswap", nearswap, **interface("nearswap").fields()),
-    MergeMethod("arcee_fusion", arcee_fusion, **interface("arcee_fusion").fields()),
-)

@@ -5,26 +5,24 @@ the coefficients cᵢ depend only on the vectors' inner products (their Gram mat
 sums the Gram matrix and a second writes the output: no whole tensor is held. Both passes work in float64 (products
 of float32 values are exact there, and so are their differences unless the exponents are far apart) and the output
 is rounded to float32 once, so ill-conditioned coefficients (nearly opposite vectors) lose nothing; mergekit
-computes all of it in the model dtype. The rows are re-cut into a fixed grid first (`regrid`), so the sums, and so
-the output, are the same bit for bit however the engine blocked the tensor.
+computes all of it in the model dtype. The rows are re-cut into a fixed grid first (`regrid`) and every sum runs in
+one order (`geometry`), so the output is the same bit for bit however the engine blocked the tensor, and the same
+as the fused loops' (`fused_geometric`).
 """
 
 from collections.abc import Callable, Iterator
-from typing import Literal
 
+import numpy as np
 import torch
 
+from mergebot.merge.methods import geometry
 from mergebot.merge.methods.base import Block, BlockSource
-
-GRID_ELEMENTS = 1 << 16
-Axis = Literal["tensor", "columns", "rows"]
-"""Which entries form one vector: the whole flattened tensor; each column (along dim 0, summed across row blocks);
-each row (along the last dim, so within a block). A 1-D tensor is one vector whatever the axis."""
+from mergebot.merge.methods.geometry import Axis, chunk_gram, in_sequence
 
 VectorsOf = Callable[[Block], tuple[torch.Tensor | None, list[torch.Tensor]]]
 """One block's float32 inputs → (the offset or None, the vectors), both float64."""
-CoefficientsOf = Callable[[torch.Tensor], torch.Tensor]
-"""Gram matrices [..., n, n] → coefficients [..., n], batched over the leading dims."""
+CoefficientsOf = Callable[[np.ndarray], np.ndarray]
+"""Gram matrices [..., n, n] → coefficients [..., n], batched over the leading dims (`geometry`)."""
 
 
 def gram_combination(
@@ -36,10 +34,12 @@ def gram_combination(
     "columns", the block's own rows (and a trailing 1) for "rows"."""
     chunks = regrid(blocks)
     gram = _whole_gram(chunks, vectors_of, axis)
-    coefficients = None if gram is None else coefficients_of(gram)
+    coefficients = None if gram is None else torch.from_numpy(np.ascontiguousarray(coefficients_of(gram)))
     for _, inputs in chunks():
         offset, vectors = vectors_of(inputs)
-        weights = coefficients if coefficients is not None else coefficients_of(_gram(vectors, axis))
+        weights = coefficients
+        if weights is None:
+            weights = torch.from_numpy(np.ascontiguousarray(coefficients_of(chunk_gram(_stacked(vectors), axis))))
         out = offset if offset is not None else torch.zeros_like(vectors[0])
         for index, vector in enumerate(vectors):
             out = out + weights[..., index] * vector
@@ -47,8 +47,8 @@ def gram_combination(
 
 
 def regrid(blocks: BlockSource) -> BlockSource:
-    """The same rows in chunks of a fixed grid (about GRID_ELEMENTS each, counted from row 0), whatever blocks came
-    in: every reduction then runs on the same shapes, so its rounding cannot depend on the engine's block size."""
+    """The same rows in chunks of a fixed grid (`geometry.grid_rows`, counted from row 0), whatever blocks came in:
+    every reduction then runs on the same shapes, so its rounding cannot depend on the engine's block size."""
 
     def chunks() -> Iterator[tuple[int, Block]]:
         start, pending = 0, None
@@ -56,7 +56,7 @@ def regrid(blocks: BlockSource) -> BlockSource:
             if pending is not None:
                 inputs = [torch.cat(pair) for pair in zip(pending, inputs, strict=True)]
             rows = inputs[0].shape[0]
-            step = max(1, GRID_ELEMENTS // max(1, inputs[0][0].numel()))
+            step = geometry.grid_rows(inputs[0][0].numel())
             whole = rows // step * step
             for offset in range(0, whole, step):
                 yield start + offset, [x[offset : offset + step] for x in inputs]
@@ -68,29 +68,17 @@ def regrid(blocks: BlockSource) -> BlockSource:
     return chunks
 
 
-def _whole_gram(blocks: BlockSource, vectors_of: VectorsOf, axis: Axis) -> torch.Tensor | None:
-    """The Gram matrix summed over every block; None when each block has its own (rows of a 2+-dim tensor)."""
-    total = None
+def _stacked(vectors: list[torch.Tensor]) -> np.ndarray:
+    return torch.stack(vectors).numpy()
+
+
+def _whole_gram(blocks: BlockSource, vectors_of: VectorsOf, axis: Axis) -> np.ndarray | None:
+    """The Gram matrix summed over every chunk in order; None when each block has its own (rows of a 2+-dim
+    tensor)."""
+    parts = []
     for _, inputs in blocks():
         vectors = vectors_of(inputs)[1]
         if axis == "rows" and vectors[0].dim() > 1:
             return None
-        part = _gram(vectors, axis)
-        total = part if total is None else total + part
-    assert total is not None
-    return total
-
-
-def _gram(vectors: list[torch.Tensor], axis: Axis) -> torch.Tensor:
-    stacked = torch.stack(vectors)
-    if axis == "tensor" or stacked.dim() <= 2:
-        flat = stacked.reshape(len(vectors), -1)
-        return flat @ flat.T
-    if axis == "columns":
-        return torch.einsum("ir...,jr...->...ij", stacked, stacked)
-    return torch.einsum("i...k,j...k->...ij", stacked, stacked).unsqueeze(-3)
-
-
-def diagonal(gram: torch.Tensor) -> torch.Tensor:
-    """The squared norms of the vectors, [..., n]."""
-    return torch.diagonal(gram, dim1=-2, dim2=-1)
+        parts.append(chunk_gram(_stacked(vectors), axis))
+    return in_sequence(np.stack(parts))

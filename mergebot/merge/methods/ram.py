@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
-from mergebot.config.methods import interface
-from mergebot.merge.methods.base import BlockSource, MergeMethod, TensorParams
+from mergebot.merge.methods.base import BlockSource, TensorParams
+from mergebot.merge.methods.entrywise import ramplus_scales
 
 
 def ram(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
@@ -27,12 +27,7 @@ def ramplus_tl(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tens
         for index, mask in enumerate(changed):
             shared[index] += int((mask & (count > 1)).sum())
             unique[index] += int((mask & (count == 1)).sum())
-    scales = []
-    for shared_count, unique_count in zip(shared, unique, strict=True):
-        # mergekit divides by max(unique, epsilon); with no unique entry the scale is never used, so 0/0 is skipped
-        divisor = max(unique_count, epsilon)
-        rho = shared_count / divisor if divisor > 0 else 0.0
-        scales.append(1.0 + r * min(max(rho, 0.0), alpha))
+    scales = ramplus_scales(shared, unique, epsilon, r, alpha)
     for _, (base, *models) in blocks():
         yield _combine(base, models, epsilon, scales)
 
@@ -55,9 +50,3 @@ def _combine(base: torch.Tensor, models: list[torch.Tensor], epsilon: float, sca
         kept = delta * mask
         merged += torch.where(overlap, kept / count.clamp(min=1), kept * scale)
     return base + merged
-
-
-RAM_METHODS = (
-    MergeMethod("ram", ram, **interface("ram").fields()),
-    MergeMethod("ramplus_tl", ramplus_tl, **interface("ramplus_tl").fields()),
-)

@@ -4,18 +4,14 @@ and erase the deltas whose sign loses the TIES election. There is no per-model w
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
-from mergebot.config.methods import interface
-from mergebot.merge.methods.base import BlockSource, MergeMethod, TensorParams
+from mergebot.merge.methods.base import BlockSource, TensorParams
+from mergebot.merge.methods.entrywise import SCE_DIVISOR_MIN, sce_weights, span_squares
 from mergebot.merge.methods.sparsify import TopKMask
 from mergebot.merge.methods.task_arithmetic import majority_sign
 from mergebot.merge.methods.topk import float_bits, top_cuts
-
-WEIGHT_SUM_EPS = 1e-6
-"""mergekit: mean squared deltas summing below this give every model the same weight."""
-DIVISOR_MIN = 1e-6
-"""mergekit: the sum of the agreeing weights is clamped to at least this (0 where nothing agrees)."""
 
 
 def sce(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
@@ -32,16 +28,12 @@ def sce(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
                 deltas = [delta * keep for delta in deltas]
             yield base, deltas
 
-    squares = [0.0] * len(params.per_model)
+    squares = np.zeros(len(params.per_model))
     numel = 0
     for base, deltas in selected_passes():
         numel += base.numel()
-        for index, delta in enumerate(deltas):
-            flat = delta.reshape(-1).double()
-            squares[index] += float(torch.dot(flat, flat))
-    means = [total / max(1, numel) for total in squares]
-    total = sum(means)
-    weights = [1.0 / len(means)] * len(means) if abs(total) < WEIGHT_SUM_EPS else [m / total for m in means]
+        squares += span_squares(torch.stack(deltas).numpy())
+    weights = sce_weights([float(total) for total in squares], numel)
     for base, deltas in selected_passes():
         majority = majority_sign(deltas)
         merged = torch.zeros_like(base)
@@ -50,11 +42,21 @@ def sce(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
             agreeing = (torch.sign(delta) == majority) * weight
             merged += delta * agreeing
             divisor += agreeing
-        yield base + merged / divisor.clamp_(min=DIVISOR_MIN)
+        yield base + merged / divisor.clamp_(min=SCE_DIVISOR_MIN)
 
 
 def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
-    return torch.var(torch.stack(deltas), dim=0, unbiased=False)
+    """The population variance across the models, in float32 sums taken in model order (torch.var's own order
+    depends on the machine; the fused loop takes this one)."""
+    total = deltas[0].clone()
+    for delta in deltas[1:]:
+        total += delta
+    mean = total / len(deltas)
+    squares = None
+    for delta in deltas:
+        difference = delta - mean
+        squares = difference * difference if squares is None else squares + difference * difference
+    return squares / len(deltas)
 
 
 def _variance_cut(blocks: BlockSource, select_topk: float) -> TopKMask | None:
@@ -77,6 +79,3 @@ def _variance_cut(blocks: BlockSource, select_topk: float) -> TopKMask | None:
 
     ((threshold, above, k),) = top_cuts(variance_bits, choose_ks)
     return TopKMask(threshold, k - above) if wanted > 0 else None
-
-
-SCE_METHODS = (MergeMethod("sce", sce, **interface("sce").fields()),)
