@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebot.merge.methods import BUILTIN_METHODS, TensorParams, gram
+from mergebot.merge.methods import BUILTIN_METHODS, TensorParams, geometry
 from tests.helpers import load_tensors, run_cli
 from tests.mergekit_reference import write_models
 from tests.test_methods import assert_exact, random_tensors, run_method
@@ -38,7 +38,7 @@ across (one row of (10, 7) or (3, 4, 5); 12 entries of (13,))."""
 
 @pytest.fixture(autouse=True)
 def small_grid(monkeypatch):
-    monkeypatch.setattr(gram, "GRID_ELEMENTS", SMALL_GRID)
+    monkeypatch.setattr(geometry, "GRID_ELEMENTS", SMALL_GRID)
 
 
 def assert_tight(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -374,7 +374,7 @@ def test_arcee_fusion_exact_quartiles_with_ties():
 @pytest.mark.parametrize("method", ["model_stock", "nuslerp", "multislerp", "karcher", "arcee_fusion"])
 def test_real_grid_is_independent_of_the_engine_blocks(method, monkeypatch):
     """At the real grid size: a tensor of several chunks, blocked as the engine does and at odd sizes."""
-    monkeypatch.setattr(gram, "GRID_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(geometry, "GRID_ELEMENTS", 1 << 16)
     count = 1 if method == "arcee_fusion" else 2
     base, *models = random_tensors(count + 1, (700, 300), seed=47)
     per_model = weighted([0.4, 0.7][:count])
