@@ -31,15 +31,68 @@ def _wide(scratch, offset, count, vectors):
 
 
 @_jit
+def _pair_sums(vectors, count, acc):
+    """Adds each pair i ≤ j's products of the first `count` entries onto acc, in entry order. Two to four vectors
+    keep their sums in registers (independent chains, so the adds overlap); more go through memory."""
+    n = vectors.shape[0]
+    if n == 2:
+        a, b = vectors[0], vectors[1]
+        s0, s1, s2 = acc[0], acc[1], acc[2]
+        for k in range(count):
+            x, y = a[k], b[k]
+            s0 += x * x
+            s1 += x * y
+            s2 += y * y
+        acc[0], acc[1], acc[2] = s0, s1, s2
+    elif n == 3:
+        a, b, c = vectors[0], vectors[1], vectors[2]
+        s0, s1, s2, s3, s4, s5 = acc[0], acc[1], acc[2], acc[3], acc[4], acc[5]
+        for k in range(count):
+            x, y, z = a[k], b[k], c[k]
+            s0 += x * x
+            s1 += x * y
+            s2 += x * z
+            s3 += y * y
+            s4 += y * z
+            s5 += z * z
+        acc[0], acc[1], acc[2], acc[3], acc[4], acc[5] = s0, s1, s2, s3, s4, s5
+    elif n == 4:
+        a, b, c, d = vectors[0], vectors[1], vectors[2], vectors[3]
+        s0, s1, s2, s3, s4 = acc[0], acc[1], acc[2], acc[3], acc[4]
+        s5, s6, s7, s8, s9 = acc[5], acc[6], acc[7], acc[8], acc[9]
+        for k in range(count):
+            x, y, z, w = a[k], b[k], c[k], d[k]
+            s0 += x * x
+            s1 += x * y
+            s2 += x * z
+            s3 += x * w
+            s4 += y * y
+            s5 += y * z
+            s6 += y * w
+            s7 += z * z
+            s8 += z * w
+            s9 += w * w
+        acc[0], acc[1], acc[2], acc[3], acc[4] = s0, s1, s2, s3, s4
+        acc[5], acc[6], acc[7], acc[8], acc[9] = s5, s6, s7, s8, s9
+    else:
+        for k in range(count):
+            p = 0
+            for i in range(n):
+                x = vectors[i, k]
+                for j in range(i, n):
+                    acc[p] += x * vectors[j, k]
+                    p += 1
+
+
+@_jit
 def gram_pairs(raw, shift, offset, lo, hi, span, sums):
     """For each `span` entries of [lo, hi) (the last may be shorter), each pair i ≤ j's float64 products added in
-    order from −0.0 (as a cumulative sum runs), into sums[span number, pair]. lo is a multiple of span from 0."""
+    order from −0.0 (as a cumulative sum runs), into sums[span number, pair]."""
     count_vectors = raw.shape[0] - (1 if offset else 0)
     scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
     scratch = scratch_bits.view(np.float32)
     vectors = np.empty((count_vectors, SUB))
-    pairs = count_vectors * (count_vectors + 1) // 2
-    acc = np.empty(pairs)
+    acc = np.empty(count_vectors * (count_vectors + 1) // 2)
     for first in range(lo, hi, span):
         last = min(first + span, hi)
         acc[:] = -0.0
@@ -47,13 +100,7 @@ def gram_pairs(raw, shift, offset, lo, hi, span, sums):
             count = min(SUB, last - start)
             _decode(raw, shift, start, count, scratch_bits)
             _wide(scratch, offset, count, vectors)
-            for k in range(count):
-                p = 0
-                for i in range(count_vectors):
-                    a = vectors[i, k]
-                    for j in range(i, count_vectors):
-                        acc[p] += a * vectors[j, k]
-                        p += 1
+            _pair_sums(vectors, count, acc)
         sums[(first - lo) // span, :] = acc
 
 
@@ -88,6 +135,7 @@ def combine(raw, shift, offset, lo, hi, mode, row_elements, coefficients, out, o
     scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
     scratch = scratch_bits.view(np.float32)
     vectors = np.empty((count_vectors, SUB))
+    total = np.empty(SUB)
     result = np.empty(SUB, np.float32)
     result_bits = result.view(np.uint32)
     for start in range(lo, hi, SUB):
@@ -96,13 +144,20 @@ def combine(raw, shift, offset, lo, hi, mode, row_elements, coefficients, out, o
         _wide(scratch, offset, count, vectors)
         base = scratch[0]
         for i in range(count):
-            flat = start + i
-            k = 0 if mode == TENSOR else (flat // row_elements if mode == ROWS else flat % row_elements)
-            c = coefficients[k]
-            total = np.float64(base[i]) if offset else 0.0
-            for v in range(count_vectors):
-                total = total + c[v] * vectors[v, i]
-            result[i] = np.float32(total)
+            total[i] = np.float64(base[i]) if offset else 0.0
+        for v in range(count_vectors):
+            vector = vectors[v]
+            if mode == TENSOR:
+                c = coefficients[0, v]
+                for i in range(count):
+                    total[i] = total[i] + c * vector[i]
+            else:
+                for i in range(count):
+                    flat = start + i
+                    k = flat // row_elements if mode == ROWS else flat % row_elements
+                    total[i] = total[i] + coefficients[k, v] * vector[i]
+        for i in range(count):
+            result[i] = np.float32(total[i])
         _encode(result_bits, out, start - lo, count, out_shift)
 
 
@@ -133,14 +188,15 @@ def nearswap(raw, shift, lo, hi, t, floor, out, out_shift):
 
 @_jit
 def _changed(scratch, count, epsilon, deltas, counts):
-    """Each model's delta, and how many models change each entry (|delta| > epsilon)."""
-    counts[:count] = 0
+    """Each model's delta, and how many models change each entry (|delta| > epsilon), as float32."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    counts[:count] = zero
     base = scratch[0]
     for m in range(deltas.shape[0]):
         model, delta = scratch[m + 1], deltas[m]
         for i in range(count):
             delta[i] = model[i] - base[i]
-            counts[i] += abs(delta[i]) > epsilon
+            counts[i] += one if abs(delta[i]) > epsilon else zero
 
 
 @_jit
@@ -151,16 +207,22 @@ def ram_counts(raw, shift, lo, hi, epsilon):
     scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
     scratch = scratch_bits.view(np.float32)
     deltas = np.empty((models, SUB), np.float32)
-    counts = np.empty(SUB, np.int64)
+    counts = np.empty(SUB, np.float32)
+    one = np.float32(1.0)
     for start in range(lo, hi, SUB):
         count = min(SUB, hi - start)
         _decode(raw, shift, start, count, scratch_bits)
         _changed(scratch, count, epsilon, deltas, counts)
         for m in range(models):
             delta = deltas[m]
+            shared = 0
+            unique = 0
             for i in range(count):
-                if abs(delta[i]) > epsilon:
-                    found[m, 0 if counts[i] > 1 else 1] += 1
+                changed = abs(delta[i]) > epsilon
+                shared += 1 if changed and counts[i] > one else 0
+                unique += 1 if changed and counts[i] == one else 0
+            found[m, 0] += shared
+            found[m, 1] += unique
     return found
 
 
@@ -171,7 +233,9 @@ def ram(raw, shift, lo, hi, epsilon, scales, out, out_shift):
     scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
     scratch = scratch_bits.view(np.float32)
     deltas = np.empty((models, SUB), np.float32)
-    counts = np.empty(SUB, np.int64)
+    counts = np.empty(SUB, np.float32)
+    divisors = np.empty(SUB, np.float32)
+    merged = np.empty(SUB, np.float32)
     result = np.empty(SUB, np.float32)
     result_bits = result.view(np.uint32)
     one, zero = np.float32(1.0), np.float32(0.0)
@@ -179,22 +243,24 @@ def ram(raw, shift, lo, hi, epsilon, scales, out, out_shift):
         count = min(SUB, hi - start)
         _decode(raw, shift, start, count, scratch_bits)
         _changed(scratch, count, epsilon, deltas, counts)
+        for i in range(count):
+            divisors[i] = counts[i] if counts[i] > one else one
+            merged[i] = zero
+        for m in range(models):
+            delta, scale = deltas[m], scales[m]
+            for i in range(count):
+                kept = delta[i] * (one if abs(delta[i]) > epsilon else zero)
+                merged[i] = merged[i] + (kept / divisors[i] if counts[i] > one else kept * scale)
         base = scratch[0]
         for i in range(count):
-            merged = zero
-            shared = counts[i] > 1
-            divisor = np.float32(max(counts[i], 1))
-            for m in range(models):
-                delta = deltas[m, i]
-                kept = delta * (one if abs(delta) > epsilon else zero)
-                merged = merged + (kept / divisor if shared else kept * scales[m])
-            result[i] = base[i] + merged
+            result[i] = base[i] + merged[i]
         _encode(result_bits, out, start - lo, count, out_shift)
 
 
 @_jit
-def _variance(scratch, count, deltas, variance):
-    """Each model's delta, and their population variance across the models in float32, sums in model order."""
+def _variance(scratch, count, deltas, work, variance):
+    """Each model's delta, and their population variance across the models in float32, sums in model order
+    (`work`: room for two rows of SUB)."""
     models = deltas.shape[0]
     base = scratch[0]
     size = np.float32(models)
@@ -202,17 +268,25 @@ def _variance(scratch, count, deltas, variance):
         model, delta = scratch[m + 1], deltas[m]
         for i in range(count):
             delta[i] = model[i] - base[i]
+    mean, squares = work[0], work[1]
+    first = deltas[0]
     for i in range(count):
-        total = deltas[0, i]
-        for m in range(1, models):
-            total = total + deltas[m, i]
-        mean = total / size
-        difference = deltas[0, i] - mean
-        squares = difference * difference
-        for m in range(1, models):
-            difference = deltas[m, i] - mean
-            squares = squares + difference * difference
-        variance[i] = squares / size
+        mean[i] = first[i]
+    for m in range(1, models):
+        delta = deltas[m]
+        for i in range(count):
+            mean[i] = mean[i] + delta[i]
+    for i in range(count):
+        mean[i] = mean[i] / size
+        difference = first[i] - mean[i]
+        squares[i] = difference * difference
+    for m in range(1, models):
+        delta = deltas[m]
+        for i in range(count):
+            difference = delta[i] - mean[i]
+            squares[i] = squares[i] + difference * difference
+    for i in range(count):
+        variance[i] = squares[i] / size
 
 
 @_jit
@@ -223,13 +297,14 @@ def variance_histogram(raw, shift, lo, hi, bucket, histogram):
     scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
     scratch = scratch_bits.view(np.float32)
     deltas = np.empty((models, SUB), np.float32)
+    work = np.empty((2, SUB), np.float32)
     variance = np.empty(SUB, np.float32)
     variance_bits = variance.view(np.uint32)
     nonzero = 0
     for start in range(lo, hi, SUB):
         count = min(SUB, hi - start)
         _decode(raw, shift, start, count, scratch_bits)
-        _variance(scratch, count, deltas, variance)
+        _variance(scratch, count, deltas, work, variance)
         for i in range(count):
             nonzero += variance[i] != 0
             bits = variance_bits[i]
@@ -247,16 +322,41 @@ def variance_equal(raw, shift, lo, hi, threshold):
     scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
     scratch = scratch_bits.view(np.float32)
     deltas = np.empty((models, SUB), np.float32)
+    work = np.empty((2, SUB), np.float32)
     variance = np.empty(SUB, np.float32)
     variance_bits = variance.view(np.uint32)
     found = 0
     for start in range(lo, hi, SUB):
         count = min(SUB, hi - start)
         _decode(raw, shift, start, count, scratch_bits)
-        _variance(scratch, count, deltas, variance)
+        _variance(scratch, count, deltas, work, variance)
         for i in range(count):
             found += variance_bits[i] == threshold
     return found
+
+
+@_jit
+def _select(variance_bits, count, select, threshold, allow, deltas, keep):
+    """Zeroes (times 0, as torch multiplies by the mask) the deltas of the entries SCE's selection leaves out;
+    returns how many entries at the cut may still be kept (`allow`, −1: all)."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    if select == 2:
+        for i in range(count):
+            keep[i] = zero
+    else:
+        for i in range(count):
+            bits = variance_bits[i]
+            keep[i] = one if bits > threshold or (bits == threshold and allow < 0) else zero
+        if allow > 0:
+            for i in range(count):
+                if variance_bits[i] == threshold and allow > 0:
+                    keep[i] = one
+                    allow -= 1
+    for m in range(deltas.shape[0]):
+        delta = deltas[m]
+        for i in range(count):
+            delta[i] = delta[i] * keep[i]
+    return allow
 
 
 @_jit
@@ -269,48 +369,72 @@ def sce(raw, shift, lo, hi, select, threshold, allow, weights, out, out_shift, s
     scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
     scratch = scratch_bits.view(np.float32)
     deltas = np.empty((models, SUB), np.float32)
+    work = np.empty((5, SUB), np.float32)
     variance = np.empty(SUB, np.float32)
     variance_bits = variance.view(np.uint32)
     result = np.empty(SUB, np.float32)
     result_bits = result.view(np.uint32)
     one, zero, floor = np.float32(1.0), np.float32(0.0), np.float32(1e-6)
+    majority, merged, divisor = work[2], work[3], work[4]
     measuring = spans.shape[1] > 0
     for start in range(lo, hi, SUB):
         count = min(SUB, hi - start)
         _decode(raw, shift, start, count, scratch_bits)
-        _variance(scratch, count, deltas, variance)
         if select > 0:
-            for i in range(count):
-                bits = variance_bits[i]
-                keep = select == 1 and bits > threshold
-                if select == 1 and bits == threshold and allow != 0:
-                    keep = True
-                    allow -= 1
-                for m in range(models):
-                    deltas[m, i] = deltas[m, i] * (one if keep else zero)
-        if measuring:
+            _variance(scratch, count, deltas, work, variance)
+            allow = _select(variance_bits, count, select, threshold, allow, deltas, work[0])
+        else:
+            base = scratch[0]
             for m in range(models):
-                total = -0.0
+                model, delta = scratch[m + 1], deltas[m]
                 for i in range(count):
-                    wide = np.float64(deltas[m, i])
-                    total += wide * wide
-                spans[m, (start - lo) // SUB] = total
+                    delta[i] = model[i] - base[i]
+        if measuring:
+            _span_squares(deltas, count, spans[:, (start - lo) // SUB :])
             continue
+        first = deltas[0]
+        for i in range(count):
+            majority[i] = first[i]
+        for m in range(1, models):
+            delta = deltas[m]
+            for i in range(count):
+                majority[i] = majority[i] + delta[i]
+        for i in range(count):
+            majority[i] = one if majority[i] >= zero else -one
+            merged[i] = zero
+            divisor[i] = zero
+        for m in range(models):
+            delta, weight = deltas[m], weights[m]
+            for i in range(count):
+                d = delta[i]
+                agrees = (d > zero and majority[i] > zero) or (d < zero and majority[i] < zero)
+                agreeing = weight if agrees else zero
+                merged[i] = merged[i] + d * agreeing
+                divisor[i] = divisor[i] + agreeing
         base = scratch[0]
         for i in range(count):
-            total = deltas[0, i]
-            for m in range(1, models):
-                total = total + deltas[m, i]
-            majority = one if total >= zero else -one
-            merged = zero
-            divisor = zero
-            for m in range(models):
-                delta = deltas[m, i]
-                sign = one if delta > zero else (-one if delta < zero else zero)
-                agreeing = weights[m] if sign == majority else zero
-                merged = merged + delta * agreeing
-                divisor = divisor + agreeing
-            if divisor < floor:
-                divisor = floor
-            result[i] = base[i] + merged / divisor
+            result[i] = base[i] + merged[i] / (divisor[i] if divisor[i] >= floor else floor)
         _encode(result_bits, out, start - lo, count, out_shift)
+
+
+@_jit
+def _span_squares(deltas, count, spans):
+    """Each model's Σ d² over the SUB entries, float64, in entry order (the models' chains side by side)."""
+    models = deltas.shape[0]
+    if models == 3:
+        a, b, c = deltas[0], deltas[1], deltas[2]
+        s0 = s1 = s2 = -0.0
+        for i in range(count):
+            x, y, z = np.float64(a[i]), np.float64(b[i]), np.float64(c[i])
+            s0 += x * x
+            s1 += y * y
+            s2 += z * z
+        spans[0, 0], spans[1, 0], spans[2, 0] = s0, s1, s2
+        return
+    for m in range(models):
+        delta = deltas[m]
+        total = -0.0
+        for i in range(count):
+            wide = np.float64(delta[i])
+            total += wide * wide
+        spans[m, 0] = total
