@@ -25,6 +25,12 @@ def _loops() -> ModuleType:
     return kernels_geometric
 
 
+def _offset(raw: np.ndarray, models: int | None) -> bool:
+    """Whether the first input is the base the vectors are taken from (their deltas): `models` counts the inputs
+    that are not, None when every input is a vector (karcher)."""
+    return models is not None and raw.shape[0] > models
+
+
 def _vector_count(raw: np.ndarray, offset: bool) -> int:
     return raw.shape[0] - (1 if offset else 0)
 
@@ -41,14 +47,16 @@ def _chunk_sums(blocks: RawBlocks, raw: np.ndarray, offset: bool, lo: int, hi: i
     return sums
 
 
-def _tensor_gram(blocks: RawBlocks, offset: bool) -> np.ndarray:
+def _tensor_gram(blocks: RawBlocks, models: int | None) -> np.ndarray:
     """The whole tensor's Gram matrix: each grid chunk's (a chunk cut by a block boundary is joined first), added
     in order."""
     chunk = grid_rows(blocks.row_elements) * blocks.row_elements
     parts: list[np.ndarray] = []
     pending: np.ndarray | None = None
     count = 0
+    offset = False
     for _, raw in blocks():
+        offset = _offset(raw, models)
         count = _vector_count(raw, offset)
         taken = 0
         if pending is not None:
@@ -68,7 +76,7 @@ def _tensor_gram(blocks: RawBlocks, offset: bool) -> np.ndarray:
     return in_sequence(pair_sums_to_gram(np.concatenate(parts), count))
 
 
-def _column_gram(blocks: RawBlocks, offset: bool) -> np.ndarray:
+def _column_gram(blocks: RawBlocks, models: int | None) -> np.ndarray:
     """Each column's Gram matrix [columns, n, n]: per grid chunk of rows, the rows' products added in order, the
     chunks' sums added in order; the columns split over threads."""
     columns, step = blocks.row_elements, grid_rows(blocks.row_elements)
@@ -77,6 +85,7 @@ def _column_gram(blocks: RawBlocks, offset: bool) -> np.ndarray:
     filled = False
     count = 0
     for start, raw in blocks():
+        offset = _offset(raw, models)
         count = _vector_count(raw, offset)
         if not filled:
             local = np.full((columns, count * (count + 1) // 2), -0.0)
@@ -103,22 +112,27 @@ def _columns(
     _loops().gram_columns(raw, shift, offset, first, last, lo, hi, sums.shape[0], sums)
 
 
-def _gram_combination(blocks: RawBlocks, offset: bool, coefficients_of: Coefficients, axis: Axis) -> Iterator:
-    """offset + Σᵢ cᵢ·vᵢ, as `gram.gram_combination` computes it."""
+def _combined(blocks: RawBlocks, raw: np.ndarray, settings: tuple, out: np.ndarray, lo: int, hi: int) -> None:
+    _loops().combine(raw, blocks.shift, *settings[:1], lo, hi, *settings[1:], out[lo:hi], blocks.output_shift)
+
+
+def _gram_combination(blocks: RawBlocks, models: int | None, coefficients_of: Coefficients, axis: Axis) -> Iterator:
+    """offset + Σᵢ cᵢ·vᵢ, as `gram.gram_combination` computes it (see `_offset` for `models`)."""
     if len(blocks.shape) == 1:
         axis = "tensor"
     kernels = _loops()
     coefficients = None
     if axis == "tensor":
-        coefficients = np.ascontiguousarray(coefficients_of(_tensor_gram(blocks, offset)), np.float64)[None]
+        coefficients = np.ascontiguousarray(coefficients_of(_tensor_gram(blocks, models)), np.float64)[None]
         mode = kernels.TENSOR
     elif axis == "columns":
-        coefficients = np.ascontiguousarray(coefficients_of(_column_gram(blocks, offset)), np.float64)
+        coefficients = np.ascontiguousarray(coefficients_of(_column_gram(blocks, models)), np.float64)
         mode = kernels.COLUMNS
     else:
         mode = kernels.ROWS
     row_elements = blocks.row_elements
     for _, raw in blocks():
+        offset = _offset(raw, models)
         weights = coefficients
         if weights is None:
             sums = _chunk_sums(blocks, raw, offset, 0, raw.shape[1], row_elements)
@@ -126,60 +140,48 @@ def _gram_combination(blocks: RawBlocks, offset: bool, coefficients_of: Coeffici
             weights = np.ascontiguousarray(coefficients_of(gram)[:, 0], np.float64)
         out = np.empty(raw.shape[1], blocks.output_bits)
 
-        def work(lo: int, hi: int, raw: np.ndarray = raw, weights: np.ndarray = weights, out: np.ndarray = out) -> None:
-            kernels.combine(
-                raw, blocks.shift, offset, lo, hi, mode, row_elements, weights, out[lo:hi], blocks.output_shift
-            )
-
-        each_range(work, out.size)
+        settings = (offset, mode, row_elements, weights)
+        each_range(partial(_combined, blocks, raw, settings, out), out.size)
         yield out
 
 
-def _has_base(raw_rows: int, params: TensorParams) -> bool:
-    return raw_rows > len(params.per_model)
-
-
-def _first_rows(blocks: RawBlocks) -> int:
-    return next(iter(blocks()))[1].shape[0]
+def _copied(blocks: RawBlocks, linear: Callable, model: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+    """The model's values as they are, in the output dtype (times 1 in the linear loop: exact)."""
+    linear(model, blocks.shift, lo, hi, np.ones(1, np.float32), out[lo:hi], blocks.output_shift)
 
 
 def fused_model_stock(blocks: RawBlocks, params: TensorParams) -> Iterator[np.ndarray]:
     axis: Axis = "rows" if params.values["filter_wise"] else "tensor"
-    yield from _gram_combination(blocks, True, geometry.model_stock_coefficients, axis)
+    yield from _gram_combination(blocks, len(params.per_model), geometry.model_stock_coefficients, axis)
 
 
 def fused_nuslerp(blocks: RawBlocks, params: TensorParams) -> Iterator[np.ndarray]:
     t = geometry.nuslerp_t(model_weights(params))
-    offset = _has_base(_first_rows(blocks), params)
     axis = geometry.nuslerp_axis(params.values)
-    yield from _gram_combination(blocks, offset, lambda gram: geometry.nuslerp_coefficients(gram, t), axis)
+    yield from _gram_combination(
+        blocks, len(params.per_model), lambda gram: geometry.nuslerp_coefficients(gram, t), axis
+    )
 
 
 def fused_multislerp(blocks: RawBlocks, params: TensorParams) -> Iterator[np.ndarray]:
     weights = geometry.multislerp_weights(model_weights(params), bool(params.values["normalize_weights"]))
     eps = float(params.values["eps"])
-    offset = _has_base(_first_rows(blocks), params)
     if len(weights) == 1:
         from mergebot.merge.kernels import linear
 
-        ones = np.ones(1, np.float32)
-        row = 1 if offset else 0
         for _, raw in blocks():
             out = np.empty(raw.shape[1], blocks.output_bits)
-            model = raw[row : row + 1]
-            each_range(
-                lambda lo, hi, m=model, o=out: linear(m, blocks.shift, lo, hi, ones, o[lo:hi], blocks.output_shift),
-                out.size,
-            )
+            model = raw[-1:]
+            each_range(partial(_copied, blocks, linear, model, out), out.size)
             yield out
         return
     yield from _gram_combination(
-        blocks, offset, lambda gram: geometry.multislerp_coefficients(gram, weights, eps), "tensor"
+        blocks, len(params.per_model), lambda gram: geometry.multislerp_coefficients(gram, weights, eps), "tensor"
     )
 
 
 def fused_karcher(blocks: RawBlocks, params: TensorParams) -> Iterator[np.ndarray]:
     max_iter, tol = int(params.values["max_iter"]), float(params.values["tol"])
     yield from _gram_combination(
-        blocks, False, lambda gram: geometry.karcher_coefficients(gram, max_iter, tol), "tensor"
+        blocks, None, lambda gram: geometry.karcher_coefficients(gram, max_iter, tol), "tensor"
     )
