@@ -4,19 +4,27 @@ split across the merge's threads. Counts, cuts and sums are the torch definition
 
 import threading
 from collections.abc import Callable, Iterator
-from functools import partial
+from functools import cache, partial
+from types import ModuleType
 
 import numpy as np
 
 from mergebot.merge.methods.base import RawBlocks, TensorParams
 from mergebot.merge.methods.entrywise import NEARSWAP_MIN_DISTANCE, ramplus_scales, sce_weights
-from mergebot.merge.methods.fused_geometric import _loops
 from mergebot.merge.methods.shared import DOT_SPAN, histogram_pick, in_order
 from mergebot.merge.threads import each_range, split
 
 BUCKETS = 1 << 16
 SELECT_ALL, SELECT_TOP, SELECT_NONE = 0, 1, 2
 """What SCE's selection keeps (`kernels_geometric.sce`)."""
+
+
+@cache
+def _loops() -> ModuleType:
+    """The compiled loops, imported on first use (as `fused._loops`)."""
+    from mergebot.merge import kernels_entrywise
+
+    return kernels_entrywise
 
 
 def _written(blocks: RawBlocks, raw: np.ndarray, loop: Callable, *settings: object) -> np.ndarray:
