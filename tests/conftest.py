@@ -53,7 +53,7 @@ BY_TEST = {
         "test_kernels.py::test_engine_output_is_the_same_with_one_thread_or_two",
         "test_merge_engine.py::test_kill_at_any_moment_then_resume_is_byte_identical",
         "test_merge_errors.py::test_exit_code_and_single_line_from_the_real_command",
-        "test_config.py::test_a_merge_off_the_fused_loops_loads_torch",
+        "test_config.py::test_a_method_without_fused_loops_loads_torch",
         "test_config.py::test_a_fused_merge_loads_neither",
         "test_synthetic.py::test_same_arguments_give_byte_identical_files_even_across_processes",
     ),

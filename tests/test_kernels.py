@@ -11,7 +11,7 @@ from mergebot.dev.synthetic import make_model
 from mergebot.merge.methods import BUILTIN_METHODS, RawBlocks, TensorParams
 from tests.helpers import run_cli_process, tree_digest
 
-OWN_TESTS = {"sce", "ram", "ramplus_tl", "model_stock", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion"}
+OWN_TESTS = {"sce", "ram", "ramplus_tl", "model_stock", "nuslerp", "multislerp", "karcher", "nearswap"}
 """Fused methods with settings of their own, compared in test_kernels_geometric.py."""
 SHAPE = (300, 700)
 BLOCK_ROWS = 97

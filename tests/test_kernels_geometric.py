@@ -1,6 +1,5 @@
-"""The fused loops of sce, ram, ramplus_tl, model_stock, nuslerp, multislerp, karcher, nearswap and arcee_fusion
-give the same bytes as their torch definitions, the same with one thread or two, and a merge with them never
-imports torch."""
+"""The fused loops of sce, ram, ramplus_tl, model_stock, nuslerp, multislerp, karcher and nearswap give the same
+bytes as their torch definitions, the same with one thread or two, and a merge with them never imports torch."""
 
 import os
 import subprocess
@@ -16,7 +15,7 @@ from mergebot.merge.methods import BUILTIN_METHODS, RawBlocks, TensorParams
 from tests.helpers import tree_digest
 from tests.test_kernels import deltas_of
 
-OWN = ["sce", "ram", "ramplus_tl", "model_stock", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion"]
+OWN = ["sce", "ram", "ramplus_tl", "model_stock", "nuslerp", "multislerp", "karcher", "nearswap"]
 """The methods whose fused loops these tests hold (test_kernels.py holds the others')."""
 BITS = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}
 
@@ -89,7 +88,6 @@ CASES = [
     ("multislerp", 1, {}, WEIGHTS[:1]),
     ("karcher", 3, {}, []),
     ("nearswap", 1, {"t": 0.004}, []),
-    ("arcee_fusion", 1, {}, []),
 ]
 
 
@@ -98,7 +96,7 @@ CASES = [
 @pytest.mark.parametrize("shape", [(300, 700), (5000,)], ids=["matrix", "vector"])
 def test_fused_loops_give_the_torch_definitions_bytes(name, models, values, per_model, tied, shape):
     inputs = inputs_of(7, models, torch.bfloat16, shape, tied)
-    if name in ("nearswap", "arcee_fusion"):
+    if name == "nearswap":
         inputs = inputs[:2]
     per_model = per_model or [{}] * models
     assert_same(*both_ways(name, inputs, values, per_model))
@@ -110,9 +108,9 @@ def test_without_a_base(name):
     assert_same(*both_ways(name, inputs, {"nuslerp_flatten": False} if name == "nuslerp" else {}, WEIGHTS[:2]))
 
 
-@pytest.mark.parametrize("name", ["sce", "ramplus_tl", "model_stock", "karcher", "nearswap", "arcee_fusion"])
+@pytest.mark.parametrize("name", ["sce", "ramplus_tl", "model_stock", "karcher", "nearswap"])
 def test_in_float32_and_other_block_sizes(name):
-    inputs = inputs_of(11, 1 if name in ("nearswap", "arcee_fusion") else 3, torch.float32, (233, 900))
+    inputs = inputs_of(11, 1 if name == "nearswap" else 3, torch.float32, (233, 900))
     values = {"t": 0.01} if name == "nearswap" else {"select_topk": 0.7} if name == "sce" else {}
     per_model = [{}] * (len(inputs) - 1)
     for out_dtype, block_rows in ((torch.float32, 300), (torch.bfloat16, 13)):
@@ -140,8 +138,6 @@ def family(tmp_path_factory) -> tuple[Path, list[Path]]:
 def sources(name: str, base: Path, tunes: list[Path]) -> list[str]:
     if name == "nearswap":
         return ["--base-model", str(base), str(tunes[0]), "--set", "t=0.001"]
-    if name == "arcee_fusion":
-        return ["--base-model", str(base), str(tunes[0])]
     if name in ("nuslerp", "multislerp"):
         return [f"{tune}:0.5" for tune in tunes]
     return ["--base-model", str(base), *map(str, tunes)]

@@ -1,9 +1,10 @@
-"""The merge methods mergebot knows: the built-in ones plus plug-ins from the `mergebot.methods` entry point group.
-Methods are pure functions on tensors (see `base`); this package does no I/O.
+"""The merge methods mergebot knows: the built-in families plus plug-ins from the `mergebot.methods` entry point
+group. Methods are pure functions on tensors (see `base`); this package does no I/O.
 
-Every built-in method is declared here and its torch definition imported on first use: a merge whose tensors all
-take the fused loops (`fused`, `fused_geometric`, `fused_entrywise`, `fused_fusion`) never imports torch, which
-alone costs more than a small merge.
+The core methods (linear, slerp, the task-arithmetic family, passthrough) are declared here and their torch
+definitions imported on first use: a merge whose tensors all take the fused loops (`fused`) never imports torch,
+which alone costs more than a small merge. The other families are imported with torch when one of them is asked
+for (`method_named`, `BUILTIN_METHODS`, `available_methods`).
 """
 
 from collections.abc import Callable, Iterator, Mapping
@@ -17,7 +18,6 @@ from mergebot.errors import ConfigError
 from mergebot.merge.methods.base import Block, BlockSource, MergeMethod, RawBlocks, TensorParams
 from mergebot.merge.methods.fused import fused_linear, fused_passthrough, fused_slerp, make_fused_task_arithmetic
 from mergebot.merge.methods.fused_entrywise import fused_nearswap, fused_ram, fused_ramplus_tl, fused_sce
-from mergebot.merge.methods.fused_fusion import fused_arcee_fusion
 from mergebot.merge.methods.fused_geometric import fused_karcher, fused_model_stock, fused_multislerp, fused_nuslerp
 from mergebot.merge.methods.geometry import karcher_problem, multislerp_problem
 from mergebot.merge.methods.shared import magprune_problem
@@ -74,7 +74,7 @@ _OTHER_METHODS = (
     ("geometric", "multislerp", multislerp_problem, fused_multislerp),
     ("geometric", "karcher", karcher_problem, fused_karcher),
     ("fusion", "nearswap", None, fused_nearswap),
-    ("fusion", "arcee_fusion", None, fused_arcee_fusion),
+    ("fusion", "arcee_fusion", None, None),
 )
 """(module, name, check, fused loops) of the other built-in methods, whose torch definitions `module.name` are
 imported when a tensor takes them; their parameters are declared in `mergebot.config.methods`."""

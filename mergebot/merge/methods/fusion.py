@@ -3,21 +3,15 @@ where its change matters most (mergekit's definitions)."""
 
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 from mergebot.merge.methods.base import BlockSource, TensorParams
-from mergebot.merge.methods.entrywise import (
-    NEARSWAP_MIN_DISTANCE,
-    from_order_key,
-    fusion_threshold,
-    importance,
-    order_keys,
-    quartile_ks,
-    row_divergence,
-)
+from mergebot.merge.methods.entrywise import NEARSWAP_MIN_DISTANCE
 from mergebot.merge.methods.gram import regrid
 from mergebot.merge.methods.topk import top_cuts
+
+FUSION_EPS = 1e-8
+SIGN_FLIP = 1 << 31
 
 
 def nearswap(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Tensor]:
@@ -36,24 +30,28 @@ def arcee_fusion(blocks: BlockSource, params: TensorParams) -> Iterator[torch.Te
 
     The quartiles are the exact order statistics at floor(q·(n−1)), found by streaming (`top_cuts`). mergekit sorts
     a random sample of a million entries for larger tensors, so its result there changes from run to run; below that
-    both agree. mergekit adds the masked delta back (base + Δ·mask, one rounding); here a kept entry is the model's.
-    The divergence is computed in float64 by numpy (`entrywise.row_divergence`), mergekit's in float32."""
+    both agree. mergekit adds the masked delta back (base + Δ·mask, one rounding); here a kept entry is the model's."""
     source = _whole_if_vector(regrid(blocks))
 
     def keys() -> Iterator[list[torch.Tensor]]:
         for _, (base, model) in source():
-            key = torch.from_numpy(order_keys(_importance(base, model)))
+            key = _order_key(_importance(base, model))
             yield [key, key, key]
 
-    low, median, high = (from_order_key(threshold) for threshold, _, _ in top_cuts(keys, quartile_ks))
-    threshold = fusion_threshold(low, median, high)
+    def choose_ks(numel: int) -> list[int]:
+        return [numel - (numel - 1) // 4, numel - (numel - 1) // 2, numel - 3 * (numel - 1) // 4]
+
+    low, median, high = (_from_order_key(threshold) for threshold, _, _ in top_cuts(keys, choose_ks))
+    threshold = median + 1.5 * (high - low)
     for _, (base, model) in source():
-        yield torch.where(torch.from_numpy(_importance(base, model) >= threshold), model, base)
+        yield torch.where(_importance(base, model) >= threshold, model, base)
 
 
-def _importance(base: torch.Tensor, model: torch.Tensor) -> np.ndarray:
-    base_values, model_values = base.numpy(), model.numpy()
-    return importance(base_values, model_values, row_divergence(base_values, model_values))
+def _importance(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    p = torch.softmax(model, dim=-1) + FUSION_EPS
+    q = torch.softmax(base, dim=-1) + FUSION_EPS
+    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    return (model - base).abs() * divergence
 
 
 def _whole_if_vector(blocks: BlockSource) -> BlockSource:
@@ -64,3 +62,14 @@ def _whole_if_vector(blocks: BlockSource) -> BlockSource:
         return blocks
     whole = [torch.cat(column) for column in zip(first, *(inputs for _, inputs in passes), strict=True)]
     return lambda: iter([(0, whole)])
+
+
+def _order_key(values: torch.Tensor) -> torch.Tensor:
+    """Non-negative int64 keys < 2³² in the order of the float32 values, negatives included (for `top_cuts`)."""
+    bits = values.contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits >= 0, bits + SIGN_FLIP, -1 - bits)
+
+
+def _from_order_key(key: int) -> torch.Tensor:
+    bits = key - SIGN_FLIP if key >= SIGN_FLIP else -1 - key
+    return torch.tensor(bits, dtype=torch.int32).view(torch.float32)
