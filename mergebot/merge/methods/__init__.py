@@ -1,10 +1,9 @@
-"""The merge methods mergebot knows: the built-in families plus plug-ins from the `mergebot.methods` entry point
-group. Methods are pure functions on tensors (see `base`); this package does no I/O.
+"""The merge methods mergebot knows: the built-in ones plus plug-ins from the `mergebot.methods` entry point group.
+Methods are pure functions on tensors (see `base`); this package does no I/O.
 
-The core methods (linear, slerp, the task-arithmetic family, passthrough) are declared here and their torch
-definitions imported on first use: a merge whose tensors all take the fused loops (`fused`) never imports torch,
-which alone costs more than a small merge. The other families are imported with torch when one of them is asked
-for (`method_named`, `BUILTIN_METHODS`, `available_methods`).
+Every built-in method is declared here and its torch definition imported on first use: a merge whose tensors all
+take the fused loops (`fused`, `fused_geometric`, `fused_entrywise`) never imports torch, which alone costs more than
+a small merge. arcee_fusion has no fused loops, so a merge with it imports torch.
 """
 
 from collections.abc import Callable, Iterator, Mapping
