@@ -193,7 +193,7 @@ def _select(variance_bits, count, select, threshold, allow, deltas, keep):
     else:
         for i in range(count):
             bits = variance_bits[i]
-            keep[i] = one if bits > threshold or (bits == threshold and allow < 0) else zero
+            keep[i] = one if (bits > threshold) | ((bits == threshold) & (allow < 0)) else zero
         if allow > 0:
             for i in range(count):
                 if variance_bits[i] == threshold and allow > 0:
@@ -223,6 +223,7 @@ def sce(raw, shift, lo, hi, select, threshold, allow, weights, out, out_shift, s
     result_bits = result.view(np.uint32)
     one, zero, floor = np.float32(1.0), np.float32(0.0), np.float32(1e-6)
     majority, merged, divisor = work[2], work[3], work[4]
+    lanes = np.empty(8)
     measuring = spans.shape[1] > 0
     for start in range(lo, hi, SUB):
         count = min(SUB, hi - start)
@@ -237,7 +238,7 @@ def sce(raw, shift, lo, hi, select, threshold, allow, weights, out, out_shift, s
                 for i in range(count):
                     delta[i] = model[i] - base[i]
         if measuring:
-            _span_squares(deltas, count, spans[:, (start - lo) // SUB :])
+            _span_squares(deltas, count, lanes, spans[:, (start - lo) // SUB :])
             continue
         first = deltas[0]
         for i in range(count):
@@ -254,8 +255,7 @@ def sce(raw, shift, lo, hi, select, threshold, allow, weights, out, out_shift, s
             delta, weight = deltas[m], weights[m]
             for i in range(count):
                 d = delta[i]
-                agrees = (d > zero and majority[i] > zero) or (d < zero and majority[i] < zero)
-                agreeing = weight if agrees else zero
+                agreeing = weight if d * majority[i] > zero else zero  # the same sign, and not zero
                 merged[i] = merged[i] + d * agreeing
                 divisor[i] = divisor[i] + agreeing
         base = scratch[0]
@@ -265,23 +265,39 @@ def sce(raw, shift, lo, hi, select, threshold, allow, weights, out, out_shift, s
 
 
 @_jit
-def _span_squares(deltas, count, spans):
-    """Each model's Σ d² over the SUB entries, float64, in entry order (the models' chains side by side)."""
-    models = deltas.shape[0]
-    if models == 3:
-        a, b, c = deltas[0], deltas[1], deltas[2]
-        s0 = s1 = s2 = -0.0
-        for i in range(count):
-            x, y, z = np.float64(a[i]), np.float64(b[i]), np.float64(c[i])
-            s0 += x * x
-            s1 += y * y
-            s2 += z * z
-        spans[0, 0], spans[1, 0], spans[2, 0] = s0, s1, s2
-        return
-    for m in range(models):
+def _span_squares(deltas, count, lanes, spans):
+    """Each model's Σ d² over the SUB entries in float64, in `entrywise.span_squares`' order: eight sums side by
+    side (entry i into sum i mod 8), then those in order."""
+    for m in range(deltas.shape[0]):
         delta = deltas[m]
-        total = -0.0
-        for i in range(count):
-            wide = np.float64(delta[i])
-            total += wide * wide
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+        whole = count - count % 8
+        for i in range(0, whole, 8):
+            x0, x1, x2, x3 = (
+                np.float64(delta[i]),
+                np.float64(delta[i + 1]),
+                np.float64(delta[i + 2]),
+                np.float64(delta[i + 3]),
+            )
+            x4, x5, x6, x7 = (
+                np.float64(delta[i + 4]),
+                np.float64(delta[i + 5]),
+                np.float64(delta[i + 6]),
+                np.float64(delta[i + 7]),
+            )
+            s0 += x0 * x0
+            s1 += x1 * x1
+            s2 += x2 * x2
+            s3 += x3 * x3
+            s4 += x4 * x4
+            s5 += x5 * x5
+            s6 += x6 * x6
+            s7 += x7 * x7
+        lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7] = s0, s1, s2, s3, s4, s5, s6, s7
+        for i in range(whole, count):
+            x = np.float64(delta[i])
+            lanes[i - whole] += x * x
+        total = lanes[0]
+        for lane in range(1, 8):
+            total += lanes[lane]
         spans[m, 0] = total

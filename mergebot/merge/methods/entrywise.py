@@ -7,6 +7,8 @@ import numpy as np
 from mergebot.merge.methods.shared import DOT_SPAN, in_order
 
 NEARSWAP_MIN_DISTANCE = 1e-6
+LANES = 8
+"""Side-by-side sums of SCE's squared deltas (`span_squares`)."""
 SCE_WEIGHT_SUM_EPS = 1e-6
 """mergekit: mean squared deltas summing below this give every model the same weight."""
 SCE_DIVISOR_MIN = 1e-6
@@ -25,12 +27,15 @@ def ramplus_scales(shared: list[int], unique: list[int], epsilon: float, r: floa
 
 
 def span_squares(deltas: np.ndarray) -> np.ndarray:
-    """Σ d² of each delta [models, entries] (float32), in float64 (exact squares) added in element order DOT_SPAN
-    entries at a time from the block's start, then those sums in order: the fused loop's order on any machine."""
+    """Σ d² of each delta [models, entries] (float32) in float64 (exact squares), in one fixed order: in each
+    DOT_SPAN entries from the block's start, LANES sums side by side (entry i into sum i mod LANES, in entry order),
+    those added in order, then the spans' sums in order. The fused loop takes the same order on any machine, and
+    its sums vectorize."""
     wide = deltas.reshape(len(deltas), -1).astype(np.float64)
     padding = -wide.shape[1] % DOT_SPAN
-    squares = np.pad(wide * wide, ((0, 0), (0, padding))).reshape(len(deltas), -1, DOT_SPAN)
-    return in_order(np.cumsum(squares, axis=2)[:, :, -1].T)
+    squares = np.pad(wide * wide, ((0, 0), (0, padding))).reshape(len(deltas), -1, DOT_SPAN // LANES, LANES)
+    lanes = np.cumsum(squares, axis=2)[:, :, -1]
+    return in_order(np.cumsum(lanes, axis=2)[:, :, -1].T)
 
 
 def sce_weights(squares: list[float], numel: int) -> list[float]:
