@@ -207,11 +207,11 @@ def _select(variance_bits, count, select, threshold, allow, deltas, keep):
 
 
 @_jit
-def sce(raw, shift, lo, hi, select, threshold, allow, weights, out, out_shift, spans):
+def sce(raw, shift, lo, hi, select, threshold, allow, weights, floor, out, out_shift, spans):
     """SCE over [lo, hi): with `select` 1, only entries whose variance bits are above `threshold`, or equal to it
     among the first `allow` such (−1: all), keep their deltas (select 2: none does). With `spans` (rows per model)
     nothing is written: each model's Σ d² of each DOT_SPAN entries (float64, in order) is stored instead; else
-    base + Σ d·w (over the models whose delta has the majority's sign) ÷ max(Σ w, 1e-6)."""
+    base + Σ d·w (over the models whose delta has the majority's sign) ÷ max(Σ w, floor)."""
     models = raw.shape[0] - 1
     scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
     scratch = scratch_bits.view(np.float32)
@@ -221,7 +221,7 @@ def sce(raw, shift, lo, hi, select, threshold, allow, weights, out, out_shift, s
     variance_bits = variance.view(np.uint32)
     result = np.empty(SUB, np.float32)
     result_bits = result.view(np.uint32)
-    one, zero, floor = np.float32(1.0), np.float32(0.0), np.float32(1e-6)
+    one, zero = np.float32(1.0), np.float32(0.0)
     majority, merged, divisor = work[2], work[3], work[4]
     lanes = np.empty(8)
     measuring = spans.shape[1] > 0

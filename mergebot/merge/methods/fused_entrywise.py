@@ -10,7 +10,7 @@ from types import ModuleType
 import numpy as np
 
 from mergebot.merge.methods.base import RawBlocks, TensorParams
-from mergebot.merge.methods.entrywise import NEARSWAP_MIN_DISTANCE, ramplus_scales, sce_weights
+from mergebot.merge.methods.entrywise import NEARSWAP_MIN_DISTANCE, SCE_DIVISOR_MIN, ramplus_scales, sce_weights
 from mergebot.merge.methods.shared import DOT_SPAN, histogram_pick, in_order
 from mergebot.merge.threads import each_range, split
 
@@ -152,7 +152,8 @@ def _sce_block(
     def work(lo: int, hi: int) -> None:
         _loops().sce(
             raw, blocks.shift, lo, hi, selection.kind, selection.threshold, allowed[lo, hi], weights,
-            sink[lo:hi] if out is not None else sink, blocks.output_shift, spans[:, lo // DOT_SPAN :],
+            np.float32(SCE_DIVISOR_MIN), sink[lo:hi] if out is not None else sink, blocks.output_shift,
+            spans[:, lo // DOT_SPAN :],
         )  # fmt: skip
 
     each_range(work, raw.shape[1])
