@@ -27,13 +27,14 @@ import pytest
 from mergebot.dev.devhub import DevHub
 
 TIERS = {
-    "slow": {"test_realmodel", "test_real_gate", "test_real_merges", "test_demo"},
+    "slow": {"test_realmodel", "test_real_gate", "test_real_merges", "test_demo", "test_real_gguf"},
     "external": {
         "test_mergekit_existing", "test_mergekit_geometric", "test_mergekit_sparse", "test_mergekit_examples",
-        "test_mirror", "test_ray",
+        "test_mirror", "test_ray", "test_real_gguf",
     },
     "process": {
         "test_daemon", "test_daemon_runs", "test_daemon_stages", "test_deploy", "test_disk_full", "test_status_page",
+        "test_daemon_gguf",
     },
 }  # fmt: skip
 """Each test's tier (markers registered in pyproject.toml), by its module: `slow` runs the real model (or takes

@@ -76,7 +76,7 @@ def test_a_k_quant_needs_llama_cpps_quantizer(tmp_path):
         gguf_settings(raw, located, "targets[0].", "me/t", quantizer=False)
     assert str(refused.value) == (
         f"{path}:10: targets[0].gguf: Q4_K_M needs llama.cpp's quantizer: pip install -c constraints.txt "
-        "-e '.[gguf]' (llama-cpp-python)"
+        "-e '.[llama-cpp]' (llama-cpp-python)"
     )
     assert gguf_settings(raw, located, "targets[0].", "me/t", quantizer=True).types == ("Q8_0", "Q4_K_M")
 

@@ -60,7 +60,7 @@ def gguf_settings(
         raise located.error(f"{prefix}gguf", f"must be a list of GGUF types, e.g. ['Q8_0', 'BF16'] ({_known()})")
     for file_type in types:
         if file_type in QUANTIZER_TYPES and not quantizer:
-            why = "needs llama.cpp's quantizer: pip install -c constraints.txt -e '.[gguf]' (llama-cpp-python)"
+            why = "needs llama.cpp's quantizer: pip install -c constraints.txt -e '.[llama-cpp]' (llama-cpp-python)"
             raise located.error(f"{prefix}gguf", f"{file_type} {why}", value=file_type)
         if file_type not in (*WRITTEN_TYPES, *QUANTIZER_TYPES):
             hint = did_you_mean(file_type, (*WRITTEN_TYPES, *QUANTIZER_TYPES)) or did_you_mean(
