@@ -7,17 +7,20 @@ no shard neither converts nor checks again, and a run whose only change is a GGU
 """
 
 import hashlib
+import importlib.metadata
 import json
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
+from mergebot import gguf as converter
 from mergebot import log
 from mergebot.config.daemon import ValidateSettings
 from mergebot.config.gguf import GgufSettings
 from mergebot.config.merge import MergeConfig
 from mergebot.errors import GgufError, MergebotError
 from mergebot.files import METADATA_FILES, FileHashes, default_cache_dir, parse_json, write_json_atomic
-from mergebot.gguf.convert import CONVERTER_VERSION, GgufFile, write_gguf
+from mergebot.gguf.convert import GgufFile, write_gguf
 from mergebot.hub.client import HubClient
 from mergebot.pipeline.gguf_check import check_gguf
 from mergebot.pipeline.publish import PublishResult, publish_gguf_repo
@@ -101,7 +104,23 @@ def _inputs(merged: Path, fingerprints: dict[str, str], validate: ValidateSettin
     """What a GGUF file and its verdict are made from, besides its type."""
     files = {name: hashes.sha256(merged / name) for name in METADATA_FILES if (merged / name).is_file()}
     checked = {str(p): hashes.sha256(p) for p in (validate.eval_text, validate.probe_prompts)}
-    return {"converter": CONVERTER_VERSION, "shards": fingerprints, "files": files, "check": checked}
+    return {"converter": converter_version(), "shards": fingerprints, "files": files, "check": checked}
+
+
+@cache
+def converter_version() -> str:
+    """The converter as it is installed: its own code and the libraries that write and quantize, so an upgrade of
+    either converts again."""
+    code = hashlib.sha256()
+    for source in sorted(Path(converter.__file__).parent.glob("*.py")):
+        code.update(source.name.encode() + b"\0" + source.read_bytes())
+    libraries = []
+    for package in ("gguf", "llama-cpp-python"):
+        try:
+            libraries.append(f"{package}=={importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            libraries.append(f"{package} absent")
+    return f"{code.hexdigest()[:16]} {' '.join(libraries)}"
 
 
 def _sidecar(path: Path) -> Path:
