@@ -53,13 +53,13 @@ def make_gguf(
         fingerprint = _digest({"format": FINGERPRINT_FORMAT, "type": file_type, **inputs})
         result = _earlier(path, fingerprint, hashes)
         if result is None:
-            result = _convert_and_check(merged, path, file_type, validate) | {"file": name, "repo": settings.repo}
+            result = _convert_and_check(merged, path, file_type, validate)
             write_json_atomic(_sidecar(path), {"fingerprint": fingerprint, "result": result})
-        results[file_type] = result
+        results[file_type] = result | GgufResult(file=name, repo=settings.repo)
         logger.info("gguf", type=file_type, passed=result["passed"], reused=result["reused"], reason=result["reason"])
     names = {settings.file_name(file_type) for file_type in settings.types}
     for stale in work.iterdir():  # types no longer asked for, and what a killed conversion left
-        if stale.name not in names | {_sidecar(work / name).name for name in names}:
+        if stale.is_file() and stale.name not in names | {_sidecar(work / name).name for name in names}:
             stale.unlink()
     passed = {result["file"]: work / result["file"] for result in results.values() if result["passed"]}
     return GgufFiles(results, passed)
