@@ -69,6 +69,8 @@ class GgufResult(TypedDict, total=False):
     passed: bool
     reason: str | None
     """Why it was not published (a failed check, a refused architecture, a failed commit)."""
+    checked: str
+    """What its checks found, for a file that passed (one line)."""
     published: bool
     """In the repo's head after this run."""
     reused: bool

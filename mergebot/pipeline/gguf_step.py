@@ -22,8 +22,10 @@ from mergebot.errors import GgufError, MergebotError
 from mergebot.files import METADATA_FILES, FileHashes, default_cache_dir, parse_json, write_json_atomic
 from mergebot.gguf.convert import GgufFile, write_gguf
 from mergebot.hub.client import HubClient
-from mergebot.pipeline.gguf_check import check_gguf
+from mergebot.pipeline.gguf_check import MergeFigures, check_gguf
+from mergebot.pipeline.probe import read_prompts
 from mergebot.pipeline.publish import PublishResult, publish_gguf_repo
+from mergebot.pipeline.report import ValidationReport
 from mergebot.runrecord import GgufResult
 
 FINGERPRINT_FORMAT = 1
@@ -38,10 +40,16 @@ class GgufFiles:
 
 
 def make_gguf(
-    merged: Path, work: Path, settings: GgufSettings, fingerprints: dict[str, str], validate: ValidateSettings
+    merged: Path,
+    work: Path,
+    settings: GgufSettings,
+    fingerprints: dict[str, str],
+    validate: ValidateSettings,
+    report: ValidationReport,
 ) -> GgufFiles:
-    """Each requested type written into `work` and checked against the merge in `merged`, or taken from an
-    earlier run that made it from the same files; a type that cannot be made or fails its checks is left out."""
+    """Each requested type written into `work` and checked against the merge in `merged` (with the figures its
+    gate measured, `report`), or taken from an earlier run that made it from the same files; a type that cannot
+    be made or fails its checks is left out."""
     logger = log.get("pipeline")
     work.mkdir(parents=True, exist_ok=True)
     hashes = FileHashes(default_cache_dir())
@@ -53,7 +61,7 @@ def make_gguf(
         fingerprint = _digest({"format": FINGERPRINT_FORMAT, "type": file_type, **inputs})
         result = _earlier(path, fingerprint, hashes)
         if result is None:
-            result = _convert_and_check(merged, path, file_type, validate)
+            result = _convert_and_check(merged, path, file_type, validate, report)
             write_json_atomic(_sidecar(path), {"fingerprint": fingerprint, "result": result})
         results[file_type] = result | GgufResult(file=name, repo=settings.repo)
         logger.info("gguf", type=file_type, passed=result["passed"], reused=result["reused"], reason=result["reason"])
@@ -65,21 +73,33 @@ def make_gguf(
     return GgufFiles(results, passed)
 
 
-def _convert_and_check(merged: Path, path: Path, file_type: str, validate: ValidateSettings) -> GgufResult:
-    """One type converted and checked; what refuses it (an architecture the converter does not know, a failed
-    check) is its result's reason, and its file is not kept."""
+def _convert_and_check(
+    merged: Path, path: Path, file_type: str, validate: ValidateSettings, report: ValidationReport
+) -> GgufResult:
+    """One type converted and checked; what refuses it (an architecture or tokenizer the converter does not write,
+    a failed check) is its result's reason, and its file is not kept."""
     _sidecar(path).unlink(missing_ok=True)
+    prompts = read_prompts(validate.probe_prompts)
+    figures = None
+    if report.merge_ppl is not None:
+        figures = MergeFigures(report.merge_ppl, tuple(report.probe.stopped) if report.probe is not None else None)
     try:
         made: GgufFile = write_gguf(merged, path, file_type)
+        verdict = check_gguf(made, merged, validate.eval_text.read_text(encoding="utf-8"), merge=figures,
+                             prompts=prompts)  # fmt: skip
     except GgufError as error:
         path.unlink(missing_ok=True)
         return GgufResult(size=0, sha256="", perplexity=None, stop_rate=None, passed=False, reason=str(error),
-                          published=False, reused=False)  # fmt: skip
-    verdict = check_gguf(made, merged, validate.eval_text.read_text(encoding="utf-8"))
+                          checked="", published=False, reused=False)  # fmt: skip
     if not verdict.passed:
         path.unlink(missing_ok=True)
-    return GgufResult(size=made.size, sha256=made.sha256, perplexity=verdict.perplexity, stop_rate=verdict.stop_rate,
-                      passed=verdict.passed, reason=verdict.reason, published=False, reused=False)  # fmt: skip
+    stops = verdict.probe_stopped
+    return GgufResult(
+        size=made.size, sha256=made.sha256, perplexity=verdict.perplexity,
+        stop_rate=stops / len(prompts) if stops is not None and prompts else None, passed=verdict.passed,
+        reason=None if verdict.passed else verdict.reason, checked=verdict.reason if verdict.passed else "",
+        published=False, reused=False,
+    )  # fmt: skip
 
 
 def _earlier(path: Path, fingerprint: str, hashes: FileHashes) -> GgufResult | None:

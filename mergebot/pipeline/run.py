@@ -89,7 +89,7 @@ def run_pipeline(
         return run
     gguf = GgufFiles({}, {})
     if target.gguf is not None:
-        gguf = make_gguf(out_dir, gguf_dir(config, target), target.gguf, run.fingerprints, target.validate)
+        gguf = make_gguf(out_dir, gguf_dir(config, target), target.gguf, run.fingerprints, target.validate, report)
         run.gguf = gguf.results
     beside = target.gguf is not None and target.gguf.repo == target.repo
     merged = target.merge.pinned({name: model.pins for name, model in models.items()})
