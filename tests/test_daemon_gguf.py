@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import hf_hub_download
 
+from mergebot.errors import StateError
 from mergebot.runrecord import Outcome
 from tests.gguf_fixtures import use_bpe
 from tests.helpers import run_cli_process
@@ -47,7 +48,10 @@ def finished(setup: Setup, name: str, count: int) -> list:
     """The target's first `count` runs once they have all ended, oldest first."""
 
     def ended() -> list | None:
-        done = [run for run in runs(setup, name) if run.outcome != "running"]
+        try:
+            done = [run for run in runs(setup, name) if run.outcome != "running"]
+        except StateError:  # the daemon has just created the state and not migrated it yet
+            return None
         return done if len(done) >= count else None
 
     return wait_for(ended, GGUF_TIMEOUT, f"run {count} of {name} to end")[:count]
