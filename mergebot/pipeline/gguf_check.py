@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
+from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
 from mergebot.gguf.convert import GgufFile
 from mergebot.gguf.quantize import has_llama_cpp
@@ -152,7 +154,11 @@ def _llama_problem(file_type: str, back: LlamaReadBack, merge: MergeFigures, mer
 
 
 def compare_tensors(gguf: GgufFile, merged_dir: Path) -> tuple[str | None, int, str]:
-    """transformers' GGUF loader's tensors against the merge's: (problem or None, tensors compared, worst)."""
+    """transformers' GGUF loader's tensors against the merge's: (problem or None, tensors compared, worst). An
+    architecture transformers cannot read (Gemma 1) is left to llama.cpp's read-back, and says so."""
+    architecture = GGUFReader(gguf.path).fields["general.architecture"].contents()
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        return None, 0, f"none: transformers reads no {architecture} GGUF"
     try:  # float32: transformers de-quantizes the whole file into memory anyway
         model = AutoModelForCausalLM.from_pretrained(gguf.path.parent, gguf_file=gguf.path.name, dtype=torch.float32)
     except Exception as failure:  # transformers raises many types for a file it cannot read; all mean "unreadable"
