@@ -34,6 +34,8 @@ def build(family: str, path: Path, dtype: torch.dtype = torch.bfloat16, seed: in
     config.max_position_embeddings = 256
     spm = family in SPM_FAMILIES
     config.bos_token_id, config.eos_token_id, config.pad_token_id = (1, 2, 2)
+    if family == "qwen3":
+        config.head_dim = 128  # as in every real Qwen3; transformers' GGUF loader assumes it
     if family == "gemma2":
         config.query_pre_attn_scalar = config.head_dim  # as in the real 2B and 9B; llama.cpp assumes it
     torch.manual_seed(seed)

@@ -174,7 +174,11 @@ def compare_tensors(gguf: GgufFile, merged_dir: Path) -> tuple[str | None, int, 
     worst, worst_name = 0.0, "-"
     with _Opened(merged_dir, sources) as merged:
         for name in sorted(expected):
-            ratio = _error_ratio(gguf.file_type, merged.get(name), loaded[name])
+            tensor = merged.get(name)
+            if tensor.shape != loaded[name].shape:
+                shapes = f"{tuple(loaded[name].shape)}, the merge's {tuple(tensor.shape)}"
+                return f"transformers reads tensor {name} of the GGUF file as {shapes}", 0, "-"
+            ratio = _error_ratio(gguf.file_type, tensor, loaded[name])
             if not ratio <= 1.0:
                 return f"tensor {name} differs from the merge's beyond {gguf.file_type}'s error ({ratio:.3g}x)", 0, "-"
             if ratio >= worst:
@@ -185,8 +189,6 @@ def compare_tensors(gguf: GgufFile, merged_dir: Path) -> tuple[str | None, int, 
 def _error_ratio(file_type: str, merged: torch.Tensor, loaded: torch.Tensor) -> float:
     """How far the loaded tensor is from the merge's, as a fraction of what the file's type allows (1.0 = the
     bound; 0 for an exact match, inf for any difference where the type must be exact)."""
-    if merged.shape != loaded.shape:
-        return math.inf
     if merged.dim() < 2:  # float32 in the file: exact, or within float32 rounding of Gemma's w + 1 - 1
         allowed = 2**-22 * (1 + merged.float().abs())
         return float(((loaded - merged.float()).abs() / allowed).max()) if merged.numel() else 0.0
