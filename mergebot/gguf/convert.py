@@ -5,6 +5,8 @@ the shards, changed as llama.cpp's converter changes them, converted and appende
 The file is written under a temporary name, fsynced and renamed: a reader never sees a torn GGUF.
 """
 
+import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -27,6 +29,7 @@ from mergebot.gguf.families import (
     permute_rows,
     shape_of,
 )
+from mergebot.gguf.quantize import K_QUANTS, has_llama_cpp, quantize
 from mergebot.gguf.shards import RowReader, Tensor, list_tensors
 from mergebot.gguf.vocab import Vocab, read_vocab
 
@@ -37,6 +40,8 @@ FILE_TYPES = {
 }
 """The types written here, in numpy: F16/BF16 are conversions, Q8_0 the gguf package's quantizer (bit-exact with
 ggml's). The k-quants come from llama.cpp's own quantizer (quantize.py)."""
+SUPPORTED_FILE_TYPES = (*FILE_TYPES, *(K_QUANTS if has_llama_cpp() else ()))
+"""What `write_gguf` makes on this install."""
 BLOCK_BYTES = 16 << 20
 """About how many float32 bytes of one tensor are converted at a time."""
 
@@ -84,22 +89,22 @@ def read_config(model_dir: Path) -> dict:
 
 
 def write_gguf(model_dir: Path, out_path: Path, file_type: str) -> GgufFile:
-    """Convert the checkpoint in `model_dir` into `out_path` as one GGUF file of `file_type` (F16, BF16, Q8_0)."""
-    if file_type not in FILE_TYPES:
-        raise GgufUnsupportedError(f"GGUF type {file_type}: written here are {', '.join(FILE_TYPES)}")
+    """Convert the checkpoint in `model_dir` into `out_path` as one GGUF file of `file_type`, one of
+    SUPPORTED_FILE_TYPES; a k-quant is llama.cpp's quantization of a BF16 file written first beside it."""
+    if file_type not in SUPPORTED_FILE_TYPES:
+        raise GgufUnsupportedError(f"GGUF type {file_type}: mergebot writes {', '.join(SUPPORTED_FILE_TYPES)}")
     config = read_config(model_dir)
     family = family_of(config, str(model_dir))
-    plan = plan_tensors(family, config, list_tensors(model_dir), file_type, str(model_dir))
+    written_type = file_type if file_type in FILE_TYPES else "BF16"
+    plan = plan_tensors(family, config, list_tensors(model_dir), written_type, str(model_dir))
     embedding = next(item for item in plan if item.name == "token_embd.weight")
     vocab = read_vocab(model_dir, config, embedding.shape[0])
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    temp = Path(temp_name)
-    try:
+    with _temporary(out_path) as temp:
         writer = gguf.GGUFWriter(temp, family.name)
         try:
-            _add_metadata(writer, family, config, vocab, file_type, out_path, embedding.shape[0])
+            name = re.sub(rf"[-.]{file_type}$", "", out_path.stem, flags=re.IGNORECASE)
+            _add_metadata(writer, family, config, vocab, written_type, name, embedding.shape[0])
             for item in plan:
                 writer.add_tensor_info(item.name, _byte_shape(item), _numpy_dtype(item.qtype), item.nbytes, item.qtype)
             writer.write_header_to_file()
@@ -108,17 +113,36 @@ def write_gguf(model_dir: Path, out_path: Path, file_type: str) -> GgufFile:
             _write_data(writer, plan)
         finally:
             writer.close()
-        os.replace(temp, out_path)
-    except OSError as failure:
-        temp.unlink(missing_ok=True)
-        if failure.errno == 28:
-            raise DiskFullError(f"{out_path}: the disk filled up while writing the GGUF file") from failure
-        raise GgufError(f"{out_path}: cannot write ({failure.strerror})") from failure
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+        if written_type != file_type:
+            with _temporary(out_path) as quantized:
+                quantize(temp, quantized, file_type)
+                _fsync(quantized)
+                os.replace(quantized, out_path)
+        else:
+            os.replace(temp, out_path)
     fsync_dir(out_path.parent)
     return GgufFile(out_path, file_type, out_path.stat().st_size, _sha256(out_path))
+
+
+@contextlib.contextmanager
+def _temporary(out_path: Path) -> Iterator[Path]:
+    """A hidden temporary file beside `out_path`, removed unless renamed; OS errors as one line."""
+    descriptor, name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    temp = Path(name)
+    try:
+        yield temp
+    except OSError as failure:
+        if failure.errno == errno.ENOSPC:
+            raise DiskFullError(f"{out_path}: the disk filled up while writing the GGUF file") from failure
+        raise GgufError(f"{out_path}: cannot write ({failure.strerror})") from failure
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def plan_tensors(family: Family, config: dict, tensors: dict[str, Tensor], file_type: str, where: str) -> list[Planned]:
@@ -172,10 +196,10 @@ def _order(name: str) -> tuple[int, int, str]:
 
 
 def _add_metadata(
-    writer: gguf.GGUFWriter, family: Family, config: dict, vocab: Vocab, file_type: str, out_path: Path, rows: int
+    writer: gguf.GGUFWriter, family: Family, config: dict, vocab: Vocab, file_type: str, name: str, rows: int
 ) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(re.sub(rf"[-.]{file_type}$", "", out_path.stem, flags=re.IGNORECASE))
+    writer.add_name(name)
     writer.add_file_type(FILE_TYPES[file_type][1])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_hyperparameters(family, config, rows, writer)

@@ -34,6 +34,13 @@ class Family:
 
 
 def _gemma2(config: dict, writer: gguf.GGUFWriter) -> None:
+    """Soft-capping and the sliding window; llama.cpp scales queries by 1/sqrt(head_dim), so a config scaling by
+    another `query_pre_attn_scalar` is refused rather than written to compute otherwise."""
+    scalar = config.get("query_pre_attn_scalar")
+    if scalar is not None and scalar != shape_of(config).head_dim:
+        raise GgufUnsupportedError(
+            f"config.json: no GGUF for Gemma 2 with query_pre_attn_scalar {str(scalar)[:20]} (llama.cpp uses head_dim)"
+        )
     for key, add in (
         ("attn_logit_softcapping", writer.add_attn_logit_softcapping),
         ("final_logit_softcapping", writer.add_final_logit_softcapping),
