@@ -44,7 +44,7 @@ def word_level_setup(devhub, tmp_path):
         created.process.wait()
 
 
-def finished(setup: Setup, name: str, count: int) -> list:
+def finished(setup: Setup, name: str, count: int, timeout: float = GGUF_TIMEOUT) -> list:
     """The target's first `count` runs once they have all ended, oldest first."""
 
     def ended() -> list | None:
@@ -54,7 +54,7 @@ def finished(setup: Setup, name: str, count: int) -> list:
             return None
         return done if len(done) >= count else None
 
-    return wait_for(ended, GGUF_TIMEOUT, f"run {count} of {name} to end")[:count]
+    return wait_for(ended, timeout, f"run {count} of {name} to end")[:count]
 
 
 def files_at(setup: Setup, repo: str, revision: str) -> set[str]:

@@ -15,6 +15,9 @@ from tests.test_daemon_gguf import files_at, finished
 pytest_plugins = ["tests.realmodel_fixtures"]
 
 QUESTION = "What is the capital of France?"
+REAL_TIMEOUT = 1200.0
+"""Merge, gate, then two GGUF files converted and each checked by transformers' loader and llama.cpp, on a loaded
+two-core machine."""
 
 
 @pytest.fixture
@@ -46,7 +49,7 @@ def test_the_daemon_publishes_the_real_merge_with_gguf_files_that_llama_cpp_chat
 
     setup.write_config(REAL_TARGET, poll="1h")
     setup.start()
-    (run,) = finished(setup, "real", 1)
+    (run,) = finished(setup, "real", 1, timeout=REAL_TIMEOUT)
     assert run.outcome == Outcome.PUBLISHED, run.reason
     gguf = run.record.gguf
     merge_ppl = run.record.figures["merge_ppl"]
