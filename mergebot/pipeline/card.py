@@ -114,11 +114,13 @@ def _gguf_section(gguf: Mapping[str, GgufResult], merge_ppl: float | None) -> li
     return [
         "## GGUF files",
         "",
-        f"For llama.cpp and the tools built on it, in `{', '.join(repos)}`. Each file was read back by llama.cpp and "
-        "by transformers' GGUF loader before upload: the same tensors, the eval text's perplexity close to the "
-        "merge's, and the chat probe ending its turn as the merge does. A file that failed is not published.",
+        f"For llama.cpp and the tools built on it, in `{', '.join(repos)}`. Each file is checked before upload: "
+        "transformers' GGUF loader must give back the merge's tensors (exact for F16/BF16, within the type's error "
+        "for quantized types), and where llama.cpp is installed it must load the file, tokenize as the merge does, "
+        "keep the eval text's perplexity close to the merge's and end its turn on the chat probe as the merge does. "
+        "A file that fails is not published.",
         "",
-        f"| file | type | size | perplexity {beside} | ends its turn | published |".replace("  |", " |"),
+        f"| file | type | size | perplexity {beside} | ends its turn | passed its checks |".replace("  |", " |"),
         "| --- | --- | --- | --- | --- | --- |",
         *(
             f"| `{result.get('file', '')}` | {file_type} | {_size(result.get('size'))} | "
@@ -127,6 +129,8 @@ def _gguf_section(gguf: Mapping[str, GgufResult], merge_ppl: float | None) -> li
             + " |"
             for file_type, result in gguf.items()
         ),
+        "",
+        *(f"- `{result.get('file', '')}`: {result['checked']}" for result in gguf.values() if result.get("checked")),
         "",
     ]
 
