@@ -9,6 +9,7 @@ no shard neither converts nor checks again, and a run whose only change is a GGU
 import hashlib
 import importlib.metadata
 import json
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -59,12 +60,16 @@ def make_gguf(
         name = settings.file_name(file_type)
         path = work / name
         fingerprint = _digest({"format": FINGERPRINT_FORMAT, "type": file_type, **inputs})
+        started = time.monotonic()
         result = _earlier(path, fingerprint, hashes)
         if result is None:
             result = _convert_and_check(merged, path, file_type, validate, report)
             write_json_atomic(_sidecar(path), {"fingerprint": fingerprint, "result": result})
         results[file_type] = result | GgufResult(file=name, repo=settings.repo)
-        logger.info("gguf", type=file_type, passed=result["passed"], reused=result["reused"], reason=result["reason"])
+        logger.info(
+            "gguf", type=file_type, passed=result["passed"], reused=result["reused"], reason=result["reason"],
+            seconds=round(time.monotonic() - started, 3),
+        )  # fmt: skip
     names = {settings.file_name(file_type) for file_type in settings.types}
     for stale in work.iterdir():  # types no longer asked for, and what a killed conversion left
         if stale.is_file() and stale.name not in names | {_sidecar(work / name).name for name in names}:
