@@ -2,11 +2,18 @@
 
 (a) llama.cpp itself reads it back, when llama-cpp-python is installed (gguf_llama.py): it loads, tokenizes the
 eval text exactly as the merge's tokenizer does, its perplexity over the same windows is within PPL_TOLERANCE of the
-safetensors merge's, and the chat probe, rendered with the GGUF's own chat template, answers and stops where the
-merge stops. (b) An independent reader, transformers' GGUF loader, gives back every tensor of the merge: exactly
-for F16/BF16 (the merge's values rounded to the type; Gemma's stored norm + 1 back within float32 rounding), within
-one quantization step of each 32-value block for Q8_0, and within K_QUANT_RMS relative RMS error for llama.cpp's
-k-quants. A file that fails gets passed=False and one line saying why.
+safetensors merge's, and the chat probe chats as the merge does: the GGUF's own chat template renders each prompt to
+the merge's tokens, llama.cpp stops at the merge's end-of-turn token, its end-of-turn probability after each
+reference answer is within EOT_TOLERANCE of the merge's, and free-running greedy it answers every prompt and ends
+its turn on at least half as many as the merge (a quantized model's greedy path may wander on a close call; the
+teacher-forced probability is the steady measure).
+
+(b) An independent reader, transformers' GGUF loader, gives back every tensor of the merge: exactly for F16/BF16
+(the merge's values rounded to the type; Gemma's stored norm + 1 back within float32 rounding), within one
+quantization step of each 32-value block for Q8_0, and within K_QUANT_RMS relative RMS error for llama.cpp's
+k-quants. It holds the whole model in float32 (the loader de-quantizes the file at once), as the gate holds the merge.
+
+A file that fails gets passed=False and one line saying why.
 """
 
 import math
@@ -23,7 +30,7 @@ from mergebot.gguf.convert import GgufFile
 from mergebot.gguf.quantize import has_llama_cpp
 from mergebot.gguf.shards import list_tensors
 from mergebot.pipeline.facts import read_facts
-from mergebot.pipeline.gguf_llama import LlamaReadBack, read_back
+from mergebot.pipeline.gguf_llama import ChatIds, LlamaReadBack, read_back
 from mergebot.pipeline.perplexity import (
     DEFAULT_MAX_WINDOWS,
     DEFAULT_WINDOW,
@@ -33,7 +40,7 @@ from mergebot.pipeline.perplexity import (
     one_line,
     token_ids,
 )
-from mergebot.pipeline.probe import DEFAULT_PROMPTS, Prompt, read_prompts, run_probe
+from mergebot.pipeline.probe import DEFAULT_PROMPTS, ProbeResult, Prompt, probe_ids, read_prompts, run_probe
 
 PPL_TOLERANCE = {"F16": 0.01, "BF16": 0.01, "Q8_0": 0.02, "Q6_K": 0.05, "Q5_K_M": 0.08, "Q5_K_S": 0.08}
 """The most the GGUF's perplexity (llama.cpp) may exceed the merge's (transformers, float32 compute), relative.
@@ -43,9 +50,9 @@ DEFAULT_PPL_TOLERANCE = 0.25
 K_QUANT_RMS = 0.25
 """A k-quant tensor's RMS error relative to its RMS: quantization noise is well under it, a wrong layout (rows
 permuted, a tensor swapped) is about 1.4."""
-STOP_SLACK = 1
-"""Probe prompts the merge ends its turn on that the GGUF may not: greedy decoding with other kernels or quantized
-weights can take another path on one prompt."""
+EOT_TOLERANCE = 0.1
+"""The most the GGUF's end-of-turn probability after a reference answer may differ from the merge's, averaged over
+the probe's prompts (absolute)."""
 EXACT = {"F16": torch.float16, "BF16": torch.bfloat16}
 """The types holding the merge's values rounded once, compared exactly."""
 
@@ -53,10 +60,10 @@ EXACT = {"F16": torch.float16, "BF16": torch.bfloat16}
 @dataclass(frozen=True)
 class MergeFigures:
     """The safetensors merge measured as the gate measures it: perplexity on the eval text's windows, and the
-    probe's per-prompt stops (None when it has no chat template)."""
+    probe's result (None when it has no chat template or end-of-turn token)."""
 
     ppl: float
-    stopped: tuple[bool, ...] | None
+    probe: ProbeResult | None
 
 
 @dataclass(frozen=True)
@@ -70,8 +77,11 @@ class GgufVerdict:
     tensors_checked: int
     worst_tensor: str
     """The tensor furthest from the merge, relative to its type's bound, and that ratio ("name 0.41")."""
+    eot_prob: float | None
+    """llama.cpp's mean end-of-turn probability after the probe's reference answers; `merge_eot_prob`: the merge's."""
+    merge_eot_prob: float | None
     probe_stopped: int | None
-    """Probe prompts the GGUF ended its turn on under llama.cpp; `merge_stopped` is the merge's count."""
+    """Probe prompts the GGUF ended its turn on, free-running under llama.cpp; `merge_stopped`: the merge's."""
     merge_stopped: int | None
     read_by_llama_cpp: bool
 
@@ -84,8 +94,7 @@ def measure_merge(
     ids, _ = token_ids(tokenizer, eval_text)
     model = load_model(merged_dir)
     ppl = measure(model, ids, window, max_windows).signature.ppl
-    probe = run_probe(model, read_facts("merge", merged_dir), prompts)
-    return MergeFigures(ppl, tuple(probe.stopped) if probe is not None else None)
+    return MergeFigures(ppl, run_probe(model, read_facts("merge", merged_dir), prompts))
 
 
 def check_gguf(
@@ -103,28 +112,47 @@ def check_gguf(
     prompts = prompts if prompts is not None else read_prompts(DEFAULT_PROMPTS)
     if merge is None:
         merge = measure_merge(merged_dir, eval_text, prompts, window, max_windows)
-    merge_stops = sum(merge.stopped) if merge.stopped is not None else None
-    base = {"merge_perplexity": merge.ppl, "merge_stopped": merge_stops}
+    probe = merge.probe
+    figures = {
+        "perplexity": None,
+        "merge_perplexity": merge.ppl,
+        "eot_prob": None,
+        "merge_eot_prob": probe.mean_eot_prob if probe is not None else None,
+        "probe_stopped": None,
+        "merge_stopped": sum(probe.stopped) if probe is not None else None,
+        "read_by_llama_cpp": False,
+    }
     problem, checked, worst = compare_tensors(gguf, merged_dir)
-    base |= {"tensors_checked": checked, "worst_tensor": worst}
+    figures |= {"tensors_checked": checked, "worst_tensor": worst}
     if problem is not None:
-        return GgufVerdict(False, problem, None, probe_stopped=None, read_by_llama_cpp=False, **base)
+        return GgufVerdict(False, problem, **figures)
     if not has_llama_cpp():
-        reason = f"{checked} tensors match (worst {worst}); llama.cpp not installed, so not run"
-        return GgufVerdict(True, reason, None, probe_stopped=None, read_by_llama_cpp=False, **base)
-    tokenizer = load_tokenizer(merged_dir)
-    text_ids = list(tokenizer(eval_text, add_special_tokens=False)["input_ids"])
+        return GgufVerdict(True, f"{checked} tensors match (worst {worst}); llama.cpp is not installed", **figures)
+    facts = read_facts("merge", merged_dir)
+    tokenizer = facts.tokenizer or load_tokenizer(merged_dir)
+    chat = None
+    if probe is not None and facts.turn_end_id is not None:
+        chat = ChatIds(*probe_ids(tokenizer, prompts), facts.turn_end_id)
     ids, _ = token_ids(tokenizer, eval_text)
-    back = read_back(gguf.path, text_ids, ids, window, max_windows, eval_text, prompts)
-    stops = sum(back.stopped) if back.stopped else None
-    figures = {"perplexity": back.ppl, "probe_stopped": stops, "read_by_llama_cpp": back.problem is None, **base}
-    failure = _llama_problem(gguf.file_type, back, merge, merge_stops)
+    text_ids = list(tokenizer(eval_text, add_special_tokens=False)["input_ids"])
+    back = read_back(gguf.path, eval_text, text_ids, ids, window, max_windows, prompts, chat)
+    figures |= {
+        "perplexity": back.ppl,
+        "eot_prob": sum(back.eot_probs) / len(back.eot_probs) if back.eot_probs else None,
+        "probe_stopped": sum(back.stopped) if back.stopped else None,
+        "read_by_llama_cpp": back.problem is None,
+    }
+    failure = _llama_problem(gguf.file_type, back, merge)
     if failure is not None:
         return GgufVerdict(False, failure, **figures)
     reason = (
-        f"{checked} tensors match (worst {worst}); llama.cpp: same tokens, perplexity {back.ppl:.3f} vs the "
-        f"merge's {merge.ppl:.3f}, probe stopped {stops}/{len(prompts)}"
+        f"{checked} tensors match (worst {worst}); llama.cpp: same tokens, perplexity {back.ppl:.3f} vs {merge.ppl:.3f}"
     )
+    if chat is not None:
+        reason += (
+            f", end of turn {figures['eot_prob']:.2f} vs {figures['merge_eot_prob']:.2f}, stopped "
+            f"{figures['probe_stopped']}/{len(prompts)} vs {figures['merge_stopped']}"
+        )
     return GgufVerdict(True, reason, **figures)
 
 
@@ -132,23 +160,29 @@ def ppl_tolerance(file_type: str) -> float:
     return PPL_TOLERANCE.get(file_type, DEFAULT_PPL_TOLERANCE)
 
 
-def _llama_problem(file_type: str, back: LlamaReadBack, merge: MergeFigures, merge_stops: int | None) -> str | None:
+def _llama_problem(file_type: str, back: LlamaReadBack, merge: MergeFigures) -> str | None:
+    """The first of llama.cpp's findings that refuses the file, as one line."""
     if back.problem is not None:
         return back.problem
-    if not back.tokens_agree:
-        return (
-            f"llama.cpp tokenizes the eval text differently from the merge's tokenizer (token {back.first_difference})"
-        )
+    if back.first_difference is not None:
+        return f"llama.cpp tokenizes the eval text unlike the merge's tokenizer (from token {back.first_difference})"
     limit = merge.ppl * (1 + ppl_tolerance(file_type))
     if not math.isfinite(back.ppl) or back.ppl > limit:
         return (
             f"llama.cpp's perplexity {back.ppl:.3f} is over {limit:.3f}, the merge's {merge.ppl:.3f} "
             f"+{ppl_tolerance(file_type):.0%} allowed for {file_type}"
         )
-    if not all(answer.strip() for answer in back.answers):
-        return "llama.cpp gives an empty answer to a probe prompt with the GGUF's chat template"
-    if merge_stops is not None and sum(back.stopped) < merge_stops - STOP_SLACK:
-        stops = sum(back.stopped)
+    if merge.probe is None:
+        return None
+    if back.template_differs is not None:
+        return f"the GGUF's chat template renders probe prompt {back.template_differs} unlike the merge's"
+    if not back.turn_end_stops:
+        return "llama.cpp does not stop at the merge's end-of-turn token"
+    gap = sum(abs(a - b) for a, b in zip(back.eot_probs, merge.probe.eot_prob, strict=True)) / len(back.eot_probs)
+    if gap > EOT_TOLERANCE:
+        return f"llama.cpp's end-of-turn probability after the probe's answers differs from the merge's by {gap:.2f}"
+    stops, merge_stops = sum(back.stopped), sum(merge.probe.stopped)
+    if stops < math.ceil(merge_stops / 2) or not all(answer.strip() for answer in back.answers):
         return f"llama.cpp ends its turn on {stops} of {len(back.stopped)} probe prompts, the merge on {merge_stops}"
     return None
 

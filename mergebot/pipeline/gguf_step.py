@@ -85,9 +85,7 @@ def _convert_and_check(
     a failed check) is its result's reason, and its file is not kept."""
     _sidecar(path).unlink(missing_ok=True)
     prompts = read_prompts(validate.probe_prompts)
-    figures = None
-    if report.merge_ppl is not None:
-        figures = MergeFigures(report.merge_ppl, tuple(report.probe.stopped) if report.probe is not None else None)
+    figures = MergeFigures(report.merge_ppl, report.probe) if report.merge_ppl is not None else None
     try:
         made: GgufFile = write_gguf(merged, path, file_type)
         verdict = check_gguf(made, merged, validate.eval_text.read_text(encoding="utf-8"), merge=figures,
