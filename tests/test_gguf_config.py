@@ -121,6 +121,9 @@ def test_gguf_files_whose_commit_failed_make_the_target_due_until_they_are_publi
     assert decide(target, DIGESTS, Facts(settled, settled, False, False)).act == Act.UP_TO_DATE, (
         "a file its checks refused waits for a new merge: converting the same files again fails again"
     )
+    recovered = published(target, {})  # a publish whose record a kill lost: the sibling's commit may not be done
+    action = decide(target, DIGESTS, Facts(recovered, recovered, False, False))
+    assert (action.act, action.why) == (Act.RUN, "its GGUF files Q8_0, BF16 are not in me/t-GGUF yet")
 
 
 def test_the_run_record_carries_each_gguf_result_and_refuses_a_bad_one():
