@@ -21,9 +21,15 @@ def quantize(source: Path, out_path: Path, file_type: str) -> None:
     """Write `out_path` as `file_type` from the F16/BF16 GGUF `source`, with llama.cpp's quantizer."""
     import llama_cpp
 
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its per-tensor lines, on stderr otherwise
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{file_type}")
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(out_path).encode(), params)
+    # llama.cpp logs a line per tensor (its warnings reach llama-cpp-python as errors); failure is the status
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(out_path).encode(), params)
+    finally:
+        logger.setLevel(level)
     if status != 0:
         raise GgufError(f"{out_path}: llama.cpp's quantizer failed making {file_type} (status {status})")
