@@ -105,3 +105,11 @@ class ClusterError(MergebotError):
     """The Ray cluster of `executor = "ray"` cannot be reached; it may be back later."""
 
     exit_code = ExitCode.RETRY_LATER
+
+
+class GgufError(MergebotError):
+    """A GGUF file could not be written from a merge (its safetensors, config or tokenizer is unusable for it)."""
+
+
+class GgufUnsupportedError(GgufError):
+    """The merge's architecture, tokenizer or a requested GGUF type is one mergebot does not convert."""

@@ -54,6 +54,29 @@ class Figures(TypedDict, total=False):
     """Per input: its chat template digest, end-of-turn ids and numerics config (`mergebot.pipeline.facts`)."""
 
 
+class GgufResult(TypedDict, total=False):
+    """One GGUF file of a run: what was made, what its checks measured, and whether it went out."""
+
+    file: str
+    """Its name in the repo (`NAME-Q8_0.gguf`)."""
+    repo: str
+    size: int
+    sha256: str
+    perplexity: float | None
+    """On the eval text, read by llama.cpp; beside the merge's own (`Figures.merge_ppl`)."""
+    stop_rate: float | None
+    """The share of the probe's prompts it ended its turn on."""
+    passed: bool
+    reason: str | None
+    """Why it was not published (a failed check, a refused architecture, a failed commit)."""
+    checked: str
+    """What its checks found, for a file that passed (one line)."""
+    published: bool
+    """In the repo's head after this run."""
+    reused: bool
+    """Made by an earlier run from the same merged files: not converted again."""
+
+
 @dataclass
 class RunRecord:
     """What a run did and read."""
@@ -81,6 +104,8 @@ class RunRecord:
     """The Ray node the run ran on (None beside the daemon)."""
     gave_up: bool = False
     """A transient failure after which the daemon stopped retrying."""
+    gguf: dict[str, GgufResult] = field(default_factory=dict)
+    """GGUF type (`Q8_0`) -> its file and checks, for a target that asks for GGUF files."""
 
 
 _FIELDS = {f.name for f in fields(RunRecord)}
@@ -88,6 +113,7 @@ _OPTIONAL = {"reason", "culprit", "published_sha", "node"}
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "inputs": dict, "digests": dict, "fingerprints": dict, "figures": dict, "computed": list, "reused": list,
     "uploaded": list, "downloaded_bytes": int, "uploaded_bytes": int, "seconds": (int, float), "gave_up": bool,
+    "gguf": dict,
 }  # fmt: skip
 _FIGURES_V1 = ("merge_ppl", "parent_ppl", "kl")
 
@@ -114,6 +140,8 @@ def from_json(text: str | bytes) -> RunRecord:
         expected = str if key in _OPTIONAL else _TYPES.get(key, object)
         if not isinstance(value, expected) and not (value is None and key in _OPTIONAL):
             raise StateError(f"a run record's {key} holds a bad value: {value!r:.80}")
+    if not all(isinstance(result, dict) for result in known.get("gguf", {}).values()):
+        raise StateError("a run record's gguf holds a result that is not an object")
     try:
         known["outcome"] = Outcome(known.get("outcome", Outcome.FAILED))
         return RunRecord(**known)

@@ -27,19 +27,23 @@ import pytest
 from mergebot.dev.devhub import DevHub
 
 TIERS = {
-    "slow": {"test_realmodel", "test_real_gate", "test_real_merges", "test_demo"},
+    "slow": {
+        "test_realmodel", "test_real_gate", "test_real_merges", "test_demo", "test_gguf_real", "test_gguf_daemon_real",
+    },
     "external": {
         "test_mergekit_existing", "test_mergekit_geometric", "test_mergekit_sparse", "test_mergekit_examples",
-        "test_mirror", "test_ray",
+        "test_mirror", "test_ray", "test_gguf_llama", "test_gguf_real", "test_gguf_daemon_real",
     },
     "process": {
         "test_daemon", "test_daemon_runs", "test_daemon_stages", "test_deploy", "test_disk_full", "test_status_page",
+        "test_daemon_gguf",
     },
 }  # fmt: skip
 """Each test's tier (markers registered in pyproject.toml), by its module: `slow` runs the real model (or takes
 tens of seconds), `external` needs what lives outside the project (mergekit's reference install, an olah mirror, a
-Ray cluster, chromium), `process` runs the real daemon or the CLI as a process. A test elsewhere that starts the
-daemon (the `setup` fixture) or reads mergekit's merges (`mergekit`, `kit`) goes with them, and so do the tests below.
+Ray cluster, chromium, llama.cpp), `process` runs the real daemon or the CLI as a process. A test elsewhere that
+starts the daemon (the `setup` fixture) or reads mergekit's merges (`mergekit`, `kit`) goes with them, and so do the
+tests below.
 What is left is the fast tier: `pytest -m "not slow and not process and not external"`."""
 BY_FIXTURE = {"setup": "process", "mergekit": "external", "kit": "external"}
 BY_TEST = {

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from mergebot.config.chain import reads, target_names, upstream_first
 from mergebot.config.document import Located, listen_address, parse_duration, read_document
 from mergebot.config.executor import RaySettings, executor_settings
+from mergebot.config.gguf import GGUF_KEYS, GgufSettings, gguf_settings, quantizer_installed
 from mergebot.config.merge import MERGE_KEYS, MergeConfig, target_merge
 from mergebot.config.models import Names
 from mergebot.errors import ConfigError, ConfigErrors
@@ -41,7 +42,7 @@ VALIDATE_KEYS = {
     "eval_text", "max_ppl_ratio", "max_parent_ratio", "max_kl", "max_input_jump", "max_regression",
     "probe_prompts", "min_stop_ratio", "min_eot_ratio", "accept_config_fields", "max_weight_outlier",
 }  # fmt: skip
-TARGET_KEYS = {"name", "repo", "when", "private", "validate", "mergekit_config"} | MERGE_KEYS
+TARGET_KEYS = {"name", "repo", "when", "private", "validate", "mergekit_config", *GGUF_KEYS} | MERGE_KEYS
 NOTIFY_KEYS = {"url", "format", "events", "secret_env", "secret_header"}
 NOTIFY_FORMATS = ("json", "slack", "discord")
 NOTIFY_EVENTS = ("published", "held", "failed", "recovered")
@@ -96,6 +97,8 @@ class Target:
     validate: ValidateSettings = field(default_factory=ValidateSettings)
     reads: tuple[str, ...] = ()
     """The targets whose merges this one reads (`target:NAME` models)."""
+    gguf: GgufSettings | None = None
+    """The GGUF files published beside the merge (None: none)."""
 
 
 @dataclass(frozen=True)
@@ -343,13 +346,15 @@ def _target(raw: Any, located: Located, prefix: str, names: Names) -> Target:
     validate_raw = raw.get("validate", {})
     validate = _validate_settings(validate_raw, located, f"{prefix}validate.")
     merge = target_merge(raw, located, prefix, names)
+    gguf = gguf_settings(raw, located, prefix, repo, quantizer=quantizer_installed())
     # The ratio as written (2, not 2.0), as the hash has always been taken: a changed hash re-runs the target.
     ratio = validate_raw.get("max_ppl_ratio", validate.max_ppl_ratio)
     private = settings.get("private", Target.private)
     shaping = [merge.as_dict(), repo, private, str(validate.eval_text), ratio]
     limits = {key: value for key, value in validate_raw.items() if key not in ("eval_text", "max_ppl_ratio")}
-    digest = hashlib.sha256(json.dumps(shaping + ([limits] if limits else [])).encode()).hexdigest()
-    return Target(name, repo, merge, digest, validate=validate, reads=reads(merge), **settings)
+    shaping += ([limits] if limits else []) + ([gguf.digest_part] if gguf else [])  # so old hashes stay
+    digest = hashlib.sha256(json.dumps(shaping).encode()).hexdigest()
+    return Target(name, repo, merge, digest, validate=validate, reads=reads(merge), gguf=gguf, **settings)
 
 
 def _validate_settings(raw: Any, located: Located, prefix: str) -> ValidateSettings:

@@ -77,7 +77,21 @@ def due_reason(target: Target, digests: dict[str, str], success: Run | None) -> 
     changed = sorted(model for model, digest in digests.items() if previous.get(model) != digest)
     if changed:
         return "new upstream content in " + ", ".join(changed)
-    return None
+    return unpublished_gguf(target, success)
+
+
+def unpublished_gguf(target: Target, success: Run) -> str | None:
+    """GGUF files that passed their checks but whose commit to their own repo failed, or that the run did not
+    record (a publish recovered after a kill): the next run makes or reuses them and retries the commit."""
+    if target.gguf is None:
+        return None
+    results = success.record.gguf
+    missing = [
+        t
+        for t in target.gguf.types
+        if t not in results or (results[t].get("passed") and not results[t].get("published"))
+    ]
+    return f"its GGUF files {', '.join(missing)} are not in {target.gguf.repo} yet" if missing else None
 
 
 def refused_with(last: Run, target: Target, digests: dict[str, str]) -> bool:

@@ -27,6 +27,7 @@ from mergebot.config.daemon import DaemonConfig, NotifySettings, Target
 from mergebot.daemon.page import hub_url
 from mergebot.daemon.runs import RUNNING, Run
 from mergebot.daemon.state import State
+from mergebot.daemon.status import gguf_line, gguf_results
 from mergebot.files import short_identity
 from mergebot.log import redact, redact_value
 from mergebot.runrecord import SUCCESSFUL, Outcome, RunRecord
@@ -164,6 +165,7 @@ def _payload(name: str, target: Target, run: Run | None, revision: str | None, h
             "eot_prob": _finite(figures.get("eot_prob")),
             "parent_stop_rate": {k: _finite(v) for k, v in figures.get("parent_stop_rate", {}).items()},
         },
+        "gguf": gguf_results(record.gguf),
     }
 
 
@@ -202,9 +204,10 @@ def message(event: dict, link: Callable[[str, str], str], escape: Callable[[str]
         inputs = ", ".join(f"{escape(model)}@{short_identity(sha)}" for model, sha in event["inputs"].items())
         ppl = event["validation"]["merge_ppl"]
         figures = f"; merge perplexity {ppl:.2f}" if ppl is not None else ""
+        gguf = "".join(f" GGUF {escape(gguf_line(t, result))}." for t, result in event.get("gguf", {}).items())
         return (
             f"mergebot published {repo} at {at}: {len(shards['recomputed'])} shards recomputed, "
-            f"{len(shards['reused'])} reused{figures}. Inputs: {inputs}."
+            f"{len(shards['reused'])} reused{figures}. Inputs: {inputs}.{gguf}"
         )
     if name == "held":
         return f"mergebot held {repo}: {reason}.{blamed} {stays}"

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from mergebot.config.daemon import DaemonConfig
-from mergebot.daemon.status import collect_status
+from mergebot.daemon.status import collect_status, gguf_line
 
 PUBLIC_HUB = "https://huggingface.co"
 REFRESH_SECONDS = 30
@@ -112,6 +112,8 @@ def _row(name: str, target: dict) -> str:
         status += f"<br>blamed on {_e(hold['culprit'])}" if hold["culprit"] else "<br>the merge itself got worse"
     sha, url = target.get("published_sha"), target.get("published_url")
     published = f'<a href="{_e(url)}">{_sha(sha)}</a>' if sha and url else '<span class="muted">nothing yet</span>'
+    if recent := target.get("recent_runs"):
+        published += "".join(f"<br>GGUF {_e(gguf_line(t, result))}" for t, result in recent[0]["gguf"].items())
     cells = [
         f'<b>{_e(name)}</b><br>{_e(target["repo"])} <span class="muted">({_e(target["when"])})</span>',
         inputs or '<span class="muted">not checked yet</span>',

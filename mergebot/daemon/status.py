@@ -50,7 +50,38 @@ def _figures(run: Run) -> dict:
         "computed": len(record.computed),
         "reused": len(record.reused),
         "published_sha": run.published_sha,
+        "gguf": gguf_results(record.gguf),
     }
+
+
+def gguf_results(gguf: dict) -> dict:
+    """A run's GGUF files by type, as JSON can carry them (a hostile record's odd values become None)."""
+
+    def text(value: object) -> str | None:
+        return value if isinstance(value, str) else None
+
+    return {
+        str(file_type): {
+            "file": text(result.get("file")),
+            "repo": text(result.get("repo")),
+            "size": size if isinstance(size := result.get("size"), int) and not isinstance(size, bool) else None,
+            "perplexity": _finite(result.get("perplexity")),
+            "stop_rate": _finite(result.get("stop_rate")),
+            "published": result.get("published") is True,
+            "reused": result.get("reused") is True,
+            "reason": text(result.get("reason")),
+        }
+        for file_type, result in gguf.items()
+    }
+
+
+def gguf_line(file_type: str, result: dict) -> str:
+    """One GGUF file in words: its size and perplexity, and whether it went out, or why not."""
+    size = f"{result['size'] / 1e6:,.1f} MB" if result["size"] else "no file"
+    ppl = f", perplexity {result['perplexity']:,.2f}" if result["perplexity"] is not None else ""
+    made = " (not reconverted)" if result["reused"] else ""
+    went = f"published in {result['repo']}" if result["published"] else f"not published: {result['reason']}"
+    return f"{file_type} {size}{ppl}{made}: {went}"
 
 
 def collect_status(config: DaemonConfig) -> dict:
@@ -139,6 +170,7 @@ def format_status(status: dict) -> str:
             )
         if recent := target.get("recent_runs"):
             lines.append(f"  gate   {gate_line(recent[0])}")
+            lines += [f"  gguf   {gguf_line(t, result)}" for t, result in recent[0]["gguf"].items()]
         lines.append(f"  head   {target.get('published_sha') or 'nothing published yet'}")
         if target.get("shards"):
             lines.append(f"  shards {target['shards']} with recorded fingerprints")

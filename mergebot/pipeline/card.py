@@ -1,17 +1,23 @@
 """The model card and commit message of a published merge: its lineage, told from the merge config as merged
 (each model pinned to the revision that was read)."""
 
+from collections.abc import Mapping
+
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from mergebot.config.merge import MergeConfig, ModelSpec
 from mergebot.pipeline.probe import ProbeResult
 from mergebot.pipeline.report import ValidationReport
+from mergebot.runrecord import GgufResult
 
 
-def model_card(merged: MergeConfig, report: ValidationReport, dropped: list[str]) -> str:
+def model_card(
+    merged: MergeConfig, report: ValidationReport, dropped: list[str], gguf: Mapping[str, GgufResult] | None = None
+) -> str:
     """YAML lineage (base_model, tags, library) and a body with method, parents at their shas, validation, config,
-    and the remote-code pointers (`dropped`, "file: key") the merge left out."""
+    the GGUF files made of it (`gguf`, by type) and the remote-code pointers (`dropped`, "file: key") the merge left
+    out."""
     parents = _parents(merged)
     checkpoints = [checkpoint.name for spec in parents for checkpoint in spec.checkpoints]
     data = ModelCardData(
@@ -47,6 +53,7 @@ def model_card(merged: MergeConfig, report: ValidationReport, dropped: list[str]
         + ", ".join(f"{check.name} {'passed' if check.passed else 'FAILED'}" for check in report.checks)
         + ".",
         "",
+        *_gguf_section(gguf or {}, report.merge_ppl),
         *_remote_code(dropped),
         "## Merge configuration",
         "",
@@ -54,6 +61,20 @@ def model_card(merged: MergeConfig, report: ValidationReport, dropped: list[str]
         yaml.safe_dump(merged.as_dict(), sort_keys=False).rstrip(),
         "```",
         "",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def gguf_card(merged: MergeConfig, gguf: Mapping[str, GgufResult], merge_repo: str, merge_sha: str) -> str:
+    """The card of a sibling repo of GGUF files: which published revision they are made from, and the table."""
+    data = ModelCardData(base_model=[merge_repo], tags=["gguf", "merge", "mergebot"], pipeline_tag="text-generation")
+    lines = [
+        "# GGUF files of a merged model",
+        "",
+        f"Made by [mergebot](https://pypi.org/project/mergebot/) from [{merge_repo}](https://huggingface.co/"
+        f"{merge_repo}) at revision `{merge_sha}`, a **{merged.merge_method}** merge, each time it publishes.",
+        "",
+        *_gguf_section(gguf, None),
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
@@ -82,6 +103,44 @@ def _remote_code(dropped: list[str]) -> list[str]:
         "with the library's own classes only.",
         "",
     ]
+
+
+def _gguf_section(gguf: Mapping[str, GgufResult], merge_ppl: float | None) -> list[str]:
+    """The GGUF files by type: size, where they are, what llama.cpp measured, and why one was held back."""
+    if not gguf:
+        return []
+    repos = sorted({result.get("repo", "") for result in gguf.values()})
+    beside = f"(merge: {_number(merge_ppl)})" if merge_ppl is not None else ""
+    return [
+        "## GGUF files",
+        "",
+        f"For llama.cpp and the tools built on it, in `{', '.join(repos)}`. Each file is checked before upload: "
+        "transformers' GGUF loader must give back the merge's tensors (exact for F16/BF16, within the type's error "
+        "for quantized types), and where llama.cpp is installed it must load the file, tokenize as the merge does, "
+        "keep the eval text's perplexity close to the merge's and end its turn on the chat probe as the merge does. "
+        "A file that fails is not published.",
+        "",
+        f"| file | type | size | perplexity {beside} | ends its turn | passed its checks |".replace("  |", " |"),
+        "| --- | --- | --- | --- | --- | --- |",
+        *(
+            f"| `{result.get('file', '')}` | {file_type} | {_size(result.get('size'))} | "
+            f"{_number(result.get('perplexity'))} | {_share(result.get('stop_rate'))} | "
+            + ("yes" if result.get("passed") else f"no: {result.get('reason') or 'failed'}".replace("|", "/"))
+            + " |"
+            for file_type, result in gguf.items()
+        ),
+        "",
+        *(f"- `{result.get('file', '')}`: {result['checked']}" for result in gguf.values() if result.get("checked")),
+        "",
+    ]
+
+
+def _size(size: object) -> str:
+    return f"{size / 1e6:,.1f} MB" if isinstance(size, int) and size > 0 else "n/a"
+
+
+def _share(value: float | None) -> str:
+    return f"{value:.0%} of the probe prompts" if value is not None else "n/a"
 
 
 def _probe(probe: ProbeResult | None) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from mergebot.errors import ConfigError
 from mergebot.pipeline.facts import ModelFacts, render
@@ -84,6 +85,14 @@ def run_probe(model: torch.nn.Module, facts: ModelFacts, prompts: list[Prompt]) 
     if tokenizer is None or not tokenizer.chat_template or facts.turn_end_id is None or not facts.stop_ids:
         return None
     model.float()
+    prompt_ids, answer_ids = probe_ids(tokenizer, prompts)
+    with torch.inference_mode():
+        return _run(model, prompt_ids, answer_ids, facts.stop_ids, facts.turn_end_id)
+
+
+def probe_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]) -> tuple[list[list[int]], list[list[int]]]:
+    """Each prompt as one user turn rendered with the model's chat template, and its reference answer, as ids (the
+    answer tokenized after the prompt where that keeps the prompt's tokens, as a model would have produced it)."""
     prompt_ids, answer_ids = [], []
     for p in prompts:
         text = render(tokenizer, [{"role": "user", "content": p.prompt}], add_generation_prompt=True)
@@ -94,8 +103,7 @@ def run_probe(model: torch.nn.Module, facts: ModelFacts, prompts: list[Prompt]) 
         answer_ids.append(
             joint[len(ids) :] if same_prefix else tokenizer(p.answer, add_special_tokens=False)["input_ids"]
         )
-    with torch.inference_mode():
-        return _run(model, prompt_ids, answer_ids, facts.stop_ids, facts.turn_end_id)
+    return prompt_ids, answer_ids
 
 
 def _run(

@@ -16,6 +16,7 @@ from mergebot.merge.engine import run_merge
 from mergebot.merge.source import InputModel
 from mergebot.pause import pause_point
 from mergebot.pipeline.gate import validate
+from mergebot.pipeline.gguf_step import GgufFiles, make_gguf, mark_published, publish_elsewhere
 from mergebot.pipeline.inputs import identities, pin_inputs, resolve_inputs
 from mergebot.pipeline.parents import Parent, SignatureCache
 from mergebot.pipeline.publish import publish
@@ -27,6 +28,11 @@ from mergebot.runrecord import RUN_TRAILER, Figures, Outcome, RunRecord
 
 def merged_dir(config: DaemonConfig, target: Target) -> Path:
     return chain.merged_dir(config.daemon.state_dir, target.name)
+
+
+def gguf_dir(config: DaemonConfig, target: Target) -> Path:
+    """Where a target's GGUF files are made, checked and kept between runs (never the published tree)."""
+    return merged_dir(config, target).with_name("gguf")
 
 
 def check_merge(
@@ -81,15 +87,30 @@ def run_pipeline(
         run.culprit = next(iter(report.suspects), None)
         logger.warning("validation failed", report=format_report(report))
         return run
+    gguf = GgufFiles({}, {})
+    if target.gguf is not None:
+        gguf = make_gguf(out_dir, gguf_dir(config, target), target.gguf, run.fingerprints, target.validate, report)
+        run.gguf = gguf.results
+    beside = target.gguf is not None and target.gguf.repo == target.repo
     merged = target.merge.pinned({name: model.pins for name, model in models.items()})
     hub = publisher(config.daemon)
     trailer = f"{RUN_TRAILER}: {run_id}" if run_id is not None else ""
-    result = publish(out_dir, target.repo, hub, report, merged, private=target.private, description=trailer)
+    result = publish(
+        out_dir, target.repo, hub, report, merged, private=target.private, description=trailer, gguf=run.gguf,
+        gguf_files=gguf.passed if beside else None,
+    )  # fmt: skip
     pause_point("published")
+    results = [result]
+    if beside:
+        mark_published(gguf)
+    elif target.gguf is not None:
+        sibling = publish_elsewhere(gguf, target.gguf, hub, merged, result, private=target.private, description=trailer)
+        results += [sibling] if sibling is not None else []
     run.published_sha = result.commit
-    run.uploaded = result.uploaded
+    run.uploaded = [name for done in results for name in done.uploaded]
     run.uploaded_bytes = hub.uploaded_bytes
-    run.outcome = Outcome.PUBLISHED if result.uploaded or result.deleted else Outcome.UNCHANGED
+    changed = any(done.uploaded or done.deleted for done in results)
+    run.outcome = Outcome.PUBLISHED if changed else Outcome.UNCHANGED
     run.seconds = round(time.monotonic() - started, 3)
     logger.info("published", repo=target.repo, sha=result.commit, uploaded=len(result.uploaded))
     return run
