@@ -1,4 +1,4 @@
-"""The `hidden` router of a mixture of experts (mergebot.merge.moe_hidden), against mergekit-moe 0.1.5 and against
+"""The `hidden` router of a mixture of experts (mergebot.pipeline.moe_hidden), against mergekit-moe 0.1.5 and against
 the whole base model run by transformers."""
 
 import os
@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergebot.dev.synthetic import make_model
 from mergebot.errors import ModelError
-from mergebot.merge.moe_hidden import GatePrompts, hidden_gate_vectors
+from mergebot.pipeline.moe_hidden import GatePrompts, hidden_gate_vectors
 from mergebot.merge.source import open_model
 from tests.helpers import load_tensors
 from tests.mergekit_reference import mergekit_python

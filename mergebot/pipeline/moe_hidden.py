@@ -10,6 +10,9 @@ Here the base never loads whole: one decoder layer's weights are read from its s
 and the hidden states of every distinct prompt are carried from layer to layer. mergekit batches the prompts with
 left padding that attention masks out, so each prompt's last token sees only its own tokens, as here where each
 prompt runs alone; mergekit runs the model in bfloat16, here everything is float32.
+
+It lives in the pipeline because it needs transformers' decoder layers, which the merge engine never imports; the
+merge receives it as the function giving the router, and calls it only when a shard holding a router is written.
 """
 
 from collections.abc import Sequence
