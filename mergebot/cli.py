@@ -73,6 +73,8 @@ def _merge_one(config: MergeConfig | MoeConfig, out_dir: Path) -> None:
         print(f"mergebot: warning: {warning}", file=sys.stderr)
     started = time.monotonic()
     if isinstance(config, MoeConfig):
+        import mergebot.pipeline.moe_hidden  # noqa: F401 (the hidden routers run the base model with transformers)
+
         result = run_moe(config, resolve_inputs(config), out_dir, ShardProgress())
     else:
         result = run_merge(config, resolve_inputs(config), out_dir, ShardProgress())

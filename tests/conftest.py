@@ -60,7 +60,6 @@ BY_TEST = {
     "external": (
         "test_stages.py::test_the_same_multi_stage_merge_as_mergekit_multimerge",
         "test_lora.py::test_the_same_lora_merge_as_mergekit",
-        "test_moe_hidden.py::test_the_same_router_as_mergekit_moe",
         "test_status_page.py::test_chromium_renders_the_table",
     ),
 }

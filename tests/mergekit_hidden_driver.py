@@ -1,10 +1,10 @@
-"""`mergekit-moe` on one config twice: `python mergekit_hidden_driver.py CONFIG OUT_AS_IS OUT_FLOAT32`.
+"""`mergekit-moe` on each config twice: `python mergekit_hidden_driver.py CONFIG OUT [CONFIG OUT]...`.
 
 Run by tests/test_moe_hidden.py with the mergekit venv's python. mergekit-moe's `hidden` router loads the base model
-in bfloat16 whatever its dtype, so its router carries bfloat16 rounding, compounded layer by layer. OUT_AS_IS is
-mergekit-moe as users run it; OUT_FLOAT32 is the same command with that one load made in float32 (mergekit's router
+in bfloat16 whatever its dtype, so its router carries bfloat16 rounding, compounded layer by layer. OUT/as-is is
+mergekit-moe as users run it; OUT/float32 is the same command with that one load made in float32 (mergekit's router
 code otherwise untouched), which mergebot's float32 router must match to float32 rounding. A failure leaves its
-traceback in OUT.error.
+traceback in OUT/as-is.error or OUT/float32.error.
 """
 
 import sys
@@ -34,7 +34,9 @@ def merge(config: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    config, as_is, float32 = sys.argv[1:]
-    merge(config, as_is)
+    pairs = list(zip(sys.argv[1::2], sys.argv[2::2], strict=True))
+    for config, out in pairs:
+        merge(config, f"{out}/as-is")
     router.AutoModelForCausalLM = _Float32Loader
-    merge(config, float32)
+    for config, out in pairs:
+        merge(config, f"{out}/float32")

@@ -58,7 +58,7 @@ def router_weights(mode: str, inputs: RouterInputs) -> dict[int, np.ndarray]:
 
 def router_fingerprint(mode: str, inputs: RouterInputs) -> str:
     """What the routers depend on: the mode, the shape, the prompts, and (for a router computed from the base) the
-    base's weight files and tokenizer files."""
+    base's weight files and tokenizer files, and for the hidden modes its config.json (rope, norms: how it runs)."""
     document: dict[str, object] = {
         "format": FORMAT_VERSION,
         "mode": mode,
@@ -71,9 +71,10 @@ def router_fingerprint(mode: str, inputs: RouterInputs) -> str:
     else:
         base = inputs.base
         document["weights"] = sorted(base.file_sha256[path.name] for path in base.weight_files())
+        files = (*TOKENIZER_FILES, "config.json") if mode.startswith("hidden") else TOKENIZER_FILES
         document["tokenizer"] = {
             name: hashlib.sha256(read_small(base.path / name, f"model {base.label}")).hexdigest()
-            for name in TOKENIZER_FILES
+            for name in files
             if (base.path / name).is_file()
         }
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
