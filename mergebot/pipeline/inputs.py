@@ -33,7 +33,7 @@ def read_pinned(path: Path) -> dict[str, str]:
     return pinned
 
 
-def pin_inputs(config: MergeConfig, pinned: Mapping[str, str]) -> MergeConfig:
+def pin_inputs(config: MergeConfig | MoeConfig, pinned: Mapping[str, str]) -> MergeConfig | MoeConfig:
     """The merge with each Hub checkpoint fixed at the commit the daemon resolved, so the child merges exactly
     what the daemon recorded even if a branch moved since; a local checkpoint is read as it is (its identity is
     its content)."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergebot.config.merge import MergeConfig
+from mergebot.config.moe import MoeConfig
 from mergebot.errors import HubNotFoundError, PublishError
 from mergebot.files import (
     DROPPED_KEY,
@@ -40,7 +41,7 @@ def publish(
     repo: str,
     client: HubClient,
     report: ValidationReport,
-    merged: MergeConfig,
+    merged: MergeConfig | MoeConfig,
     *,
     private: bool = False,
     force: bool = False,
