@@ -27,7 +27,7 @@ import pytest
 from mergebot.dev.devhub import DevHub
 
 TIERS = {
-    "slow": {"test_realmodel", "test_real_gate", "test_real_merges", "test_demo"},
+    "slow": {"test_realmodel", "test_real_gate", "test_real_merges", "test_demo", "test_real_moe"},
     "external": {
         "test_mergekit_existing", "test_mergekit_geometric", "test_mergekit_sparse", "test_mergekit_examples",
         "test_mirror", "test_ray",
