@@ -32,7 +32,7 @@ from mergebot.merge.engine import (
 from mergebot.merge.io import ShardWriter, TensorReader
 from mergebot.merge.moe_config import moe_model_config
 from mergebot.merge.moe_layout import MoeLayout, MoeShard, MoeTensor, Piece, plan_moe
-from mergebot.merge.moe_router import SEED, RouterInputs, router_fingerprint, router_weights
+from mergebot.merge.moe_router import ROUTERS, SEED, RouterInputs, router_fingerprint, router_weights
 from mergebot.merge.source import InputModel
 from mergebot.merge.tokenizer_files import write_tokenizer_files
 from mergebot.progress import ShardProgress
@@ -46,6 +46,8 @@ def run_moe(
     """Build the MoE into OUT_DIR; shards already finished (here or in a killed run) with the same fingerprint are
     kept."""
     layout = plan_moe(config, models)
+    if config.gate_mode not in ROUTERS:
+        raise ConfigError(f"{config.source}: gate_mode: {config.gate_mode} is not computed by this mergebot")
     base = models[config.base_model]
     inputs = RouterInputs(base, config.gated, layout.layers, layout.hidden)
     routers = _Routers(config.gate_mode, inputs)

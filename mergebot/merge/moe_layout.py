@@ -135,6 +135,17 @@ class _Builder:
             raise ModelError(f"tensor {name} in model {model} is not floating point")
         return info
 
+    def _mlp_info(self, model: str, name: str) -> TensorInfo:
+        """An expert's MLP weight, of the base's shape (the output's config.json is the base's)."""
+        info = self._info(model, name)
+        expected = self._info(self.config.base_model, name).shape
+        if info.shape != expected:
+            raise ModelError(
+                f"tensor {name}: shape {list(info.shape)} in model {model} does not match {list(expected)} in the "
+                f"base model {self.config.base_model}"
+            )
+        return info
+
     def _output(self, name: str, shape: tuple[int, ...], input_dtype: DType) -> OutputTensor:
         return OutputTensor(name, self.dtype or input_dtype, shape)
 
@@ -172,7 +183,7 @@ class _Builder:
         tensors = []
         for projection in MLP:
             name = f"model.layers.{layer}.mlp.{projection}.weight"
-            info = self._info(model, name)
+            info = self._mlp_info(model, name)
             output = name.replace(".mlp.", f".mlp.{infix}")
             piece = Piece(model, name, index, projection == "down_proj")
             tensors.append(MoeTensor(self._output(output, info.shape, info.dtype), (piece,)))
@@ -190,13 +201,7 @@ class _Builder:
                 for index, expert in enumerate(self.config.experts)
                 for p in projections
             ]
-            infos = [self._info(piece.model, piece.tensor) for piece in pieces]
-            for piece, info in zip(pieces, infos, strict=True):
-                if info.shape != infos[0].shape:
-                    raise ModelError(
-                        f"tensor {piece.tensor}: shape {list(info.shape)} in model {piece.model} does not match "
-                        f"{list(infos[0].shape)} in model {pieces[0].model}"
-                    )
+            infos = [self._mlp_info(piece.model, piece.tensor) for piece in pieces]
             rows, columns = infos[0].shape
             shape = (len(self.config.experts), rows * len(projections), columns)
             fused.append(MoeTensor(self._output(prefix + output, shape, infos[0].dtype), tuple(pieces)))
