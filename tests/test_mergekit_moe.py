@@ -61,7 +61,7 @@ TRANSFORMERS_DEFAULTS = {
 
 @pytest.fixture(scope="module")
 def mergekit(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every case built by mergekit-moe in one process of its venv: `root/<case>/mergekit` from `root/<case>/moe.yml`."""
+    """Every case built by mergekit-moe in one process of its venv: root/<case>/mergekit from root/<case>/moe.yml."""
     python = mergekit_python()
     root = tmp_path_factory.mktemp("mergekit-moe")
     base, *fine_tunes = write_models(root / "models", 3)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mergebot.config.moe import Expert, is_moe_document, load_moe_config, parse_moe
 from mergebot.config.document import read_document
+from mergebot.config.moe import Expert, is_moe_document, load_moe_config, parse_moe
 from mergebot.errors import ConfigErrors
 from tests.helpers import run_cli
 
