@@ -155,8 +155,12 @@ def _write_shard(
         for tensor in shard.tensors:
             writer.begin(tensor.output.name)
             for block in _blocks(config, tensor, models, routers, reader):
-                writer.write(block)
-                progress.advance(block.numel() * tensor.output.dtype.itemsize)
+                if isinstance(block, np.ndarray):
+                    writer.write_bits(block)
+                    progress.advance(block.nbytes)
+                else:
+                    writer.write(block)
+                    progress.advance(block.numel() * tensor.output.dtype.itemsize)
         writer.finish()
     except BaseException:
         writer.abort()
@@ -165,8 +169,9 @@ def _write_shard(
 
 def _blocks(
     config: MoeConfig, tensor: MoeTensor, models: dict[str, InputModel], routers: _Routers, reader: TensorReader
-) -> Iterator[torch.Tensor]:
-    """The output tensor's values in float32 row blocks: its pieces one after another, a router's rows, or zeros."""
+) -> Iterator[torch.Tensor | np.ndarray]:
+    """The output tensor's values in row blocks: its pieces one after another, a router's rows, or zeros; float32
+    blocks, or a piece's raw bytes where it is copied as it is (its dtype the output's, nothing added or scaled)."""
     if tensor.router is not None:
         yield torch.from_numpy(np.ascontiguousarray(routers.rows(*tensor.router)))
         return
@@ -182,6 +187,13 @@ def _blocks(
         generator = np.random.Generator(np.random.PCG64([SEED, _noise_seed(piece)])) if noise else None
         row_elements = max(1, info.nbytes // info.dtype.itemsize // max(1, info.rows))
         step = max(1, BLOCK_ELEMENTS // row_elements)
+        if info.dtype == tensor.output.dtype and info.lora is None and not noise and scale is None:
+            for start in range(0, info.rows, step):
+                stop = min(start + step, info.rows)
+                raw = np.empty((stop - start) * info.row_bytes, np.uint8)
+                reader.raw_rows(info, start, stop, raw)
+                yield raw
+            continue
         for start in range(0, info.rows, step):
             block = reader.rows(info, start, min(start + step, info.rows))
             if generator is not None:
