@@ -93,17 +93,31 @@ def _unsupported(name: str, config: MoeConfig, models: dict[str, InputModel]) ->
     return None
 
 
+def _size(model: InputModel, name: str) -> int:
+    """A size config.json must give as a positive whole number."""
+    value = model.config.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ModelError(f"model {model.label}: config.json: {name} is {value!r}, not a positive whole number")
+    return value
+
+
 def output_dtype(config: MoeConfig, base: InputModel) -> DType | None:
     """`dtype`, else the base's torch_dtype, as mergekit-moe picks it."""
     name = config.dtype or base.config.get("torch_dtype") or base.config.get("dtype")
-    return BY_TORCH_NAME.get(str(name)) if name else None
+    if not name:
+        return None
+    dtype = BY_TORCH_NAME.get(str(name).removeprefix("torch."))
+    if dtype is None or not dtype.floating:
+        raise ModelError(f"model {base.label}: config.json: torch_dtype {name!r} is not a floating point dtype")
+    return dtype
 
 
 def plan_moe(config: MoeConfig, models: dict[str, InputModel]) -> MoeLayout:
     """Every output tensor, grouped and packed into shards; raises before any tensor is read."""
     architecture = choose_architecture(config, models)
     base = models[config.base_model]
-    layers, hidden = int(base.config["num_hidden_layers"]), int(base.config["hidden_size"])
+    layers, hidden = (_size(base, name) for name in ("num_hidden_layers", "hidden_size"))
+    _size(base, "intermediate_size")  # the experts' size in config.json
     dtype = output_dtype(config, base)
     builder = _Builder(config, models, dtype)
     groups = [builder.base_tensors(architecture, layers)]
