@@ -1,6 +1,8 @@
 """Mixtures of experts built from small dense models: the layout each architecture loads with, routers as pure
 functions, byte-identical runs, and an expert's update rewriting only its shards."""
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from mergebot.merge.moe import run_moe
 from mergebot.merge.moe_layout import choose_architecture
 from mergebot.merge.moe_router import RouterInputs, router_weights
 from mergebot.pipeline.inputs import resolve_inputs
-from tests.helpers import load_tensors, tree_digest
+from tests.helpers import load_tensors, run_cli, tree_digest
 
 SHAPE = {"hidden": 16, "layers": 2, "heads": 2, "kv_heads": 1, "intermediate": 24}
 PROMPTS = [("the cat sat", ""), ("a dog ran far", "the cat"), ("one two three", "")]
@@ -182,8 +184,6 @@ def test_an_expert_update_rewrites_only_its_shards(tmp_path: Path, models: dict[
 
 
 def _shards_holding(out_dir: Path) -> dict[str, set[str]]:
-    import json
-
     weight_map = json.loads((out_dir / "model.safetensors.index.json").read_text())["weight_map"]
     kinds = {
         "mlp.experts.1.": lambda name: "mlp.experts.1." in name,
@@ -206,3 +206,14 @@ def test_an_expert_of_another_shape_is_refused(tmp_path: Path, models: dict[str,
     with pytest.raises(ModelError, match=r"mlp\..*_proj.weight: shape \[.*\] in model .*wide does not match"):
         run_moe(config, resolve_inputs(config), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_mergebot_merge_builds_a_moe_from_its_file(tmp_path: Path, models: dict[str, Path]) -> None:
+    """The command line tells a mergekit-moe file from a merge; the output records the config as run."""
+    from mergebot.merge.engine import MERGE_CONFIG_FILE
+
+    config = _config(tmp_path, models)
+    assert run_cli("merge", tmp_path / "moe.yml", tmp_path / "out") == 0
+    recorded = load_moe_config(tmp_path / "out" / MERGE_CONFIG_FILE)
+    assert replace(recorded, source=config.source) == config
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_local_experts"] == 3
