@@ -25,9 +25,9 @@ from mergebot.merge.engine import (
     BLOCK_ELEMENTS,
     MERGE_CONFIG_FILE,
     MergeResult,
-    _full_disk_reported,
-    _link_or_copy,
-    _move_into_place,
+    full_disk_reported,
+    link_or_copy,
+    move_into_place,
 )
 from mergebot.merge.io import ShardWriter, TensorReader
 from mergebot.merge.moe_config import moe_model_config
@@ -56,7 +56,7 @@ def run_moe(
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MERGE_CONFIG_FILE).exists():
         raise ConfigError(f"{out_dir}: exists and is not a mergebot output; refusing to replace it")
     work = out_dir.parent / f".{out_dir.name}.partial"
-    with _full_disk_reported(work):
+    with full_disk_reported(work):
         work.mkdir(parents=True, exist_ok=True)
         for leftover in work.glob("*.tmp"):
             leftover.unlink()
@@ -66,7 +66,7 @@ def run_moe(
         for stale in work.iterdir():
             if stale.name not in expected:
                 stale.unlink()
-        _move_into_place(work, out_dir)
+        move_into_place(work, out_dir)
     return result
 
 
@@ -130,7 +130,7 @@ def _build_shards(
             if finished_with(target, fingerprint):
                 outcome = "resumed"
             elif finished_with(out_dir / shard.file_name, fingerprint):
-                _link_or_copy(out_dir / shard.file_name, target)
+                link_or_copy(out_dir / shard.file_name, target)
                 outcome = "reused"
             else:
                 _write_shard(config, shard, models, routers, reader, target, fingerprint, progress)
