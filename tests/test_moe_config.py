@@ -84,7 +84,7 @@ merge_method: linear
         f"{path}:2: gate_mode:",
         f"{path}:7: experts[0].source_model: mergekit-moe 0.1.5 cannot read a model+LoRA input",
         f"{path}:8: experts[0].positive_prompts: must be a list of prompt strings",
-        f"{path}:11: experts[1].noise_scale: 'loud' is not a number",
+        f"{path}:11: experts[1].noise_scale: 'loud' is not a finite number",
         f"{path}:5: experts_per_token: 3 experts per token, but only 1 experts",
         f"{path}:3: architecture: 'llama' names no output architecture",
         f"{path}:4: dtype: 'bf16' is not one of bfloat16, float16, float32",

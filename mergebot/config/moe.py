@@ -7,6 +7,7 @@ once with `file:line: key`; keys mergekit-moe ignores (it has no tokenizer or ch
 the base's tokenizer) are ignored with one warning each, and what mergebot cannot reproduce is refused.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -246,8 +247,8 @@ def _prompts(value: Any, where: str, findings: Findings) -> tuple[str, ...]:
 def _number(value: Any, where: str, findings: Findings) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        findings.add(findings.located.error(where, f"{value!r} is not a number"))
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        findings.add(findings.located.error(where, f"{value!r} is not a finite number"))
         return None
     return float(value)
 
