@@ -217,3 +217,20 @@ def test_mergebot_merge_builds_a_moe_from_its_file(tmp_path: Path, models: dict[
     recorded = load_moe_config(tmp_path / "out" / MERGE_CONFIG_FILE)
     assert replace(recorded, source=config.source) == config
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_local_experts"] == 3
+
+
+def test_a_killed_build_resumes_from_its_finished_shards(tmp_path: Path, models: dict[str, Path]) -> None:
+    """What a kill leaves (finished shards in the hidden work directory, one shard half written) is picked up: the
+    finished shards are kept, the rest computed, and the result is the same bytes."""
+    config = _config(tmp_path, models, extra="out_shard_size: 4KB", shared=QWEN_SHARED)
+    whole = run_moe(config, resolve_inputs(config), tmp_path / "whole")
+    work = tmp_path / ".out.partial"
+    (tmp_path / "whole").rename(work)
+    last = work / whole.shards[-1]
+    last.rename(last.with_name(last.name + ".tmp"))
+    (work / "config.json").unlink()
+    resumed = run_moe(config, resolve_inputs(config), tmp_path / "out")
+    assert resumed.computed == [whole.shards[-1]] and resumed.reused == whole.shards[:-1]
+    assert not work.exists()
+    fresh = run_moe(config, resolve_inputs(config), tmp_path / "fresh")
+    assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "fresh") and fresh.computed == fresh.shards
