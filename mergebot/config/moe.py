@@ -7,6 +7,7 @@ once with `file:line: key`; keys mergekit-moe ignores (it has no tokenizer or ch
 the base's tokenizer) are ignored with one warning each, and what mergebot cannot reproduce is refused.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -246,8 +247,8 @@ def _prompts(value: Any, where: str, findings: Findings) -> tuple[str, ...]:
 def _number(value: Any, where: str, findings: Findings) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        findings.add(findings.located.error(where, f"{value!r} is not a number"))
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        findings.add(findings.located.error(where, f"{value!r} is not a finite number"))
         return None
     return float(value)
 
@@ -267,23 +268,23 @@ def _architecture(value: Any, where: str, findings: Findings) -> str | None:
 
 
 def _check_prompts(experts: list[Expert], shared: list[Expert], gate_mode: str, key: Any, findings: Findings) -> None:
-    """mergekit-moe's refusals: a router from prompts needs each expert's, different for some experts; the experts
-    cannot all be one model (mergebot has no flag to insist); shared experts have prompts all or none."""
+    """mergekit-moe's refusals, in its order: a router from prompts (any mode but `random`) needs each expert's
+    positive prompts, not the same for every expert, and experts that are not all one model (mergebot has no flag
+    to insist); shared experts have prompts all or none."""
     located = findings.located
     if gate_mode != "random":
         for index, expert in enumerate(experts):
             if not expert.positive_prompts:
                 at = f"{key('experts')}[{index}].positive_prompts"
                 findings.add(located.error(at, f"required for gate_mode {gate_mode}", at=f"{key('experts')}"))
-        prompts = {(e.positive_prompts, e.negative_prompts) for e in experts}
-        if len(experts) > 1 and len(prompts) == 1 and all(e.positive_prompts for e in experts):
-            findings.add(
-                located.error(key("experts"), "every expert has the same prompts, so the router cannot tell them apart")
-            )
-    if len(experts) > 1 and len({e.model for e in experts}) == 1:
-        findings.add(
-            located.error(key("experts"), "every expert is the same model: the mixture would compute what it does")
-        )
+        if all(e.positive_prompts for e in experts):
+            if len({(e.positive_prompts, e.negative_prompts) for e in experts}) == 1:
+                why = "only one expert" if len(experts) == 1 else "every expert has the same prompts"
+                findings.add(located.error(key("experts"), f"{why}, so the router cannot tell experts apart"))
+            elif len({e.model for e in experts}) == 1:
+                findings.add(
+                    located.error(key("experts"), "every expert is the same model: the mixture computes what it does")
+                )
     if shared and len({bool(e.positive_prompts) for e in shared}) > 1:
         findings.add(located.error(key("shared_experts"), "give prompts for every shared expert or for none"))
 

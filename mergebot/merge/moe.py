@@ -25,14 +25,14 @@ from mergebot.merge.engine import (
     BLOCK_ELEMENTS,
     MERGE_CONFIG_FILE,
     MergeResult,
-    _full_disk_reported,
-    _link_or_copy,
-    _move_into_place,
+    full_disk_reported,
+    link_or_copy,
+    move_into_place,
 )
 from mergebot.merge.io import ShardWriter, TensorReader
 from mergebot.merge.moe_config import moe_model_config
 from mergebot.merge.moe_layout import MoeLayout, MoeShard, MoeTensor, Piece, plan_moe
-from mergebot.merge.moe_router import SEED, RouterInputs, router_fingerprint, router_weights
+from mergebot.merge.moe_router import ROUTERS, SEED, RouterInputs, router_fingerprint, router_weights
 from mergebot.merge.source import InputModel
 from mergebot.merge.tokenizer_files import write_tokenizer_files
 from mergebot.progress import ShardProgress
@@ -46,6 +46,8 @@ def run_moe(
     """Build the MoE into OUT_DIR; shards already finished (here or in a killed run) with the same fingerprint are
     kept."""
     layout = plan_moe(config, models)
+    if config.gate_mode not in ROUTERS:
+        raise ConfigError(f"{config.source}: gate_mode: {config.gate_mode} is not computed by this mergebot")
     base = models[config.base_model]
     inputs = RouterInputs(base, config.gated, layout.layers, layout.hidden)
     routers = _Routers(config.gate_mode, inputs)
@@ -54,7 +56,7 @@ def run_moe(
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MERGE_CONFIG_FILE).exists():
         raise ConfigError(f"{out_dir}: exists and is not a mergebot output; refusing to replace it")
     work = out_dir.parent / f".{out_dir.name}.partial"
-    with _full_disk_reported(work):
+    with full_disk_reported(work):
         work.mkdir(parents=True, exist_ok=True)
         for leftover in work.glob("*.tmp"):
             leftover.unlink()
@@ -64,7 +66,7 @@ def run_moe(
         for stale in work.iterdir():
             if stale.name not in expected:
                 stale.unlink()
-        _move_into_place(work, out_dir)
+        move_into_place(work, out_dir)
     return result
 
 
@@ -128,7 +130,7 @@ def _build_shards(
             if finished_with(target, fingerprint):
                 outcome = "resumed"
             elif finished_with(out_dir / shard.file_name, fingerprint):
-                _link_or_copy(out_dir / shard.file_name, target)
+                link_or_copy(out_dir / shard.file_name, target)
                 outcome = "reused"
             else:
                 _write_shard(config, shard, models, routers, reader, target, fingerprint, progress)
@@ -153,8 +155,12 @@ def _write_shard(
         for tensor in shard.tensors:
             writer.begin(tensor.output.name)
             for block in _blocks(config, tensor, models, routers, reader):
-                writer.write(block)
-                progress.advance(block.numel() * tensor.output.dtype.itemsize)
+                if isinstance(block, np.ndarray):
+                    writer.write_bits(block)
+                    progress.advance(block.nbytes)
+                else:
+                    writer.write(block)
+                    progress.advance(block.numel() * tensor.output.dtype.itemsize)
         writer.finish()
     except BaseException:
         writer.abort()
@@ -163,8 +169,9 @@ def _write_shard(
 
 def _blocks(
     config: MoeConfig, tensor: MoeTensor, models: dict[str, InputModel], routers: _Routers, reader: TensorReader
-) -> Iterator[torch.Tensor]:
-    """The output tensor's values in float32 row blocks: its pieces one after another, a router's rows, or zeros."""
+) -> Iterator[torch.Tensor | np.ndarray]:
+    """The output tensor's values in row blocks: its pieces one after another, a router's rows, or zeros; float32
+    blocks, or a piece's raw bytes where it is copied as it is (its dtype the output's, nothing added or scaled)."""
     if tensor.router is not None:
         yield torch.from_numpy(np.ascontiguousarray(routers.rows(*tensor.router)))
         return
@@ -180,6 +187,13 @@ def _blocks(
         generator = np.random.Generator(np.random.PCG64([SEED, _noise_seed(piece)])) if noise else None
         row_elements = max(1, info.nbytes // info.dtype.itemsize // max(1, info.rows))
         step = max(1, BLOCK_ELEMENTS // row_elements)
+        if info.dtype == tensor.output.dtype and info.lora is None and not noise and scale is None:
+            for start in range(0, info.rows, step):
+                stop = min(start + step, info.rows)
+                raw = np.empty((stop - start) * info.row_bytes, np.uint8)
+                reader.raw_rows(info, start, stop, raw)
+                yield raw
+            continue
         for start in range(0, info.rows, step):
             block = reader.rows(info, start, min(start + step, info.rows))
             if generator is not None:

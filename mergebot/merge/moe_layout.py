@@ -93,17 +93,31 @@ def _unsupported(name: str, config: MoeConfig, models: dict[str, InputModel]) ->
     return None
 
 
+def _size(model: InputModel, name: str) -> int:
+    """A size config.json must give as a positive whole number."""
+    value = model.config.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ModelError(f"model {model.label}: config.json: {name} is {value!r}, not a positive whole number")
+    return value
+
+
 def output_dtype(config: MoeConfig, base: InputModel) -> DType | None:
     """`dtype`, else the base's torch_dtype, as mergekit-moe picks it."""
     name = config.dtype or base.config.get("torch_dtype") or base.config.get("dtype")
-    return BY_TORCH_NAME.get(str(name)) if name else None
+    if not name:
+        return None
+    dtype = BY_TORCH_NAME.get(str(name).removeprefix("torch."))
+    if dtype is None or not dtype.floating:
+        raise ModelError(f"model {base.label}: config.json: torch_dtype {name!r} is not a floating point dtype")
+    return dtype
 
 
 def plan_moe(config: MoeConfig, models: dict[str, InputModel]) -> MoeLayout:
     """Every output tensor, grouped and packed into shards; raises before any tensor is read."""
     architecture = choose_architecture(config, models)
     base = models[config.base_model]
-    layers, hidden = int(base.config["num_hidden_layers"]), int(base.config["hidden_size"])
+    layers, hidden = (_size(base, name) for name in ("num_hidden_layers", "hidden_size"))
+    _size(base, "intermediate_size")  # the experts' size in config.json
     dtype = output_dtype(config, base)
     builder = _Builder(config, models, dtype)
     groups = [builder.base_tensors(architecture, layers)]
@@ -133,6 +147,17 @@ class _Builder:
             raise ModelError(f"model {model} lacks tensor {name}")
         if not info.dtype.floating:
             raise ModelError(f"tensor {name} in model {model} is not floating point")
+        return info
+
+    def _mlp_info(self, model: str, name: str) -> TensorInfo:
+        """An expert's MLP weight, of the base's shape (the output's config.json is the base's)."""
+        info = self._info(model, name)
+        expected = self._info(self.config.base_model, name).shape
+        if info.shape != expected:
+            raise ModelError(
+                f"tensor {name}: shape {list(info.shape)} in model {model} does not match {list(expected)} in the "
+                f"base model {self.config.base_model}"
+            )
         return info
 
     def _output(self, name: str, shape: tuple[int, ...], input_dtype: DType) -> OutputTensor:
@@ -172,7 +197,7 @@ class _Builder:
         tensors = []
         for projection in MLP:
             name = f"model.layers.{layer}.mlp.{projection}.weight"
-            info = self._info(model, name)
+            info = self._mlp_info(model, name)
             output = name.replace(".mlp.", f".mlp.{infix}")
             piece = Piece(model, name, index, projection == "down_proj")
             tensors.append(MoeTensor(self._output(output, info.shape, info.dtype), (piece,)))
@@ -190,13 +215,7 @@ class _Builder:
                 for index, expert in enumerate(self.config.experts)
                 for p in projections
             ]
-            infos = [self._info(piece.model, piece.tensor) for piece in pieces]
-            for piece, info in zip(pieces, infos, strict=True):
-                if info.shape != infos[0].shape:
-                    raise ModelError(
-                        f"tensor {piece.tensor}: shape {list(info.shape)} in model {piece.model} does not match "
-                        f"{list(infos[0].shape)} in model {pieces[0].model}"
-                    )
+            infos = [self._mlp_info(piece.model, piece.tensor) for piece in pieces]
             rows, columns = infos[0].shape
             shape = (len(self.config.experts), rows * len(projections), columns)
             fused.append(MoeTensor(self._output(prefix + output, shape, infos[0].dtype), tuple(pieces)))

@@ -103,38 +103,39 @@ def _generator(layer: int) -> np.random.Generator:
 def _cheap_embed(inputs: RouterInputs) -> dict[int, np.ndarray]:
     """mergekit's `cheap_embed`: per expert, the sum of the base's token embeddings over its positive prompts
     (each tokenised as the base's BOS text + the prompt, no other special tokens), normalised; minus the same of its
-    negative prompts when it has some; normalised again (norms clamped at 1e-8). The same router in every layer."""
+    negative prompts when it has some; normalised again (norms clamped at 1e-8). The same router in every layer.
+
+    Summed and normalised with torch's float32 reductions in mergekit's order (over each prompt's tokens, then over
+    the prompts), so the result is mergekit's to the bit."""
+    import torch
+
     tokenizer = _PromptTokens(inputs.base)
     info = inputs.base.tensors.get(EMBEDDING)
     if info is None:
         raise ModelError(f"model {inputs.base.label} lacks tensor {EMBEDDING}, which gate_mode cheap_embed reads")
-    vocab = int(inputs.base.config.get("vocab_size", info.rows))
+    vocab = min(int(inputs.base.config.get("vocab_size", info.rows)), info.rows)
     rows = []
     with TensorReader() as reader:
 
-        def embedded(prompts: tuple[str, ...]) -> np.ndarray:
-            total = np.zeros(inputs.hidden, np.float32)
-            for prompt in prompts:
-                ids = tokenizer.ids(prompt)
-                if any(not 0 <= i < min(vocab, info.rows) for i in ids):
-                    raise ModelError(f"model {inputs.base.label}: its tokenizer gives a token id past its embedding")
-                row_sum = np.zeros(inputs.hidden, np.float32)
-                for token in ids:
-                    row_sum += reader.rows(info, token, token + 1).numpy().reshape(-1)
-                total += row_sum
-            return _normalised(total)
+        def embedded(prompts: tuple[str, ...]) -> torch.Tensor:
+            tokens = [tokenizer.ids(prompt) for prompt in prompts]
+            if any(not 0 <= i < vocab for ids in tokens for i in ids):
+                raise ModelError(f"model {inputs.base.label}: its tokenizer gives a token id past its embedding")
+            length = max(len(ids) for ids in tokens)
+            states = torch.zeros((len(tokens), length, inputs.hidden), dtype=torch.float32)  # padded on the left
+            for prompt, ids in enumerate(tokens):
+                for position, token in enumerate(ids, length - len(ids)):
+                    states[prompt, position] = reader.rows(info, token, token + 1)[0]
+            total = states.sum(dim=1).sum(dim=0, keepdim=True)
+            return total / total.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
         for expert in inputs.experts:
             vector = embedded(expert.positive_prompts)
             if expert.negative_prompts:
                 vector = vector - embedded(expert.negative_prompts)
-            rows.append(_normalised(vector))
-    weights = np.stack(rows).astype(np.float32)
+            rows.append(vector / vector.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8))
+    weights = torch.cat(rows).numpy()
     return {layer: weights for layer in range(inputs.layers)}
-
-
-def _normalised(vector: np.ndarray) -> np.ndarray:
-    return (vector / np.float32(max(float(np.linalg.norm(vector.astype(np.float64))), 1e-8))).astype(np.float32)
 
 
 class _PromptTokens:
