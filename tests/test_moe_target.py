@@ -1,14 +1,23 @@
 """A daemon target naming a mergekit-moe config: read as a mixture of experts whose every model is an input, hashed
-with its prompts, and told on the card and in the commit message expert by expert."""
+with its prompts, told on the card and in the commit message expert by expert, and gated against the base and the
+experts."""
 
+import json
 from pathlib import Path
 
+import pytest
 from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
 
-from mergebot.config.daemon import load_daemon_config
-from mergebot.config.moe import MoeConfig
+from mergebot.config.daemon import ValidateSettings, load_daemon_config
+from mergebot.config.moe import MoeConfig, load_moe_config
+from mergebot.dev.synthetic import make_model
+from mergebot.merge.moe import run_moe
+from mergebot.merge.source import InputModel
 from mergebot.pipeline.card import commit_message, model_card
-from mergebot.pipeline.report import Check, ValidationReport
+from mergebot.pipeline.inputs import resolve_inputs
+from mergebot.pipeline.report import Check, ValidationReport, format_report
+from mergebot.pipeline.run import check_merge
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 MOE = """base_model: org/base
@@ -20,6 +29,7 @@ experts:
   - source_model: target:upstream
     positive_prompts: ["rain"]
 """
+SHARED = "shared_experts:\n  - source_model: {path}/ft1\n    positive_prompts: [sow the seeds]\n"
 
 
 def daemon_config(tmp_path: Path, moe: str = MOE):
@@ -58,4 +68,51 @@ def test_the_card_lists_each_expert_with_its_revision_and_prompts(tmp_path):
     assert commit_message(merged) == (
         f"mergebot: mixture of 2 experts (hidden router) of org/base@{SHA[:12]}, org/ft1@ffffffffffff, "
         "target:upstream@local"
+    )
+
+
+def build(tmp_path: Path, architecture: str, shared: str) -> dict[str, InputModel]:
+    """MOE on small local models, built into tmp_path/out; its input models."""
+    base = make_model(tmp_path / "base", hidden=16, layers=2, heads=2, kv_heads=1, intermediate=24)
+    for number in (1, 2):
+        make_model(tmp_path / f"ft{number}", base=base, seed=number)
+    moe = MOE.replace("org/", f"{tmp_path}/").replace("target:upstream", f"{tmp_path}/ft2")
+    (tmp_path / "moe.yml").write_text(f"{moe}architecture: {architecture}\n{shared.format(path=tmp_path)}")
+    config = load_moe_config(tmp_path / "moe.yml")
+    models = resolve_inputs(config)
+    run_moe(config, models, tmp_path / "out")
+    return models
+
+
+@pytest.mark.parametrize(
+    ("architecture", "shared", "model_class"),
+    [("mixtral", "", "MixtralForCausalLM"), ("qwen", SHARED, "Qwen2MoeForCausalLM")],
+)
+def test_the_gate_loads_the_mixture_and_judges_it_against_base_and_experts(tmp_path, architecture, shared, model_class):
+    models = build(tmp_path, architecture, shared)
+    report = check_merge(tmp_path / "out", models, ValidateSettings(), None)
+    assert report.passed, format_report(report)
+    assert f"{model_class}, 2 layers" in next(check.detail for check in report.checks if check.name == "config")
+    assert {parent.name for parent in report.parents} == {f"{tmp_path}/{name}" for name in ("base", "ft1", "ft2")}
+    assert report.merge_ppl is not None and set(report.kl) == {parent.name for parent in report.parents}
+
+
+def test_an_expert_missing_from_a_qwen_mixture_fails_the_tensor_check(tmp_path):
+    """Qwen MoE experts are saved one by one and fused by transformers while loading: the gate checks that they
+    fuse into the parameter's shape."""
+    models = build(tmp_path, "qwen", SHARED)
+    index_path = tmp_path / "out" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    gone = "model.layers.1.mlp.experts.1.up_proj.weight"
+    shard = tmp_path / "out" / index["weight_map"].pop(gone)
+    tensors = load_file(shard)
+    del tensors[gone]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    report = check_merge(tmp_path / "out", models, ValidateSettings(), None)
+    check = next(check for check in report.checks if check.name == "tensors")
+    assert not check.passed
+    assert check.detail == (
+        "wrong shape: model.layers.1.mlp.experts.gate_up_proj from 3 tensors: they do not stack (config implies "
+        "[2, 48, 16])"
     )

@@ -20,6 +20,7 @@ from mergebot.merge.source import InputModel
 from mergebot.pause import pause_point
 from mergebot.pipeline.gate import validate
 from mergebot.pipeline.inputs import identities, pin_inputs, resolve_inputs
+from mergebot.pipeline.moe_hidden import hidden_last  # noqa: F401 (registers the hidden routers for run_moe)
 from mergebot.pipeline.parents import Parent, SignatureCache
 from mergebot.pipeline.publish import publish
 from mergebot.pipeline.regression import Baseline, held_reason
@@ -43,8 +44,6 @@ def check_merge(
 
 def _merge(config: MergeConfig | MoeConfig, models: dict[str, InputModel], out_dir: Path) -> MergeResult:
     if isinstance(config, MoeConfig):
-        import mergebot.pipeline.moe_hidden  # noqa: F401 (the hidden routers run the base model with transformers)
-
         return run_moe(config, models, out_dir, ShardProgress())
     return run_merge(config, models, out_dir, ShardProgress())
 
