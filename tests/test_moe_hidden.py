@@ -74,14 +74,21 @@ def moe_yaml(models: dict[str, Path], mode: str, prompts) -> str:
 @pytest.fixture(scope="module")
 def kit(models, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """mergekit-moe's outputs, as-is and with the base loaded in float32 (tests/mergekit_hidden_driver.py), of
-    `hidden` and `hidden_avg`, under root/<mode>/."""
+    `hidden` and `hidden_avg` (Mixtral) and `hidden` for a Qwen MoE whose shared expert has prompts, under
+    root/<case>/."""
     python = mergekit_python()
     root = tmp_path_factory.mktemp("mergekit-moe-hidden")
     arguments = []
-    for mode, prompts in (("hidden", PROMPTS), ("hidden_avg", EQUAL_LENGTHS)):
-        (root / mode).mkdir()
-        (root / mode / "moe.yml").write_text(moe_yaml(models, mode, prompts))
-        arguments += [root / mode / "moe.yml", root / mode]
+    shared = f"architecture: qwen\nshared_experts:\n  - source_model: {models['m1']}\n    positive_prompts: [gate]\n"
+    cases = {
+        "hidden": moe_yaml(models, "hidden", PROMPTS),
+        "hidden_avg": moe_yaml(models, "hidden_avg", EQUAL_LENGTHS),
+        "qwen_hidden": moe_yaml(models, "hidden", PROMPTS) + shared,
+    }
+    for case, text in cases.items():
+        (root / case).mkdir()
+        (root / case / "moe.yml").write_text(text)
+        arguments += [root / case / "moe.yml", root / case]
     driver = subprocess.run(
         [python, DRIVER, *arguments],
         capture_output=True,
@@ -108,11 +115,13 @@ def test_the_same_routers_as_mergekit_moe(mode, models, kit):
     np.testing.assert_allclose(ours, kit_routers(kit / mode / "as-is"), rtol=0, atol=BF16_TOLERANCE)
 
 
-def test_mergebot_merge_of_a_hidden_moe_is_mergekits(models, kit, tmp_path):
-    """The whole output of `mergebot merge` on the same file, every tensor, against mergekit-moe's float32 run."""
-    config = load_moe_config(kit / "hidden" / "moe.yml")
+@pytest.mark.parametrize("case", ["hidden", "qwen_hidden"])
+def test_mergebot_merge_of_a_hidden_moe_is_mergekits(case, models, kit, tmp_path):
+    """The whole output of `mergebot merge` on the same file, every tensor (a Qwen MoE's shared expert gate too),
+    against mergekit-moe's float32 run."""
+    config = load_moe_config(kit / case / "moe.yml")
     run_moe(config, resolve_inputs(config), tmp_path / "out")
-    ours, theirs = load_tensors(tmp_path / "out"), load_tensors(kit / "hidden" / "float32")
+    ours, theirs = load_tensors(tmp_path / "out"), load_tensors(kit / case / "float32")
     assert sorted(ours) == sorted(theirs)
     for name, expected in theirs.items():
         torch.testing.assert_close(ours[name], expected, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
