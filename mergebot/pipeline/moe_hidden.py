@@ -28,6 +28,7 @@ from mergebot.errors import ModelError
 from mergebot.merge.io import TensorReader
 from mergebot.merge.moe_router import ROUTERS, RouterInputs
 from mergebot.merge.source import InputModel
+from mergebot.pipeline.perplexity import one_line
 
 HIDDEN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 """Base models whose embedding is a plain row lookup and whose decoder layers transformers runs alone."""
@@ -64,7 +65,10 @@ def _gate_vectors(inputs: RouterInputs, summary: Summary, equal_lengths: bool) -
     base = inputs.base
     config = _base_config(base)
     if config.num_hidden_layers != inputs.layers or config.hidden_size != inputs.hidden:
-        raise ModelError(f"model {base.label}: config.json does not load as the layers and width it declares")
+        raise ModelError(
+            f"model {base.label}: transformers reads {config.num_hidden_layers} layers of width "
+            f"{config.hidden_size} from its config.json, the mixture {inputs.layers} of {inputs.hidden}"
+        )
     token_ids = _tokenize(base, inputs.experts, config)
     if equal_lengths:
         _refuse_padding(base, inputs.experts, token_ids)
@@ -128,7 +132,7 @@ def _base_config(base: InputModel) -> PretrainedConfig:
     try:
         config = AutoConfig.from_pretrained(base.path)
     except (OSError, ValueError, TypeError, KeyError) as error:
-        raise ModelError(f"model {base.label}: config.json does not load in transformers: {error}") from error
+        raise ModelError(f"model {base.label}: config.json does not load in transformers: {one_line(error)}") from error
     if config.num_hidden_layers < 1:
         raise ModelError(
             f"model {base.label}: config.json has no layers (num_hidden_layers {config.num_hidden_layers})"
@@ -141,7 +145,9 @@ def _tokenize(base: InputModel, experts: tuple[Expert, ...], config: PretrainedC
     try:
         tokenizer = AutoTokenizer.from_pretrained(base.path)
     except (OSError, ValueError, TypeError, KeyError) as error:
-        raise ModelError(f"model {base.label}: its tokenizer does not load in transformers: {error}") from error
+        raise ModelError(
+            f"model {base.label}: its tokenizer does not load in transformers: {one_line(error)}"
+        ) from error
     bos = tokenizer.bos_token or ""
     embed = base.tensors.get(EMBED)
     if embed is None:
