@@ -87,6 +87,7 @@ def build(tmp_path: Path, architecture: str, shared: str) -> dict[str, InputMode
 @pytest.mark.parametrize(
     ("architecture", "shared", "model_class"),
     [("mixtral", "", "MixtralForCausalLM"), ("qwen", SHARED, "Qwen2MoeForCausalLM")],
+    ids=["mixtral", "qwen"],
 )
 def test_the_gate_loads_the_mixture_and_judges_it_against_base_and_experts(tmp_path, architecture, shared, model_class):
     models = build(tmp_path, architecture, shared)
