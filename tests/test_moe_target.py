@@ -117,3 +117,30 @@ def test_an_expert_missing_from_a_qwen_mixture_fails_the_tensor_check(tmp_path):
         "wrong shape: model.layers.1.mlp.experts.gate_up_proj from 3 tensors: they do not stack (config implies "
         "[2, 48, 16])"
     )
+
+
+def test_a_mixtral_with_its_experts_saved_one_by_one_passes_the_tensor_check(tmp_path):
+    """The layout of the Mixtrals on the Hub (`block_sparse_moe.experts.N.w1`, `w2`, `w3`), which transformers
+    renames and fuses while loading: the same mixture in it passes as the fused one does."""
+    models = build(tmp_path, "mixtral", "")
+    index_path = tmp_path / "out" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for file in sorted(set(index["weight_map"].values())):
+        tensors = {}
+        for name, tensor in load_file(tmp_path / "out" / file).items():
+            del index["weight_map"][name]
+            prefix, _, kind = name.partition(".mlp.")
+            if kind == "experts.gate_up_proj":
+                for expert, (gate, up) in enumerate(pair.chunk(2, dim=0) for pair in tensor):
+                    tensors |= {f"{prefix}.block_sparse_moe.experts.{expert}.w1.weight": gate.contiguous()}
+                    tensors |= {f"{prefix}.block_sparse_moe.experts.{expert}.w3.weight": up.contiguous()}
+            elif kind == "experts.down_proj":
+                tensors |= {f"{prefix}.block_sparse_moe.experts.{e}.w2.weight": t for e, t in enumerate(tensor)}
+            else:
+                tensors[name.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = tensor
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, tmp_path / "out" / file)
+        index["weight_map"] |= dict.fromkeys(tensors, file)
+    index_path.write_text(json.dumps(index))
+    report = check_merge(tmp_path / "out", models, ValidateSettings(), None)
+    assert report.passed, format_report(report)
+    assert "block_sparse_moe.experts.1.w3.weight" in index_path.read_text()

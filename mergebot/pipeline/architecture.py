@@ -65,6 +65,7 @@ def fused_parameters(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]])
     `shapes`, by name): experts stacked (MergeModulelist), then gate and up concatenated (Concatenate)."""
     expected = model.state_dict(keep_vars=True)
     found = []
+    renamed = _Renamed(model)
     for converter in get_model_conversion_mapping(model):
         if not isinstance(converter, WeightConverter) or len(converter.target_patterns) != 1:
             continue
@@ -77,18 +78,32 @@ def fused_parameters(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]])
             regex = re.compile(r"(.*?)" + re.escape(pattern).replace(r"\*", r"(\d+)"))
             for name, shape in shapes.items():
                 match = regex.fullmatch(name)
-                if match and match.group(1) + target in expected:
+                if match and renamed(match.group(1) + target) in expected:
                     parts = groups.setdefault(match.group(1), [{} for _ in converter.source_patterns])
                     parts[position][int(match.group(2))] = shape
                     sources.setdefault(match.group(1), []).append(name)
         found += [
-            Fused(prefix + target, tuple(sources[prefix]), _fused_shape(converter, parts))
+            Fused(renamed(prefix + target), tuple(sources[prefix]), _fused_shape(converter, parts))
             for prefix, parts in groups.items()
         ]
     return found
 
 
 _GLOB = re.compile(r"[\w.*]+")
+
+
+class _Renamed:
+    """A checkpoint name → the parameter name transformers' renamings give it (Mixtral's `block_sparse_moe` is
+    `mlp`), remembered."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.names: dict[str, str] = {}
+
+    def __call__(self, name: str) -> str:
+        if name not in self.names:
+            self.names[name] = parameter_names(self.model, [name])[name]
+        return self.names[name]
 
 
 def _fused_shape(converter: WeightConverter, parts: list[dict[int, tuple[int, ...]]]) -> tuple[int, ...] | None:

@@ -321,7 +321,8 @@ def _compare_tensors(
     one group: any name of the group present covers them all."""
     expected = meta_model.state_dict(keep_vars=True)
     fused = fused_parameters(meta_model, {name: info.shape for name, info in declared.items()})
-    sources = {source: declared.pop(source) for f in fused for source in f.sources}
+    sources = {source: declared[source] for f in fused for source in f.sources}
+    declared = {name: info for name, info in declared.items() if name not in sources}
     loaded_as = parameter_names(meta_model, list(declared))
     file_name = {loaded: name for name, loaded in loaded_as.items()}
     duplicates = sorted(name for name, loaded in loaded_as.items() if file_name[loaded] != name)
