@@ -14,6 +14,7 @@ from mergebot.cli_parser import CHILD_COMMAND, build_child_parser, build_parser
 from mergebot.config.daemon import ValidateSettings
 from mergebot.config.document import read_document
 from mergebot.config.merge import MergeConfig, load_merge_config, parse_merge
+from mergebot.config.moe import MoeConfig, is_moe_document, load_moe_config, parse_moe
 from mergebot.config.quick import quick_config, weighted
 from mergebot.errors import UNHEALTHY, ConfigError, ConfigErrors, ExitCode, MergebotError
 
@@ -40,8 +41,15 @@ def _merge(args: argparse.Namespace) -> int:
         with log.bound(stage=stage.name or "final"):
             _merge_one(stage.merge, stage.out_dir)
     if stages is None:
-        _merge_one(load_merge_config(config_path, args.target), out_dir)
+        _merge_one(_load_merge_or_moe(config_path, args.target), out_dir)
     return ExitCode.OK
+
+
+def _load_merge_or_moe(path: Path, target: str | None = None) -> MergeConfig | MoeConfig:
+    """A mergekit-moe config (a file listing `experts`), or a merge."""
+    if target is None and is_moe_document(read_document(path)[0]):
+        return load_moe_config(path)
+    return load_merge_config(path, target)
 
 
 def _is_model(argument: str) -> bool:
@@ -55,15 +63,21 @@ def _is_model(argument: str) -> bool:
     return (path / "config.json").is_file() and not (path / MERGE_CONFIG_FILE).is_file()
 
 
-def _merge_one(config: MergeConfig, out_dir: Path) -> None:
+def _merge_one(config: MergeConfig | MoeConfig, out_dir: Path) -> None:
     from mergebot.merge.engine import run_merge
+    from mergebot.merge.moe import run_moe
     from mergebot.pipeline.inputs import resolve_inputs
     from mergebot.progress import ShardProgress
 
     for warning in config.warnings:
         print(f"mergebot: warning: {warning}", file=sys.stderr)
     started = time.monotonic()
-    result = run_merge(config, resolve_inputs(config), out_dir, ShardProgress())
+    if isinstance(config, MoeConfig):
+        import mergebot.pipeline.moe_hidden  # noqa: F401 (the hidden routers run the base model with transformers)
+
+        result = run_moe(config, resolve_inputs(config), out_dir, ShardProgress())
+    else:
+        result = run_merge(config, resolve_inputs(config), out_dir, ShardProgress())
     log.get("merge").info(
         "merged",
         out_dir=str(result.out_dir),
@@ -74,7 +88,7 @@ def _merge_one(config: MergeConfig, out_dir: Path) -> None:
     )
 
 
-def _merged_config(out_dir: Path) -> MergeConfig:
+def _merged_config(out_dir: Path) -> MergeConfig | MoeConfig:
     """The merge an output was made from (its mergebot_config.yml, pinned to the revisions merged)."""
     from mergebot.merge.engine import MERGE_CONFIG_FILE
 
@@ -82,7 +96,7 @@ def _merged_config(out_dir: Path) -> MergeConfig:
     if not path.exists():
         raise ConfigError(f"{out_dir}: no {MERGE_CONFIG_FILE}; was it made by `mergebot merge`?")
     document, located = read_document(path)
-    return parse_merge(document, located)
+    return parse_moe(document, located) if is_moe_document(document) else parse_merge(document, located)
 
 
 def _signature_cache() -> "SignatureCache":
@@ -233,7 +247,7 @@ def _check_merge_file(path: Path) -> int:
     from mergebot.config.stages import load_stages
 
     stages = load_stages(path, Path("OUT_DIR"))
-    merges = [stage.merge for stage in stages] if stages else [load_merge_config(path)]
+    merges = [stage.merge for stage in stages] if stages else [_load_merge_or_moe(path)]
     for merge in merges:
         for warning in merge.warnings:
             print(f"mergebot: warning: {warning}", file=sys.stderr)

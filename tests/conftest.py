@@ -29,6 +29,7 @@ from mergebot.dev.devhub import DevHub
 TIERS = {
     "slow": {
         "test_realmodel", "test_real_gate", "test_real_merges", "test_demo", "test_gguf_real", "test_gguf_daemon_real",
+        "test_real_moe",
     },
     "external": {
         "test_mergekit_existing", "test_mergekit_geometric", "test_mergekit_sparse", "test_mergekit_examples",

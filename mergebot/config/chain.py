@@ -13,6 +13,7 @@ from pathlib import Path
 from mergebot.config.document import Located
 from mergebot.config.merge import MergeConfig
 from mergebot.config.models import TARGET_PREFIX, Checkpoint, Names
+from mergebot.config.moe import MoeConfig
 
 
 def merged_dir(state_dir: Path, target: str) -> Path:
@@ -35,7 +36,7 @@ def target_names(state_dir: Path, targets: Iterable[str]) -> Names:
     return resolve
 
 
-def reads(merge: MergeConfig) -> tuple[str, ...]:
+def reads(merge: MergeConfig | MoeConfig) -> tuple[str, ...]:
     """The targets whose merges `merge` reads."""
     named = {c.name for spec in merge.models for c in spec.checkpoints if c.name.startswith(TARGET_PREFIX)}
     return tuple(sorted(name.removeprefix(TARGET_PREFIX) for name in named))

@@ -19,6 +19,7 @@ from mergebot.config.executor import RaySettings, executor_settings
 from mergebot.config.gguf import GGUF_KEYS, GgufSettings, gguf_settings, quantizer_installed
 from mergebot.config.merge import MERGE_KEYS, MergeConfig, target_merge
 from mergebot.config.models import Names
+from mergebot.config.moe import MoeConfig
 from mergebot.errors import ConfigError, ConfigErrors
 
 DURATION_KEYS = ("poll_interval", "merge_timeout", "stop_grace", "debounce", "retry_delay")
@@ -89,7 +90,7 @@ class Target:
 
     name: str
     repo: str
-    merge: MergeConfig
+    merge: MergeConfig | MoeConfig
     config_hash: str
     """Changes whenever anything that shapes the published result changes."""
     when: str = "on_change"

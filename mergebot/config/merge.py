@@ -17,6 +17,7 @@ from mergebot.config.merge_inputs import SliceSource, known_keys, parse_models, 
 from mergebot.config.methods import INTERFACES, MethodInterface, plugin_names
 from mergebot.config.models import ModelSpec, Names, parse_reference
 from mergebot.config.modules import ModuleSettings, read_modules, split_modules
+from mergebot.config.moe import MoeConfig, is_moe_document, parse_moe
 from mergebot.config.parameters import Scope, check_parameters, read_parameters
 from mergebot.config.tokenizer import BASE, UNION, TokenizerSettings, parse_chat_template, parse_tokenizer
 from mergebot.errors import ConfigError
@@ -338,8 +339,11 @@ def load_merge_config(path: Path, target: str | None = None, names: Names | None
     return parse_merge(document, located, names=names)
 
 
-def target_merge(raw: Mapping[str, Any], located: Located, prefix: str, names: Names | None = None) -> MergeConfig:
-    """The merge part of a target: inline fields, or `mergekit_config` naming a YAML file beside the config."""
+def target_merge(
+    raw: Mapping[str, Any], located: Located, prefix: str, names: Names | None = None
+) -> MergeConfig | MoeConfig:
+    """The merge part of a target: inline fields, or `mergekit_config` naming a YAML file beside the config (a
+    mergekit-yaml merge, or a mergekit-moe mixture of experts)."""
     merge_fields = {k: v for k, v in raw.items() if k in MERGE_KEYS}
     if "mergekit_config" in raw:
         yaml_path = located.path.parent / str(raw["mergekit_config"])
@@ -347,5 +351,7 @@ def target_merge(raw: Mapping[str, Any], located: Located, prefix: str, names: N
             first = next(iter(merge_fields))
             raise located.error(f"{prefix}mergekit_config", f"give mergekit_config or inline {first}, not both")
         document, yaml_located = read_document(yaml_path)
+        if is_moe_document(document):
+            return parse_moe(document, yaml_located, names=names)
         return parse_merge(document, yaml_located, names=names)
     return parse_merge(merge_fields, located, prefix, names)

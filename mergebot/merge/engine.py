@@ -94,7 +94,7 @@ def run_merge(
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MERGE_CONFIG_FILE).exists():
         raise ConfigError(f"{out_dir}: exists and is not a mergebot output; refusing to replace it")
     work = out_dir.parent / f".{out_dir.name}.partial"
-    with _full_disk_reported(work):
+    with full_disk_reported(work):
         work.mkdir(parents=True, exist_ok=True)
         for leftover in work.glob("*.tmp"):
             leftover.unlink()
@@ -104,7 +104,7 @@ def run_merge(
         for stale in work.iterdir():
             if stale.name not in expected:
                 stale.unlink()
-        _move_into_place(work, out_dir)
+        move_into_place(work, out_dir)
     return result
 
 
@@ -126,7 +126,7 @@ def _merge_shards(
             if finished_with(target, fingerprint):
                 outcome = "resumed"
             elif finished_with(out_dir / shard.file_name, fingerprint):
-                _link_or_copy(out_dir / shard.file_name, target)
+                link_or_copy(out_dir / shard.file_name, target)
                 outcome = "reused"
             else:
                 _compute_shard(plan, shard, models, reader, target, fingerprint, progress)
@@ -137,7 +137,7 @@ def _merge_shards(
 
 
 @contextmanager
-def _full_disk_reported(work: Path) -> Iterator[None]:
+def full_disk_reported(work: Path) -> Iterator[None]:
     """A full disk is the machine's trouble, not the merge's: say so in one line, as worth retrying (finished
     shards stay in `work`, so the retry resumes from them)."""
     try:
@@ -273,7 +273,7 @@ class _RawPasses:
         return block
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path) -> None:
     temp = target.with_name(target.name + ".tmp")
     temp.unlink(missing_ok=True)
     try:
@@ -313,7 +313,7 @@ def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputMode
     write_json_atomic(work / INDEX_FILE, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
 
 
-def _move_into_place(work: Path, out_dir: Path) -> None:
+def move_into_place(work: Path, out_dir: Path) -> None:
     """Swap the finished directory in; a previous result is removed only after the new one has its name."""
     fsync_dir(work)
     if out_dir.exists():

@@ -1,19 +1,24 @@
 """The model card and commit message of a published merge: its lineage, told from the merge config as merged
 (each model pinned to the revision that was read)."""
 
+import html
 from collections.abc import Mapping
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from mergebot.config.merge import MergeConfig, ModelSpec
+from mergebot.config.moe import MoeConfig
 from mergebot.pipeline.probe import ProbeResult
 from mergebot.pipeline.report import ValidationReport
 from mergebot.runrecord import GgufResult
 
 
 def model_card(
-    merged: MergeConfig, report: ValidationReport, dropped: list[str], gguf: Mapping[str, GgufResult] | None = None
+    merged: MergeConfig | MoeConfig,
+    report: ValidationReport,
+    dropped: list[str],
+    gguf: Mapping[str, GgufResult] | None = None,
 ) -> str:
     """YAML lineage (base_model, tags, library) and a body with method, parents at their shas, validation, config,
     the GGUF files made of it (`gguf`, by type) and the remote-code pointers (`dropped`, "file: key") the merge left
@@ -27,16 +32,7 @@ def model_card(
         pipeline_tag="text-generation",
     )
     lines = [
-        "# Merged model",
-        "",
-        f"Made by [mergebot](https://pypi.org/project/mergebot/) with the **{merged.merge_method}** method.",
-        "",
-        "## Parents",
-        "",
-        "| model | revision |",
-        "| --- | --- |",
-        *(f"| {spec.model} | `{'+'.join(c.revision or 'local' for c in spec.checkpoints)}` |" for spec in parents),
-        "",
+        *(_moe_lineage(merged) if isinstance(merged, MoeConfig) else _lineage(merged, parents)),
         "## Validation",
         "",
         "| model | perplexity | KL from it (nats/token) | ends its turn | P(end of turn) |",
@@ -65,28 +61,83 @@ def model_card(
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
-def gguf_card(merged: MergeConfig, gguf: Mapping[str, GgufResult], merge_repo: str, merge_sha: str) -> str:
+def gguf_card(merged: MergeConfig | MoeConfig, gguf: Mapping[str, GgufResult], merge_repo: str, merge_sha: str) -> str:
     """The card of a sibling repo of GGUF files: which published revision they are made from, and the table."""
     data = ModelCardData(base_model=[merge_repo], tags=["gguf", "merge", "mergebot"], pipeline_tag="text-generation")
     lines = [
         "# GGUF files of a merged model",
         "",
         f"Made by [mergebot](https://pypi.org/project/mergebot/) from [{merge_repo}](https://huggingface.co/"
-        f"{merge_repo}) at revision `{merge_sha}`, a **{merged.merge_method}** merge, each time it publishes.",
+        f"{merge_repo}) at revision `{merge_sha}`, a **{_kind(merged)}**, each time it publishes.",
         "",
         *_gguf_section(gguf, None),
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
-def commit_message(merged: MergeConfig) -> str:
+def commit_message(merged: MergeConfig | MoeConfig) -> str:
     parents = ", ".join(
         "+".join(f"{c.name}@{(c.revision or 'local')[:12]}" for c in spec.checkpoints) for spec in _parents(merged)
     )
+    if isinstance(merged, MoeConfig):
+        return f"mergebot: mixture of {len(merged.experts)} experts ({merged.gate_mode} router) of {parents}"
     return f"mergebot: {merged.merge_method} merge of {parents}"
 
 
-def _parents(merged: MergeConfig) -> list[ModelSpec]:
+def _kind(merged: MergeConfig | MoeConfig) -> str:
+    return "mixture of experts" if isinstance(merged, MoeConfig) else f"{merged.merge_method} merge"
+
+
+def _lineage(merged: MergeConfig, parents: list[ModelSpec]) -> list[str]:
+    return [
+        "# Merged model",
+        "",
+        f"Made by [mergebot](https://pypi.org/project/mergebot/) with the **{merged.merge_method}** method.",
+        "",
+        "## Parents",
+        "",
+        "| model | revision |",
+        "| --- | --- |",
+        *(f"| {spec.model} | `{_revision(spec)}` |" for spec in parents),
+        "",
+    ]
+
+
+def _moe_lineage(merged: MoeConfig) -> list[str]:
+    """The base and every expert at the revision merged, with the prompts its router row was computed from."""
+    experts = [(str(n), e) for n, e in enumerate(merged.experts)]
+    experts += [(f"shared {n}", e) for n, e in enumerate(merged.shared_experts)]
+    return [
+        "# Mixture of experts",
+        "",
+        f"Made by [mergebot](https://pypi.org/project/mergebot/) from a mergekit-moe config: {len(merged.experts)} "
+        f"experts, {merged.experts_per_token} per token, the **{merged.gate_mode}** router; attention, embeddings "
+        f"and norms from the base model, {merged.base_model} at `{_revision(merged.spec(merged.base_model))}`.",
+        "",
+        "## Experts",
+        "",
+        "| expert | model | revision | positive prompts | negative prompts |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {label} | {e.model} | `{_revision(merged.spec(e.model))}` | {_prompts(e.positive_prompts)} | "
+            f"{_prompts(e.negative_prompts)} |"
+            for label, e in experts
+        ),
+        "",
+    ]
+
+
+def _revision(spec: ModelSpec) -> str:
+    return "+".join(c.revision or "local" for c in spec.checkpoints)
+
+
+def _prompts(prompts: tuple[str, ...]) -> str:
+    """Prompts as one table cell: quoted, `<br>` between them, nothing that ends the cell or opens a tag."""
+    escaped = (html.escape(" ".join(p.split())).replace("|", "\\|") for p in prompts)
+    return "<br>".join(f"&quot;{p}&quot;" for p in escaped)
+
+
+def _parents(merged: MergeConfig | MoeConfig) -> list[ModelSpec]:
     """Every model the merge read, the base first."""
     base = [merged.spec(merged.base_model)] if merged.base_model else []
     return base + [spec for spec in merged.models if spec.model != merged.base_model]

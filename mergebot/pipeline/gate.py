@@ -23,7 +23,7 @@ from mergebot.config.daemon import ValidateSettings
 from mergebot.errors import ConfigError, MergebotError, ModelError
 from mergebot.files import read_json
 from mergebot.merge.io import TensorInfo, read_header
-from mergebot.pipeline.architecture import build_on_meta, parameter_names
+from mergebot.pipeline.architecture import build_on_meta, fused_parameters, parameter_names
 from mergebot.pipeline.consistency import consistency_checks
 from mergebot.pipeline.distance import weight_suspects
 from mergebot.pipeline.facts import ModelFacts, read_facts
@@ -316,9 +316,13 @@ def _compare_tensors(
 ) -> list[str]:
     """Missing, extra, wrong-shape and wrong-dtype tensors, each checkpoint name taken to the parameter it loads
     into by transformers' renamings (a vision-language checkpoint's `language_model.model.*` is the loaded
-    `model.language_model.*`); problems name the file's tensors. Tied parameters (lm_head tied to embed_tokens) are
+    `model.language_model.*`), experts saved one by one into the parameter they are fused into; problems name the
+    file's tensors. Tied parameters (lm_head tied to embed_tokens) are
     one group: any name of the group present covers them all."""
     expected = meta_model.state_dict(keep_vars=True)
+    fused = fused_parameters(meta_model, {name: info.shape for name, info in declared.items()})
+    sources = {source: declared[source] for f in fused for source in f.sources}
+    declared = {name: info for name, info in declared.items() if name not in sources}
     loaded_as = parameter_names(meta_model, list(declared))
     file_name = {loaded: name for name, loaded in loaded_as.items()}
     duplicates = sorted(name for name, loaded in loaded_as.items() if file_name[loaded] != name)
@@ -326,10 +330,19 @@ def _compare_tensors(
     groups: dict[int, list[str]] = {}
     for name, tensor in expected.items():
         groups.setdefault(id(tensor), []).append(name)
-    missing = sorted(names[0] for names in groups.values() if not any(n in declared for n in names))
+    present = set(declared) | {f.parameter for f in fused}
+    missing = sorted(names[0] for names in groups.values() if not any(n in present for n in names))
     ignorable = {n for n, _ in meta_model.named_buffers()}  # non-persistent buffers (rotary) some files carry
     extra = sorted(file_name[n] for n in declared if n not in expected and n not in ignorable) + duplicates
-    shape_bad, dtype_bad = [], []
+    shape_bad = [
+        f"{f.parameter} from {len(f.sources)} tensors: {list(f.shape) if f.shape else 'they do not stack'} (config "
+        f"implies {list(expected[f.parameter].shape)})"
+        for f in fused
+        if f.shape != tuple(expected[f.parameter].shape)
+    ]
+    dtype_bad = [
+        f"{name} {info.dtype.torch_name}" for name, info in sources.items() if dtype and info.dtype.torch != dtype
+    ]
     for name, tensor in expected.items():
         if name not in declared:
             continue

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from mergebot.config.merge import MergeConfig
 from mergebot.config.models import Checkpoint, ModelSpec
+from mergebot.config.moe import MoeConfig
 from mergebot.errors import ConfigError, HubRepoNotFoundError
 from mergebot.files import FileHashes, default_cache_dir, local_identity
 from mergebot.merge.source import AdapterSource, InputModel, open_model
@@ -32,7 +33,7 @@ def read_pinned(path: Path) -> dict[str, str]:
     return pinned
 
 
-def pin_inputs(config: MergeConfig, pinned: Mapping[str, str]) -> MergeConfig:
+def pin_inputs(config: MergeConfig | MoeConfig, pinned: Mapping[str, str]) -> MergeConfig | MoeConfig:
     """The merge with each Hub checkpoint fixed at the commit the daemon resolved, so the child merges exactly
     what the daemon recorded even if a branch moved since; a local checkpoint is read as it is (its identity is
     its content)."""
@@ -46,7 +47,7 @@ def pin_inputs(config: MergeConfig, pinned: Mapping[str, str]) -> MergeConfig:
     return config.pinned(revisions)
 
 
-def resolve_inputs(config: MergeConfig, hub: "HubClient | None" = None) -> dict[str, InputModel]:
+def resolve_inputs(config: MergeConfig | MoeConfig, hub: "HubClient | None" = None) -> dict[str, InputModel]:
     """Open every model the config names, with the sha256 of each weight file (its adapter's included)."""
     hashes = FileHashes(default_cache_dir())
     models = {}

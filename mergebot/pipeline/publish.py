@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mergebot.config.gguf import published_names
 from mergebot.config.merge import MergeConfig
+from mergebot.config.moe import MoeConfig
 from mergebot.errors import HubNotFoundError, PublishError
 from mergebot.files import (
     DROPPED_KEY,
@@ -43,7 +44,7 @@ def publish(
     repo: str,
     client: HubClient,
     report: ValidationReport,
-    merged: MergeConfig,
+    merged: MergeConfig | MoeConfig,
     *,
     private: bool = False,
     force: bool = False,

@@ -11,13 +11,17 @@ from pathlib import Path
 from mergebot import log
 from mergebot.config import chain
 from mergebot.config.daemon import DaemonConfig, Target, ValidateSettings
+from mergebot.config.merge import MergeConfig
+from mergebot.config.moe import MoeConfig
 from mergebot.hub.endpoints import publisher, reader
-from mergebot.merge.engine import run_merge
+from mergebot.merge.engine import MergeResult, run_merge
+from mergebot.merge.moe import run_moe
 from mergebot.merge.source import InputModel
 from mergebot.pause import pause_point
 from mergebot.pipeline.gate import validate
 from mergebot.pipeline.gguf_step import GgufFiles, make_gguf, mark_published, publish_elsewhere
 from mergebot.pipeline.inputs import identities, pin_inputs, resolve_inputs
+from mergebot.pipeline.moe_hidden import hidden_last  # noqa: F401 (registers the hidden routers for run_moe)
 from mergebot.pipeline.parents import Parent, SignatureCache
 from mergebot.pipeline.publish import publish
 from mergebot.pipeline.regression import Baseline, held_reason
@@ -44,6 +48,12 @@ def check_merge(
     return validate(out_dir, settings=settings, parents=parents, cache=cache)
 
 
+def _merge(config: MergeConfig | MoeConfig, models: dict[str, InputModel], out_dir: Path) -> MergeResult:
+    if isinstance(config, MoeConfig):
+        return run_moe(config, models, out_dir, ShardProgress())
+    return run_merge(config, models, out_dir, ShardProgress())
+
+
 def run_pipeline(
     config: DaemonConfig,
     target: Target,
@@ -66,7 +76,7 @@ def run_pipeline(
     logger.info("inputs resolved", inputs=run.inputs)
     out_dir = merged_dir(config, target)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    merge = run_merge(merge_config, models, out_dir, ShardProgress())
+    merge = _merge(merge_config, models, out_dir)
     run.computed, run.reused, run.fingerprints = merge.computed, merge.reused, merge.fingerprints
     logger.info("merged", computed=len(merge.computed), reused=len(merge.reused))
     report = check_merge(out_dir, models, target.validate, cache)

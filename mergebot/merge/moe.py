@@ -1,0 +1,231 @@
+"""Builds a mixture of experts from dense models, shard by shard, in bounded memory, resuming from finished shards.
+
+The same machinery as a merge (`mergebot.merge.engine`): a hidden work directory, shards written by ShardWriter
+under a temporary name, each carrying its fingerprint, reused when it matches. A shard's fingerprint covers exactly
+the input tensors it holds (each by its file's sha256) and the scales applied to them; the router shard's covers the
+base, the prompts and the gate mode, and the routers are computed only when that shard is not already finished.
+"""
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mergebot.config.merge import MergeConfig
+from mergebot.config.moe import MoeConfig
+from mergebot.errors import ConfigError
+from mergebot.files import DROPPED_KEY, INDEX_FILE, drop_remote_code, read_small, write_atomic, write_json_atomic
+from mergebot.merge.checkpoint import FINGERPRINT_KEY, finished_with
+from mergebot.merge.engine import (
+    BLOCK_ELEMENTS,
+    MERGE_CONFIG_FILE,
+    MergeResult,
+    full_disk_reported,
+    link_or_copy,
+    move_into_place,
+)
+from mergebot.merge.io import ShardWriter, TensorReader
+from mergebot.merge.moe_config import moe_model_config
+from mergebot.merge.moe_layout import MoeLayout, MoeShard, MoeTensor, Piece, plan_moe
+from mergebot.merge.moe_router import ROUTERS, SEED, RouterInputs, router_fingerprint, router_weights
+from mergebot.merge.source import InputModel
+from mergebot.merge.tokenizer_files import write_tokenizer_files
+from mergebot.progress import ShardProgress
+
+FORMAT_VERSION = 1
+
+
+def run_moe(
+    config: MoeConfig, models: dict[str, InputModel], out_dir: Path, progress: ShardProgress | None = None
+) -> MergeResult:
+    """Build the MoE into OUT_DIR; shards already finished (here or in a killed run) with the same fingerprint are
+    kept."""
+    layout = plan_moe(config, models)
+    if config.gate_mode not in ROUTERS:
+        raise ConfigError(f"{config.source}: gate_mode: {config.gate_mode} is not computed by this mergebot")
+    base = models[config.base_model]
+    inputs = RouterInputs(base, config.gated, layout.layers, layout.hidden)
+    routers = _Routers(config.gate_mode, inputs)
+    progress = progress or ShardProgress(enabled_bar=False)
+    out_dir = out_dir.absolute()
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MERGE_CONFIG_FILE).exists():
+        raise ConfigError(f"{out_dir}: exists and is not a mergebot output; refusing to replace it")
+    work = out_dir.parent / f".{out_dir.name}.partial"
+    with full_disk_reported(work):
+        work.mkdir(parents=True, exist_ok=True)
+        for leftover in work.glob("*.tmp"):
+            leftover.unlink()
+        result = _build_shards(config, layout, models, routers, work, out_dir, progress)
+        _write_metadata(config, layout, models, work)
+        expected = set(result.shards) | {p.name for p in work.iterdir() if not p.name.endswith(".safetensors")}
+        for stale in work.iterdir():
+            if stale.name not in expected:
+                stale.unlink()
+        move_into_place(work, out_dir)
+    return result
+
+
+class _Routers:
+    """The router weights, computed on first use only (a finished router shard needs none)."""
+
+    def __init__(self, mode: str, inputs: RouterInputs):
+        self.mode = mode
+        self.inputs = inputs
+        self.fingerprint = router_fingerprint(mode, inputs)
+        self._weights: dict[int, np.ndarray] | None = None
+
+    def rows(self, layer: int, first: int, count: int) -> np.ndarray:
+        if self._weights is None:
+            self._weights = router_weights(self.mode, self.inputs)
+        return self._weights[layer][first : first + count]
+
+
+def shard_fingerprint(
+    config: MoeConfig, shard: MoeShard, models: dict[str, InputModel], router: Callable[[], str]
+) -> str:
+    """hash(per output tensor: name, dtype, shape; per piece: the input tensor, its file's sha256 and the expert's
+    noise and residual scale; for a router: the routers' fingerprint)."""
+    everyone = config.experts + config.shared_experts
+    tensors = []
+    for tensor in shard.tensors:
+        pieces = []
+        for piece in tensor.pieces:
+            model = models[piece.model]
+            entry: dict[str, object] = {"tensor": piece.tensor, "sha256": model.sha256_of(model.tensors[piece.tensor])}
+            if piece.expert is not None:
+                expert = everyone[piece.expert]
+                entry |= {"noise": expert.noise_scale, "seed": _noise_seed(piece) if expert.noise_scale else None}
+                entry["scale"] = expert.residual_scale if piece.residual else None
+            pieces.append(entry)
+        entry = {"name": tensor.output.name, "dtype": tensor.output.dtype.name, "shape": list(tensor.output.shape)}
+        tensors.append(entry | {"pieces": pieces, "router": router() if tensor.router else None})
+    document = {"format": FORMAT_VERSION, "kind": "moe", "shard": shard.file_name, "tensors": tensors}
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def _build_shards(
+    config: MoeConfig,
+    layout: MoeLayout,
+    models: dict[str, InputModel],
+    routers: _Routers,
+    work: Path,
+    out_dir: Path,
+    progress: ShardProgress,
+) -> MergeResult:
+    result = MergeResult(out_dir)
+    progress.begin(len(layout.shards), sum(t.output.nbytes for shard in layout.shards for t in shard.tensors))
+    with TensorReader() as reader, closing(progress):
+        for shard in layout.shards:
+            fingerprint = shard_fingerprint(config, shard, models, lambda: routers.fingerprint)
+            result.shards.append(shard.file_name)
+            result.fingerprints[shard.file_name] = fingerprint
+            target = work / shard.file_name
+            nbytes = sum(t.output.nbytes for t in shard.tensors)
+            progress.start(shard.file_name, nbytes)
+            if finished_with(target, fingerprint):
+                outcome = "resumed"
+            elif finished_with(out_dir / shard.file_name, fingerprint):
+                link_or_copy(out_dir / shard.file_name, target)
+                outcome = "reused"
+            else:
+                _write_shard(config, shard, models, routers, reader, target, fingerprint, progress)
+                outcome = "computed"
+            (result.computed if outcome == "computed" else result.reused).append(shard.file_name)
+            progress.done(shard.file_name, outcome, nbytes)
+    return result
+
+
+def _write_shard(
+    config: MoeConfig,
+    shard: MoeShard,
+    models: dict[str, InputModel],
+    routers: _Routers,
+    reader: TensorReader,
+    target: Path,
+    fingerprint: str,
+    progress: ShardProgress,
+) -> None:
+    writer = ShardWriter(target, [t.output for t in shard.tensors], {"format": "pt", FINGERPRINT_KEY: fingerprint})
+    try:
+        for tensor in shard.tensors:
+            writer.begin(tensor.output.name)
+            for block in _blocks(config, tensor, models, routers, reader):
+                if isinstance(block, np.ndarray):
+                    writer.write_bits(block)
+                    progress.advance(block.nbytes)
+                else:
+                    writer.write(block)
+                    progress.advance(block.numel() * tensor.output.dtype.itemsize)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _blocks(
+    config: MoeConfig, tensor: MoeTensor, models: dict[str, InputModel], routers: _Routers, reader: TensorReader
+) -> Iterator[torch.Tensor | np.ndarray]:
+    """The output tensor's values in row blocks: its pieces one after another, a router's rows, or zeros; float32
+    blocks, or a piece's raw bytes where it is copied as it is (its dtype the output's, nothing added or scaled)."""
+    if tensor.router is not None:
+        yield torch.from_numpy(np.ascontiguousarray(routers.rows(*tensor.router)))
+        return
+    if not tensor.pieces:
+        yield torch.zeros(tensor.output.shape, dtype=torch.float32)
+        return
+    everyone = config.experts + config.shared_experts
+    for piece in tensor.pieces:
+        info = models[piece.model].tensors[piece.tensor]
+        expert = everyone[piece.expert] if piece.expert is not None else None
+        noise = expert.noise_scale if expert else None
+        scale = expert.residual_scale if expert and piece.residual else None
+        generator = np.random.Generator(np.random.PCG64([SEED, _noise_seed(piece)])) if noise else None
+        row_elements = max(1, info.nbytes // info.dtype.itemsize // max(1, info.rows))
+        step = max(1, BLOCK_ELEMENTS // row_elements)
+        if info.dtype == tensor.output.dtype and info.lora is None and not noise and scale is None:
+            for start in range(0, info.rows, step):
+                stop = min(start + step, info.rows)
+                raw = np.empty((stop - start) * info.row_bytes, np.uint8)
+                reader.raw_rows(info, start, stop, raw)
+                yield raw
+            continue
+        for start in range(0, info.rows, step):
+            block = reader.rows(info, start, min(start + step, info.rows))
+            if generator is not None:
+                drawn = generator.standard_normal(tuple(block.shape), dtype=np.float32) * np.float32(noise)
+                block += torch.from_numpy(drawn)
+            if scale is not None:
+                block *= scale
+            yield block
+
+
+def _noise_seed(piece: Piece) -> int:
+    """A noise stream of its own per expert and tensor, the same in every run."""
+    return int.from_bytes(hashlib.sha256(f"{piece.expert}:{piece.tensor}".encode()).digest()[:8], "little")
+
+
+def _write_metadata(config: MoeConfig, layout: MoeLayout, models: dict[str, InputModel], work: Path) -> None:
+    """config.json (remote-code pointers left out, listed in the index), the base's generation config and tokenizer
+    files, the config as run (revisions pinned) and the index."""
+    base = models[config.base_model]
+    model_config = moe_model_config(layout.architecture, config, base, layout.dtype)
+    model_config, dropped = drop_remote_code(model_config, "config.json")
+    write_json_atomic(work / "config.json", model_config)
+    if (base.path / "generation_config.json").exists():
+        generation = read_small(base.path / "generation_config.json", f"model {base.label}")
+        write_atomic(work / "generation_config.json", generation)
+    pinned = config.pinned({name: model.pins for name, model in models.items()})
+    write_atomic(work / MERGE_CONFIG_FILE, yaml.safe_dump(pinned.as_dict(), sort_keys=False).encode())
+    tokenizer = MergeConfig("passthrough", (config.spec(config.base_model),), tokenizer_source=config.base_model)
+    dropped += write_tokenizer_files(tokenizer, None, {config.base_model: base}, work)
+    weight_map = {t.output.name: shard.file_name for shard in layout.shards for t in shard.tensors}
+    total = sum(t.output.nbytes for shard in layout.shards for t in shard.tensors)
+    metadata: dict[str, object] = {"total_size": total}
+    if dropped:
+        metadata[DROPPED_KEY] = dropped
+    write_json_atomic(work / INDEX_FILE, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
