@@ -69,6 +69,11 @@ class Planned:
     """A tensor computed here rather than read (Llama 3's rotary factors)."""
 
     @property
+    def as_stored(self) -> bool:
+        """Whether the file holds the source's own values: its bytes are copied (rows reordered where permuted)."""
+        return self.source is not None and self.source.dtype == self.qtype.name and not self.plus_one
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return self.source.shape if self.source is not None else self.values.shape
 
@@ -214,7 +219,7 @@ def _write_data(writer: gguf.GGUFWriter, plan: list[Planned]) -> None:
         for item in plan:
             written = 0
             for block in _blocks(reader, item):
-                data = _encode(block, item.qtype)
+                data = block if item.as_stored else _encode(block, item.qtype)
                 handle.write(memoryview(np.ascontiguousarray(data)).cast("B"))
                 written += data.nbytes
             if written != item.nbytes:
@@ -225,7 +230,8 @@ def _write_data(writer: gguf.GGUFWriter, plan: list[Planned]) -> None:
 
 
 def _blocks(reader: RowReader, item: Planned) -> Iterator[np.ndarray]:
-    """The tensor's values as float32, in blocks of whole rows (whole heads where rows are permuted)."""
+    """The tensor's values in blocks of whole rows (whole heads where rows are permuted): as stored where the file
+    holds them so, else as float32."""
     if item.source is None:
         yield item.values
         return
@@ -235,7 +241,8 @@ def _blocks(reader: RowReader, item: Planned) -> Iterator[np.ndarray]:
     if item.permute_head_dim:
         step = max(step // item.permute_head_dim, 1) * item.permute_head_dim
     for start in range(0, tensor.rows, step):
-        block = reader.rows(tensor, start, min(start + step, tensor.rows))
+        read = reader.raw_rows if item.as_stored else reader.rows
+        block = read(tensor, start, min(start + step, tensor.rows))
         if item.permute_head_dim:
             block = permute_rows(block, item.permute_head_dim)
         if item.plus_one:
