@@ -147,6 +147,11 @@ def test_hostile_files_are_refused_in_one_line(models, tmp_path):
     (model / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(GgufError, match=f"token id {VOCAB + 5} is outside"):
         write_gguf(model, tmp_path / "a.gguf", "BF16")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1 << 30}))
+    with pytest.raises(GgufError, match="num_hidden_layers is 1073741824, the shards hold 3"):
+        write_gguf(model, tmp_path / "c.gguf", "BF16")
+    (model / "config.json").write_text(json.dumps(config))
     shard = next(model.glob("*.safetensors"))
     with shard.open("r+b") as handle:
         handle.truncate(shard.stat().st_size - 100)

@@ -104,7 +104,6 @@ def write_gguf(model_dir: Path, out_path: Path, file_type: str) -> GgufFile:
     plan = plan_tensors(family, config, list_tensors(model_dir), written_type, str(model_dir))
     embedding = next(item for item in plan if item.name == "token_embd.weight")
     vocab = read_vocab(model_dir, config, embedding.shape[0])
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     with _temporary(out_path) as temp:
         writer = gguf.GGUFWriter(temp, family.name)
         try:
@@ -132,17 +131,20 @@ def write_gguf(model_dir: Path, out_path: Path, file_type: str) -> GgufFile:
 @contextlib.contextmanager
 def _temporary(out_path: Path) -> Iterator[Path]:
     """A hidden temporary file beside `out_path`, removed unless renamed; OS errors as one line."""
-    descriptor, name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    temp = Path(name)
+    temp = None
     try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+        os.close(descriptor)
+        temp = Path(name)
         yield temp
     except OSError as failure:
         if failure.errno == errno.ENOSPC:
             raise DiskFullError(f"{out_path}: the disk filled up while writing the GGUF file") from failure
         raise GgufError(f"{out_path}: cannot write ({failure.strerror})") from failure
     finally:
-        temp.unlink(missing_ok=True)
+        if temp is not None:
+            temp.unlink(missing_ok=True)
 
 
 def _fsync(path: Path) -> None:
@@ -155,8 +157,9 @@ def plan_tensors(family: Family, config: dict, tensors: dict[str, Tensor], file_
     norms and other vectors stay float32, as llama.cpp keeps them; matrices take the file's type, and a matrix whose
     rows do not split into Q8_0 blocks falls back to F16."""
     layers = config.get("num_hidden_layers")
-    if type(layers) is not int or layers <= 0:
-        raise GgufError(f"{where}: config.json's num_hidden_layers is {layers!r}")
+    found = {int(match.group(1)) for name in tensors if (match := re.search(r"\.layers\.(\d+)\.", name))}
+    if found != set(range(layers if type(layers) is int and 0 < layers <= len(found) else -1)):
+        raise GgufError(f"{where}: config.json's num_hidden_layers is {str(layers)[:20]}, the shards hold {len(found)}")
     names = gguf.get_tensor_name_map(family.arch, layers)
     shape = shape_of(config)
     matrix_type = FILE_TYPES[file_type][0]
