@@ -186,3 +186,12 @@ def test_llama_q_and_k_rows_are_stored_as_llama_cpp_expects(models, tmp_path):
         [np.stack([h[: head_dim // 2], h[head_dim // 2 :]], axis=1).reshape(head_dim, -1) for h in np.split(k, 2)]
     )
     assert np.array_equal(np.asarray(stored.data).reshape(expected.shape), expected)
+
+
+def test_a_sentencepiece_style_tokenizer_that_lower_cases_is_refused(models, tmp_path):
+    model = _copy(models, "gemma", tmp_path)
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["normalizer"]["normalizers"].append({"type": "Lowercase"})
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(GgufUnsupportedError, match="SentencePiece-style tokenizer with a Lowercase step"):
+        write_gguf(model, tmp_path / "x.gguf", "BF16")
