@@ -2,6 +2,10 @@
 family give llama.cpp the logits transformers gives from the safetensors (so the tensor layout, the norm
 conventions and the hyperparameters are what llama.cpp expects), and llama.cpp tokenizes as transformers does."""
 
+import json
+import shutil
+from pathlib import Path
+
 import gguf
 import llama_cpp
 import numpy as np
@@ -10,6 +14,7 @@ import torch
 import transformers
 
 from mergebot.gguf.convert import SUPPORTED_FILE_TYPES, write_gguf
+from mergebot.gguf.vocab import SPLITS
 from mergebot.pipeline.gguf_check import compare_tensors
 from mergebot.pipeline.gguf_llama import ChatIds, read_back
 from mergebot.pipeline.perplexity import load_model, measure, token_ids
@@ -89,3 +94,27 @@ def test_k_quants_come_from_llama_cpp_quantizer(models, tmp_path):
     problem, checked, worst = compare_tensors(written, models["llama"])
     print(f"Q4_K_M: {checked} tensors, worst {worst}")
     assert problem is None
+
+
+@pytest.mark.parametrize("regex", sorted(SPLITS), ids=lambda regex: SPLITS[regex])
+def test_llama_cpp_splits_as_the_named_pre_tokenizer(models, tmp_path, regex):
+    """Llama 3's and Qwen2's pre-tokenizers, as tokenizer.json writes them, tokenize the hard text the same in
+    llama.cpp under the name the GGUF gives them (the tiny vocabulary merges no digits, so the two differ only in
+    name here; the real models' digit runs are what tells them apart)."""
+    model = Path(shutil.copytree(models["qwen2"], tmp_path / "model"))
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        ],
+    }
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    written = write_gguf(model, tmp_path / "tiny-BF16.gguf", "BF16")
+    ids = transformers.AutoTokenizer.from_pretrained(model)(HARD_TEXT, add_special_tokens=False)["input_ids"]
+    loaded = _llama(written.path)
+    try:
+        assert loaded.tokenize(HARD_TEXT.encode(), add_bos=False, special=False) == ids
+    finally:
+        loaded.close()
