@@ -118,3 +118,33 @@ def test_llama_cpp_splits_as_the_named_pre_tokenizer(models, tmp_path, regex):
         assert loaded.tokenize(HARD_TEXT.encode(), add_bos=False, special=False) == ids
     finally:
         loaded.close()
+
+
+def test_llama_3_rope_scaling_reaches_llama_cpp(models, tmp_path):
+    """Llama 3.1's frequency-dependent rotary scaling, written as the rope_freqs tensor: llama.cpp's logits past the
+    original context are transformers' (an original context of 16 positions scales most frequencies here)."""
+    model = Path(shutil.copytree(models["llama"], tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    config["rope_parameters"] = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    written = write_gguf(model, tmp_path / "tiny-BF16.gguf", "BF16")
+    assert "rope_freqs.weight" in {tensor.name for tensor in gguf.GGUFReader(written.path).tensors}
+    sequence = [1, *transformers.AutoTokenizer.from_pretrained(model)(EVAL_TEXT, add_special_tokens=False)["input_ids"]]
+    sequence = sequence[:120]
+    loaded = _llama(written.path)
+    try:
+        loaded.eval(sequence)
+        theirs = np.asarray(loaded.scores[: len(sequence)])
+    finally:
+        loaded.close()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        ours = reference(torch.tensor([sequence])).logits[0].numpy()
+    assert float(np.abs(theirs - ours).max()) < LOGIT_ERROR["BF16"]
