@@ -147,6 +147,11 @@ def test_hostile_files_are_refused_in_one_line(models, tmp_path):
     (model / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(GgufError, match=f"token id {VOCAB + 5} is outside"):
         write_gguf(model, tmp_path / "a.gguf", "BF16")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1 << 30}))
+    with pytest.raises(GgufError, match="num_hidden_layers is 1073741824, the shards hold 3"):
+        write_gguf(model, tmp_path / "c.gguf", "BF16")
+    (model / "config.json").write_text(json.dumps(config))
     shard = next(model.glob("*.safetensors"))
     with shard.open("r+b") as handle:
         handle.truncate(shard.stat().st_size - 100)
@@ -181,3 +186,12 @@ def test_llama_q_and_k_rows_are_stored_as_llama_cpp_expects(models, tmp_path):
         [np.stack([h[: head_dim // 2], h[head_dim // 2 :]], axis=1).reshape(head_dim, -1) for h in np.split(k, 2)]
     )
     assert np.array_equal(np.asarray(stored.data).reshape(expected.shape), expected)
+
+
+def test_a_sentencepiece_style_tokenizer_that_lower_cases_is_refused(models, tmp_path):
+    model = _copy(models, "gemma", tmp_path)
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["normalizer"]["normalizers"].append({"type": "Lowercase"})
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(GgufUnsupportedError, match="SentencePiece-style tokenizer with a Lowercase step"):
+        write_gguf(model, tmp_path / "x.gguf", "BF16")

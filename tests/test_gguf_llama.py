@@ -2,6 +2,10 @@
 family give llama.cpp the logits transformers gives from the safetensors (so the tensor layout, the norm
 conventions and the hyperparameters are what llama.cpp expects), and llama.cpp tokenizes as transformers does."""
 
+import json
+import shutil
+from pathlib import Path
+
 import gguf
 import llama_cpp
 import numpy as np
@@ -10,6 +14,7 @@ import torch
 import transformers
 
 from mergebot.gguf.convert import SUPPORTED_FILE_TYPES, write_gguf
+from mergebot.gguf.vocab import SPLITS
 from mergebot.pipeline.gguf_check import compare_tensors
 from mergebot.pipeline.gguf_llama import ChatIds, read_back
 from mergebot.pipeline.perplexity import load_model, measure, token_ids
@@ -89,3 +94,57 @@ def test_k_quants_come_from_llama_cpp_quantizer(models, tmp_path):
     problem, checked, worst = compare_tensors(written, models["llama"])
     print(f"Q4_K_M: {checked} tensors, worst {worst}")
     assert problem is None
+
+
+@pytest.mark.parametrize("regex", sorted(SPLITS), ids=lambda regex: SPLITS[regex])
+def test_llama_cpp_splits_as_the_named_pre_tokenizer(models, tmp_path, regex):
+    """Llama 3's and Qwen2's pre-tokenizers, as tokenizer.json writes them, tokenize the hard text the same in
+    llama.cpp under the name the GGUF gives them (the tiny vocabulary merges no digits, so the two differ only in
+    name here; the real models' digit runs are what tells them apart)."""
+    model = Path(shutil.copytree(models["qwen2"], tmp_path / "model"))
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        ],
+    }
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    written = write_gguf(model, tmp_path / "tiny-BF16.gguf", "BF16")
+    ids = transformers.AutoTokenizer.from_pretrained(model)(HARD_TEXT, add_special_tokens=False)["input_ids"]
+    loaded = _llama(written.path)
+    try:
+        assert loaded.tokenize(HARD_TEXT.encode(), add_bos=False, special=False) == ids
+    finally:
+        loaded.close()
+
+
+def test_llama_3_rope_scaling_reaches_llama_cpp(models, tmp_path):
+    """Llama 3.1's frequency-dependent rotary scaling, written as the rope_freqs tensor: llama.cpp's logits past the
+    original context are transformers' (an original context of 16 positions scales most frequencies here)."""
+    model = Path(shutil.copytree(models["llama"], tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    config["rope_parameters"] = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    written = write_gguf(model, tmp_path / "tiny-BF16.gguf", "BF16")
+    assert "rope_freqs.weight" in {tensor.name for tensor in gguf.GGUFReader(written.path).tensors}
+    sequence = [1, *transformers.AutoTokenizer.from_pretrained(model)(EVAL_TEXT, add_special_tokens=False)["input_ids"]]
+    sequence = sequence[:120]
+    loaded = _llama(written.path)
+    try:
+        loaded.eval(sequence)
+        theirs = np.asarray(loaded.scores[: len(sequence)])
+    finally:
+        loaded.close()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        ours = reference(torch.tensor([sequence])).logits[0].numpy()
+    assert float(np.abs(theirs - ours).max()) < LOGIT_ERROR["BF16"]

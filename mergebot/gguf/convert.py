@@ -69,6 +69,11 @@ class Planned:
     """A tensor computed here rather than read (Llama 3's rotary factors)."""
 
     @property
+    def as_stored(self) -> bool:
+        """Whether the file holds the source's own values: its bytes are copied (rows reordered where permuted)."""
+        return self.source is not None and self.source.dtype == self.qtype.name and not self.plus_one
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return self.source.shape if self.source is not None else self.values.shape
 
@@ -99,7 +104,6 @@ def write_gguf(model_dir: Path, out_path: Path, file_type: str) -> GgufFile:
     plan = plan_tensors(family, config, list_tensors(model_dir), written_type, str(model_dir))
     embedding = next(item for item in plan if item.name == "token_embd.weight")
     vocab = read_vocab(model_dir, config, embedding.shape[0])
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     with _temporary(out_path) as temp:
         writer = gguf.GGUFWriter(temp, family.name)
         try:
@@ -127,17 +131,20 @@ def write_gguf(model_dir: Path, out_path: Path, file_type: str) -> GgufFile:
 @contextlib.contextmanager
 def _temporary(out_path: Path) -> Iterator[Path]:
     """A hidden temporary file beside `out_path`, removed unless renamed; OS errors as one line."""
-    descriptor, name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    temp = Path(name)
+    temp = None
     try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+        os.close(descriptor)
+        temp = Path(name)
         yield temp
     except OSError as failure:
         if failure.errno == errno.ENOSPC:
             raise DiskFullError(f"{out_path}: the disk filled up while writing the GGUF file") from failure
         raise GgufError(f"{out_path}: cannot write ({failure.strerror})") from failure
     finally:
-        temp.unlink(missing_ok=True)
+        if temp is not None:
+            temp.unlink(missing_ok=True)
 
 
 def _fsync(path: Path) -> None:
@@ -150,8 +157,9 @@ def plan_tensors(family: Family, config: dict, tensors: dict[str, Tensor], file_
     norms and other vectors stay float32, as llama.cpp keeps them; matrices take the file's type, and a matrix whose
     rows do not split into Q8_0 blocks falls back to F16."""
     layers = config.get("num_hidden_layers")
-    if type(layers) is not int or layers <= 0:
-        raise GgufError(f"{where}: config.json's num_hidden_layers is {layers!r}")
+    found = {int(match.group(1)) for name in tensors if (match := re.search(r"\.layers\.(\d+)\.", name))}
+    if found != set(range(layers if type(layers) is int and 0 < layers <= len(found) else -1)):
+        raise GgufError(f"{where}: config.json's num_hidden_layers is {str(layers)[:20]}, the shards hold {len(found)}")
     names = gguf.get_tensor_name_map(family.arch, layers)
     shape = shape_of(config)
     matrix_type = FILE_TYPES[file_type][0]
@@ -214,7 +222,7 @@ def _write_data(writer: gguf.GGUFWriter, plan: list[Planned]) -> None:
         for item in plan:
             written = 0
             for block in _blocks(reader, item):
-                data = _encode(block, item.qtype)
+                data = block if item.as_stored else _encode(block, item.qtype)
                 handle.write(memoryview(np.ascontiguousarray(data)).cast("B"))
                 written += data.nbytes
             if written != item.nbytes:
@@ -225,7 +233,8 @@ def _write_data(writer: gguf.GGUFWriter, plan: list[Planned]) -> None:
 
 
 def _blocks(reader: RowReader, item: Planned) -> Iterator[np.ndarray]:
-    """The tensor's values as float32, in blocks of whole rows (whole heads where rows are permuted)."""
+    """The tensor's values in blocks of whole rows (whole heads where rows are permuted): as stored where the file
+    holds them so, else as float32."""
     if item.source is None:
         yield item.values
         return
@@ -235,7 +244,8 @@ def _blocks(reader: RowReader, item: Planned) -> Iterator[np.ndarray]:
     if item.permute_head_dim:
         step = max(step // item.permute_head_dim, 1) * item.permute_head_dim
     for start in range(0, tensor.rows, step):
-        block = reader.rows(tensor, start, min(start + step, tensor.rows))
+        read = reader.raw_rows if item.as_stored else reader.rows
+        block = read(tensor, start, min(start + step, tensor.rows))
         if item.permute_head_dim:
             block = permute_rows(block, item.permute_head_dim)
         if item.plus_one:

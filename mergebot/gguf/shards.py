@@ -3,7 +3,7 @@ tensor is read, then rows of one tensor at a time as float32, read with pread in
 resident memory stays at one block however large the model.
 
 The merge engine has its own reader (merge/io.py); this layer sits beside it and may not import it, and needs only
-this small part: checked headers and row blocks as float32.
+this small part: checked headers and row blocks, as stored or as float32.
 """
 
 import os
@@ -116,6 +116,13 @@ class RowReader:
 
     def rows(self, tensor: Tensor, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of `tensor` as a float32 array of shape (stop - start, *row shape)."""
+        raw = self.raw_rows(tensor, start, stop)
+        if tensor.dtype == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32, copy=False)
+
+    def raw_rows(self, tensor: Tensor, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as stored: float32, float16, or bfloat16's bits as uint16."""
         itemsize = ITEMSIZE[tensor.dtype]
         raw = np.empty((stop - start) * tensor.row_items * itemsize, dtype=np.uint8)
         view, done = memoryview(raw), 0
@@ -125,13 +132,8 @@ class RowReader:
             if count == 0:
                 raise GgufError(f"{tensor.file}: truncated while reading tensor {tensor.name}")
             done += count
-        if tensor.dtype == "BF16":
-            values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif tensor.dtype == "F16":
-            values = raw.view(np.float16).astype(np.float32)
-        else:
-            values = raw.view(np.float32)
-        return values.reshape((stop - start, *tensor.shape[1:]) if tensor.shape else ())
+        stored = raw.view({"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[tensor.dtype])
+        return stored.reshape((stop - start, *tensor.shape[1:]) if tensor.shape else ())
 
     def _file(self, path: Path) -> int:
         descriptor = self._files.get(path)

@@ -108,7 +108,7 @@ def read_vocab(model_dir: Path, config: dict, vocab_size: int) -> Vocab:
         for i, merge in enumerate(merges):
             rank.setdefault(merge.replace(" ", "", 1), i)
         scores = [-float(rank[text] + 1) if text in rank else 0.0 for text in tokens]
-        model_name, pre, merge_list, space = "llama", None, None, _space_prefix(tokenizer)
+        model_name, pre, merge_list, space = "llama", None, None, _space_prefix(tokenizer, path)
     else:
         model_name, pre, merge_list, scores, space = "gpt2", _pre_tokenizer(tokenizer, path), merges, None, None
     add_bos, add_eos = _adds_specials(tokenizer, settings)
@@ -192,21 +192,28 @@ def _pre_tokenizer(tokenizer: dict, path: Path) -> str:
     return name
 
 
-def _space_prefix(tokenizer: dict) -> bool:
-    """Whether a SentencePiece-style tokenizer puts "▁" before the text (Llama 2, Mistral) or not (Gemma)."""
+def _space_prefix(tokenizer: dict, path: Path) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" before the text (Llama 2, Mistral) or not (Gemma). Its
+    text may only have spaces made "▁" and that prefix added, as llama.cpp's SentencePiece tokenizer does; any other
+    normalizer or pre-tokenizer is refused."""
     steps = []
     for part in (tokenizer.get("normalizer"), tokenizer.get("pre_tokenizer")):
         if isinstance(part, dict):
             inner = part.get("normalizers", part.get("pretokenizers"))
             steps += inner if isinstance(inner, list) else [part]
+        elif part is not None:
+            steps.append(part)
+    prefix = False
     for step in steps:
-        if not isinstance(step, dict):
-            continue
-        if step.get("type") == "Prepend" and step.get("prepend") == "▁":
-            return True
-        if step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") in ("always", "first"):
-            return True
-    return False
+        kind = step.get("type") if isinstance(step, dict) else None
+        if kind == "Prepend" and step.get("prepend") == "▁":
+            prefix = True
+        elif kind == "Metaspace" and step.get("replacement", "▁") == "▁":
+            prefix = prefix or step.get("prepend_scheme", "always") in ("always", "first")
+        elif not (kind == "Replace" and step.get("pattern") == {"String": " "} and step.get("content") == "▁"):
+            shown = str(kind)[:20]
+            raise GgufUnsupportedError(f"{path}: no GGUF for a SentencePiece-style tokenizer with a {shown} step")
+    return prefix
 
 
 def _special_ids(settings: dict, config: dict, tokens: list[str | None]) -> dict[str, int]:

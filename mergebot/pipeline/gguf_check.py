@@ -31,6 +31,7 @@ from mergebot.gguf.quantize import has_llama_cpp
 from mergebot.gguf.shards import list_tensors
 from mergebot.pipeline.facts import read_facts
 from mergebot.pipeline.gguf_llama import ChatIds, LlamaReadBack, read_back
+from mergebot.pipeline.gguf_read import gguf_parsed_once, no_progress_bars
 from mergebot.pipeline.perplexity import (
     DEFAULT_MAX_WINDOWS,
     DEFAULT_WINDOW,
@@ -194,7 +195,9 @@ def compare_tensors(gguf: GgufFile, merged_dir: Path) -> tuple[str | None, int, 
     if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
         return None, 0, f"none: transformers reads no {architecture} GGUF"
     try:  # float32: transformers de-quantizes the whole file into memory anyway
-        model = AutoModelForCausalLM.from_pretrained(gguf.path.parent, gguf_file=gguf.path.name, dtype=torch.float32)
+        with no_progress_bars(), gguf_parsed_once():
+            directory, name = gguf.path.parent, gguf.path.name
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     except Exception as failure:  # transformers raises many types for a file it cannot read; all mean "unreadable"
         return f"transformers cannot read the GGUF file ({one_line(failure)})", 0, "-"
     loaded = model.state_dict()
@@ -206,7 +209,7 @@ def compare_tensors(gguf: GgufFile, merged_dir: Path) -> tuple[str | None, int, 
     if missing or extra:
         return f"GGUF tensors differ from the merge's: missing {missing[:3]}, unexpected {extra[:3]}", 0, "-"
     worst, worst_name = 0.0, "-"
-    with _Opened(merged_dir, sources) as merged:
+    with _Opened(sources) as merged:
         for name in sorted(expected):
             tensor = merged.get(name)
             if tensor.shape != loaded[name].shape:
@@ -215,9 +218,9 @@ def compare_tensors(gguf: GgufFile, merged_dir: Path) -> tuple[str | None, int, 
             ratio = _error_ratio(gguf.file_type, tensor, loaded[name])
             if not ratio <= 1.0:
                 return f"tensor {name} differs from the merge's beyond {gguf.file_type}'s error ({ratio:.3g}x)", 0, "-"
-            if ratio >= worst:
+            if ratio > worst:
                 worst, worst_name = ratio, name
-    return None, len(expected), f"{worst_name} {worst:.2f}"
+    return None, len(expected), f"{worst_name} {worst:.2f}" if worst else "every tensor exact"
 
 
 def _error_ratio(file_type: str, merged: torch.Tensor, loaded: torch.Tensor) -> float:
@@ -226,10 +229,11 @@ def _error_ratio(file_type: str, merged: torch.Tensor, loaded: torch.Tensor) -> 
     if merged.dim() < 2:  # float32 in the file: exact, or within float32 rounding of Gemma's w + 1 - 1
         allowed = 2**-22 * (1 + merged.float().abs())
         return float(((loaded - merged.float()).abs() / allowed).max()) if merged.numel() else 0.0
-    if file_type in EXACT:
-        return 0.0 if torch.equal(loaded, merged.to(EXACT[file_type]).float()) else math.inf
+    exact = EXACT.get(file_type, torch.float16 if file_type == "Q8_0" and merged.shape[-1] % 32 else None)
+    if exact is not None:  # (a Q8_0 file holds a matrix whose rows do not split into blocks as F16)
+        return 0.0 if torch.equal(loaded, merged.to(exact).float()) else math.inf
     merged = merged.float()
-    if file_type == "Q8_0" and merged.shape[-1] % 32 == 0:
+    if file_type == "Q8_0":
         step = merged.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / 127
         return float(((loaded - merged).reshape(-1, 32).abs() / (step * 1.01 + 1e-30)).max())
     rms = float(merged.pow(2).mean().sqrt())
@@ -239,7 +243,7 @@ def _error_ratio(file_type: str, merged: torch.Tensor, loaded: torch.Tensor) -> 
 class _Opened:
     """The merge's shards opened once each with safetensors (memory-mapped), a tensor read at a time."""
 
-    def __init__(self, merged_dir: Path, sources: dict) -> None:
+    def __init__(self, sources: dict) -> None:
         self._files = {name: tensor.file for name, tensor in sources.items()}
         self._open: dict[Path, object] = {}
 
