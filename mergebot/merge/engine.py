@@ -8,11 +8,12 @@ import ctypes
 import errno
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import numpy as np
 import yaml
@@ -98,7 +99,16 @@ def run_merge(
         work.mkdir(parents=True, exist_ok=True)
         for leftover in work.glob("*.tmp"):
             leftover.unlink()
-        result = _merge_shards(plan, models, work, out_dir, progress)
+        result = build_shards(
+            plan.shards,
+            lambda shard: shard_fingerprint(plan, shard, models),
+            lambda shard, reader, target, fingerprint: _compute_shard(
+                plan, shard, models, reader, target, fingerprint, progress
+            ),
+            work,
+            out_dir,
+            progress,
+        )
         _write_metadata(config, plan, models, work)
         expected = set(result.shards) | {p.name for p in work.iterdir() if not p.name.endswith(".safetensors")}
         for stale in work.iterdir():
@@ -108,31 +118,46 @@ def run_merge(
     return result
 
 
-def _merge_shards(
-    plan: Plan, models: dict[str, InputModel], work: Path, out_dir: Path, progress: ShardProgress
+class _Shard(Protocol):
+    @property
+    def file_name(self) -> str: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+ShardT = TypeVar("ShardT", bound=_Shard)
+
+
+def build_shards(
+    shards: Sequence[ShardT],
+    fingerprint_of: Callable[[ShardT], str],
+    compute: Callable[[ShardT, TensorReader, Path, str], None],
+    work: Path,
+    out_dir: Path,
+    progress: ShardProgress,
 ) -> MergeResult:
-    """Each shard of the plan into `work`: kept when already finished there, linked from the previous OUT_DIR when
-    it was made from the same inputs, computed otherwise."""
+    """Each shard into `work`: kept when already finished there, linked from the previous OUT_DIR when it was made
+    from the same inputs (its fingerprint), computed otherwise."""
     result = MergeResult(out_dir)
-    progress.begin(len(plan.shards), sum(t.output.nbytes for shard in plan.shards for t in shard.tensors))
+    progress.begin(len(shards), sum(shard.nbytes for shard in shards))
     with TensorReader() as reader, closing(progress):
-        for shard in plan.shards:
-            fingerprint = shard_fingerprint(plan, shard, models)
+        for shard in shards:
+            fingerprint = fingerprint_of(shard)
             result.shards.append(shard.file_name)
             result.fingerprints[shard.file_name] = fingerprint
             target = work / shard.file_name
-            nbytes = sum(t.output.nbytes for t in shard.tensors)
-            progress.start(shard.file_name, nbytes)
+            progress.start(shard.file_name, shard.nbytes)
             if finished_with(target, fingerprint):
                 outcome = "resumed"
             elif finished_with(out_dir / shard.file_name, fingerprint):
                 link_or_copy(out_dir / shard.file_name, target)
                 outcome = "reused"
             else:
-                _compute_shard(plan, shard, models, reader, target, fingerprint, progress)
+                compute(shard, reader, target, fingerprint)
                 outcome = "computed"
             (result.computed if outcome == "computed" else result.reused).append(shard.file_name)
-            progress.done(shard.file_name, outcome, nbytes)
+            progress.done(shard.file_name, outcome, shard.nbytes)
     return result
 
 
@@ -307,7 +332,7 @@ def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputMode
     write_atomic(work / MERGE_CONFIG_FILE, yaml.safe_dump(pinned.as_dict(), sort_keys=False).encode())
     dropped += write_tokenizer_files(config, plan.vocab.output, models, work)
     weight_map = {t.output.name: shard.file_name for shard in plan.shards for t in shard.tensors}
-    metadata: dict[str, object] = {"total_size": sum(t.output.nbytes for shard in plan.shards for t in shard.tensors)}
+    metadata: dict[str, object] = {"total_size": sum(shard.nbytes for shard in plan.shards)}
     if dropped:
         metadata[DROPPED_KEY] = dropped
     write_json_atomic(work / INDEX_FILE, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})

@@ -9,7 +9,6 @@ base, the prompts and the gate mode, and the routers are computed only when that
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,13 @@ from mergebot.config.merge import MergeConfig
 from mergebot.config.moe import MoeConfig
 from mergebot.errors import ConfigError
 from mergebot.files import DROPPED_KEY, INDEX_FILE, drop_remote_code, read_small, write_atomic, write_json_atomic
-from mergebot.merge.checkpoint import FINGERPRINT_KEY, finished_with
+from mergebot.merge.checkpoint import FINGERPRINT_KEY
 from mergebot.merge.engine import (
     BLOCK_ELEMENTS,
     MERGE_CONFIG_FILE,
     MergeResult,
+    build_shards,
     full_disk_reported,
-    link_or_copy,
     move_into_place,
 )
 from mergebot.merge.io import ShardWriter, TensorReader
@@ -60,7 +59,16 @@ def run_moe(
         work.mkdir(parents=True, exist_ok=True)
         for leftover in work.glob("*.tmp"):
             leftover.unlink()
-        result = _build_shards(config, layout, models, routers, work, out_dir, progress)
+        result = build_shards(
+            layout.shards,
+            lambda shard: shard_fingerprint(config, shard, models, lambda: routers.fingerprint),
+            lambda shard, reader, target, fingerprint: _write_shard(
+                config, shard, models, routers, reader, target, fingerprint, progress
+            ),
+            work,
+            out_dir,
+            progress,
+        )
         _write_metadata(config, layout, models, work)
         expected = set(result.shards) | {p.name for p in work.iterdir() if not p.name.endswith(".safetensors")}
         for stale in work.iterdir():
@@ -106,38 +114,6 @@ def shard_fingerprint(
         tensors.append(entry | {"pieces": pieces, "router": router() if tensor.router else None})
     document = {"format": FORMAT_VERSION, "kind": "moe", "shard": shard.file_name, "tensors": tensors}
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
-
-
-def _build_shards(
-    config: MoeConfig,
-    layout: MoeLayout,
-    models: dict[str, InputModel],
-    routers: _Routers,
-    work: Path,
-    out_dir: Path,
-    progress: ShardProgress,
-) -> MergeResult:
-    result = MergeResult(out_dir)
-    progress.begin(len(layout.shards), sum(t.output.nbytes for shard in layout.shards for t in shard.tensors))
-    with TensorReader() as reader, closing(progress):
-        for shard in layout.shards:
-            fingerprint = shard_fingerprint(config, shard, models, lambda: routers.fingerprint)
-            result.shards.append(shard.file_name)
-            result.fingerprints[shard.file_name] = fingerprint
-            target = work / shard.file_name
-            nbytes = sum(t.output.nbytes for t in shard.tensors)
-            progress.start(shard.file_name, nbytes)
-            if finished_with(target, fingerprint):
-                outcome = "resumed"
-            elif finished_with(out_dir / shard.file_name, fingerprint):
-                link_or_copy(out_dir / shard.file_name, target)
-                outcome = "reused"
-            else:
-                _write_shard(config, shard, models, routers, reader, target, fingerprint, progress)
-                outcome = "computed"
-            (result.computed if outcome == "computed" else result.reused).append(shard.file_name)
-            progress.done(shard.file_name, outcome, nbytes)
-    return result
 
 
 def _write_shard(
@@ -224,7 +200,7 @@ def _write_metadata(config: MoeConfig, layout: MoeLayout, models: dict[str, Inpu
     tokenizer = MergeConfig("passthrough", (config.spec(config.base_model),), tokenizer_source=config.base_model)
     dropped += write_tokenizer_files(tokenizer, None, {config.base_model: base}, work)
     weight_map = {t.output.name: shard.file_name for shard in layout.shards for t in shard.tensors}
-    total = sum(t.output.nbytes for shard in layout.shards for t in shard.tensors)
+    total = sum(shard.nbytes for shard in layout.shards)
     metadata: dict[str, object] = {"total_size": total}
     if dropped:
         metadata[DROPPED_KEY] = dropped

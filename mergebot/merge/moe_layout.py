@@ -47,6 +47,10 @@ class MoeShard:
     file_name: str
     tensors: tuple[MoeTensor, ...]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.output.nbytes for t in self.tensors)
+
 
 @dataclass(frozen=True)
 class MoeLayout:

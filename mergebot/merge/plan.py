@@ -43,6 +43,10 @@ class ShardPlan:
     file_name: str
     tensors: tuple[TensorPlan, ...]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.output.nbytes for t in self.tensors)
+
 
 @dataclass(frozen=True)
 class Plan:
