@@ -1,13 +1,18 @@
 """Merge benchmark: `mergebot merge` against a yardstick that only reads every input byte and writes the output.
 
 Generates a base and three fine-tunes (Llama-shaped, bf16) and, for each method, runs the yardstick over the same
-inputs and then the merge, each as its own process, printing wall time, peak RSS and the ratio to the yardstick.
-Beside them it runs mergekit-yaml 0.1.5 (from .venv-mergekit, which .ci/run makes) on the same merge, and prints
-how many times longer it takes. Targets: every method at most 2x the yardstick (linear, slerp and
-task_arithmetic 1.3x), peak RSS at most ~400 MB, at both sizes.
+inputs and then the merge, each as its own process, printing wall time, peak RSS and the ratio to the yardstick
+(flagged when a merge beats it: the yardstick must be the fastest way to move those bytes). Beside them it runs
+mergekit-yaml 0.1.5 (from .venv-mergekit, which .ci/run makes) on the same merge, and prints how many times longer
+it takes. After the methods, the validation gate on the first method's merge, with cold caches (gate_line.py).
+Targets: every method at most 2x the yardstick (linear, slerp, task_arithmetic and passthrough 1.3x), peak RSS
+at most 300 MB, at both sizes.
 
     python bench/merge_bench.py --size medium          # ~0.7 GB per model
     python bench/merge_bench.py --size large           # ~1.1B parameters per model
+    python bench/merge_bench.py --size mistral7b-5     # Mistral-7B's shapes, 5 layers: a TIES merge of a base
+                                                       # and two fine-tunes from start to exit, its validation,
+                                                       # mergekit-yaml's merge (~11 GB of disk, freed after)
 """
 
 import argparse
@@ -220,7 +225,8 @@ def mergekit_command(method: str, setup: tuple, out: Path, mergekit: Path) -> li
 
 def end_to_end(root: Path, models: dict[str, Path], mergekit: Path | None) -> None:
     """A TIES merge of a base and two fine-tunes from start to exit (inputs in the page cache, the fused loops
-    compiled by the small merge before it), its validation with cold caches, and mergekit-yaml's merge beside."""
+    compiled by the small merge before it), its validation with cold caches, and mergekit-yaml's merge beside;
+    then every file of this size is deleted."""
     tiny = [sys.executable, __file__, "--prepare", "--size", "tiny", "--workdir", str(root.parent)]
     subprocess.run(tiny, check=True)
     setup = (models["base"], [(models[f"ft{seed}"], {"weight": 0.5, "density": 0.5}) for seed in (1, 2)], {})
@@ -242,6 +248,7 @@ def end_to_end(root: Path, models: dict[str, Path], mergekit: Path | None) -> No
         print(f"mergekit-yaml ties: {wall_mergekit:.1f} s ({wall_mergekit / wall:.1f}x), peak RSS "
               f"{peaks['VmHWM']:.0f} MB", flush=True)  # fmt: skip
         shutil.rmtree(root / "mergekit-ties")
+    shutil.rmtree(root)  # the inputs too: at this size they fill the disk, and they are made again in minutes
 
 
 def main() -> None:

@@ -94,7 +94,7 @@ def _rank_chances(
 
 def _draws(blocks: RawBlocks, masks: list[DrawGrid | None], start: int, raw: np.ndarray) -> np.ndarray:
     """Each pruned model's uniform draws for this block: torch's, from the same grid of seeded chunks."""
-    draws = np.zeros((len(masks), raw.shape[1]), np.float32)
+    draws = np.empty((len(masks), raw.shape[1]), np.float32)  # only pruned models' rows are read
     row_elements = blocks.row_elements
     first, last = start * row_elements, start * row_elements + raw.shape[1]
     jobs = []
@@ -110,7 +110,7 @@ def _draws(blocks: RawBlocks, masks: list[DrawGrid | None], start: int, raw: np.
         for seed, skip, out in jobs[lo:hi]:
             _draw_loops().uniform_draws(seed, skip, out.shape[0], out)
 
-    each_range(draw, len(jobs) * _loops().SUB)
+    each_range(draw, len(jobs), align=1)
     return draws
 
 
@@ -138,7 +138,8 @@ class _Combine:
         self.scales = np.ones(len(self.weights), np.float32)
 
     def passes(self, l1: np.ndarray | None) -> Iterator[np.ndarray]:
-        """Each block's output; or, with `l1`, nothing: the pruned deltas' L1 norms (before, after) are added."""
+        """Each block's output; or, with `l1`, nothing: the pruned deltas' L1 norms (before, after) are added, SUB
+        elements at a time in order (the same sums for any number of threads)."""
         remaining = self.cuts.keep_equal.copy()
         nothing = np.zeros((len(self.weights), 0), np.float32)
         drawn = self.kind in (KEEP_RANDOM, KEEP_RANKED)
@@ -162,8 +163,8 @@ class _Combine:
             if l1 is None:
                 yield out
                 continue
-            for part in parts:
-                l1 += part
+            spans = np.concatenate(parts, axis=1)
+            l1 += np.cumsum(spans, axis=1)[:, -1]  # span by span in order, whatever the ranges were
 
     def _range(
         self,
@@ -178,7 +179,8 @@ class _Combine:
         lo: int,
         hi: int,
     ) -> np.ndarray:
-        part = np.zeros((len(self.weights) if measure else 0, 2), np.float64)
+        spans = -(-(hi - lo) // _loops().SUB)
+        part = np.zeros((len(self.weights), spans, 2) if measure else (0, 0, 2), np.float64)
         _loops().task_arithmetic(
             raw, self.blocks.shift, lo, hi, self.weights, kind, self.cuts.thresholds, limits, draws[:, lo:hi],
             self.density, chances[:, lo:hi], masks[:, lo // 8 :], self.scales, self.consensus, self.normalize,
@@ -189,7 +191,7 @@ class _Combine:
     def _chances(self, raw: np.ndarray) -> np.ndarray:
         """DELLA: each pruned model's keep chance of every entry of the block, by its magnitude's rank in its row."""
         row_elements = _rank_length(self.blocks)
-        chances = np.zeros((len(self.weights), raw.shape[1]), np.float32)
+        chances = np.empty((len(self.weights), raw.shape[1]), np.float32)  # only pruned models' rows are read
         rows = raw.shape[1] // row_elements
         for model, mask in enumerate(self.random):
             if mask is None:
