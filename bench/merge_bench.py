@@ -108,15 +108,16 @@ def generate(root: Path, size: str) -> dict[str, Path]:
     return models
 
 
-def timed(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child process."""
+def timed(command: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MB) and CPU seconds (user + system: what the other users' load does not change
+    much, on a shared machine) of one child process."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     if status != 0:
         raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def yardstick(out: Path, size: int, files: list[str], threads: int = 0, block: int = 0) -> list[str]:
@@ -130,6 +131,7 @@ def yardstick(out: Path, size: int, files: list[str], threads: int = 0, block: i
 
 def calibrate(root: Path, models: dict[str, Path], out_bytes: int) -> None:
     """The yardstick beside variants of itself on every model's files: it should be the fastest of them."""
+    from mergebot.merge.engine import BLOCK_ELEMENTS
     from mergebot.merge.threads import thread_count
 
     files = [str(f) for model in models.values() for f in sorted(model.glob("*.safetensors"))]
@@ -138,9 +140,9 @@ def calibrate(root: Path, models: dict[str, Path], out_bytes: int) -> None:
         "as set": {},
         "1 thread": {"threads": 1},
         "2x threads": {"threads": 2 * thread_count()},
-        "8x block": {"block": 8 * 2 * (1 << 20)},
+        "8x block": {"block": 8 * BF16_BYTES * BLOCK_ELEMENTS},
     }
-    times = {name: min(timed(yardstick(root / "yardstick.out", out_bytes, files, **v))[0] for _ in range(2))
+    times = {name: min(timed(yardstick(root / "yardstick.out", out_bytes, files, **v))[0] for _ in range(3))
              for name, v in variants.items()}  # fmt: skip
     print(f"yardstick ({thread_count()} threads, pread, blocks of 2 MiB), 4 inputs: "
           + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in times.items()))  # fmt: skip
@@ -288,6 +290,7 @@ def main() -> None:
     out_bytes = sum(f.stat().st_size for f in models["base"].glob("*.safetensors"))
     calibrate(root, models, out_bytes)
     header = f"{'method':<17} {'yardstick s':>11} {'mergebot s':>10} {'ratio':>6} {'RSS MB':>7}"
+    header += f" {'CPU s':>7} {'CPU s':>8} {'CPU ratio':>9}"
     print(header + (f" {'mergekit s':>10} {'RSS MB':>7} {'mergekit/mergebot':>17}" if mergekit else ""))
     validated: tuple[Path, list[Path]] | None = None
     """The first method's output and inputs: the gate is measured on it."""
@@ -296,7 +299,7 @@ def main() -> None:
         inputs = [setup[0], *(model for model, _ in setup[1])] if setup[0] else [model for model, _ in setup[1]]
         files = [str(f) for model in inputs for f in sorted(model.glob("*.safetensors"))]
         warm_up(files)
-        runs: dict[str, list[tuple[float, float]]] = {"yard": [], "mergebot": [], "mergekit": []}
+        runs: dict[str, list[tuple[float, float, float]]] = {"yard": [], "mergebot": [], "mergekit": []}
         shutil.rmtree(root / "warm-up", ignore_errors=True)
         timed(mergebot_command(method, setup, root / "warm-up"))  # compiles the fused loops once per machine
         for _ in range(args.repeat):
@@ -307,10 +310,12 @@ def main() -> None:
             runs["mergebot"].append(timed(mergebot_command(method, setup, out)))
             if mergekit:
                 runs["mergekit"].append(timed(mergekit_command(method, setup, root / f"mergekit-{method}", mergekit)))
-        wall = {name: statistics.median(t for t, _ in times) for name, times in runs.items() if times}
-        rss = {name: max(r for _, r in times) for name, times in runs.items() if times}
+        wall = {name: statistics.median(t for t, _, _ in times) for name, times in runs.items() if times}
+        rss = {name: max(r for _, r, _ in times) for name, times in runs.items() if times}
+        cpu = {name: statistics.median(c for _, _, c in times) for name, times in runs.items() if times}
         line = f"{method:<17} {wall['yard']:>11.2f} {wall['mergebot']:>10.2f} {wall['mergebot'] / wall['yard']:>6.2f} "
-        line += f"{rss['mergebot']:>7.0f}"
+        line += f"{rss['mergebot']:>7.0f} {cpu['yard']:>7.2f} {cpu['mergebot']:>8.2f}"
+        line += f" {cpu['mergebot'] / cpu['yard']:>9.2f}"
         if mergekit:
             ratio = wall["mergekit"] / wall["mergebot"]
             line += f" {wall['mergekit']:>10.2f} {rss['mergekit']:>7.0f} {ratio:>17.1f}"

@@ -15,11 +15,13 @@ _jit = numba.njit(nogil=True, cache=True, error_model="numpy")
 
 
 @_jit
-def window_counts(raw, shift, lo, hi, models, bottoms, tops, guesses, above, equal, candidates, found):
+def window_counts(
+    raw, shift, lo, hi, models, bottoms, tops, guesses, above, equal, first_chunk, candidates, chunks, found
+):
     """For each slot s (model `models[s]`, rows 1.. of `raw`) over the block range [lo, hi): `above[s]` += entries
     of |delta| bits above tops[s]; `equal[s, c]` = entries equal to guesses[s] in the c-th SUB elements from lo;
-    the other entries in [bottoms[s], tops[s]] are appended to `candidates[s]` (`found[s]` counts them, also
-    beyond the room there is)."""
+    the other entries in [bottoms[s], tops[s]] are appended to `candidates[s]`, and which SUB elements of the
+    tensor each lies in to `chunks[s]` (lo's are number first_chunk; `found[s]` counts them, beyond the room too)."""
     scratch_bits, scratch, delta, delta_bits = _scratch(raw.shape[0])
     inside = np.empty(SUB, np.uint8)
     for start in range(lo, hi, SUB):
@@ -41,12 +43,14 @@ def window_counts(raw, shift, lo, hi, models, bottoms, tops, guesses, above, equ
                 inside[i] = flag
                 picked += flag
             room = candidates[slot]
+            where = chunks[slot]
             at = found[slot]
             i = 0
             while picked > 0:  # stops at the last entry picked: a loop over every entry would cost per entry
                 if inside[i]:
                     if at < room.shape[0]:
                         room[at] = delta_bits[i] & np.uint32(0x7FFFFFFF)
+                        where[at] = first_chunk + chunk
                     at += 1
                     picked -= 1
                 i += 1

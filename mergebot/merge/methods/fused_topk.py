@@ -2,9 +2,9 @@
 which of the entries equal to it are kept (the first ones in flat order), as `sparsify.TopKMask` defines them.
 
 A sample of the first block guesses each cut; one pass then counts exactly the entries above a window around the
-guess and every value inside it, and where the entries equal to the guess lie. When the cut lies in the window (the
-usual case) that pass is all it takes; when it does not, two histogram passes find it as before (the sample only
-chooses where to look first, never the result).
+guess, keeps the few inside it, and counts where the entries equal to the guess lie. When the cut lies in the
+window (the usual case) that pass is all it takes, where its equal entries lie included; when it does not, two
+histogram passes find it as before (the sample only chooses where to look first, never the result).
 """
 
 import math
@@ -137,33 +137,39 @@ class _Window:
     def count(self) -> list[tuple | None]:
         sub = _loops().SUB
         above = np.zeros(len(self.models), np.int64)
-        candidates: list[list[np.ndarray]] = [[] for _ in self.models]
+        candidates: list[list[tuple[np.ndarray, np.ndarray] | None]] = [[] for _ in self.models]
         equal_parts = []
+        first_chunk = 0
         for number, (_, raw) in enumerate(self.blocks()):
             if number == 0:
                 self._guess(raw)
             equal = np.zeros((len(self.models), -(-raw.shape[1] // sub)), np.int64)
-            for part_above, found, room in each_range(partial(self._range, raw, equal), raw.shape[1]):
+            loop = partial(self._range, raw, equal, first_chunk)
+            for part_above, found, room, chunks in each_range(loop, raw.shape[1]):
                 above += part_above
                 for slot, kept in enumerate(candidates):
-                    kept.append(room[slot, : found[slot]] if found[slot] <= room.shape[1] else None)
+                    fits = found[slot] <= room.shape[1]
+                    kept.append((room[slot, : found[slot]], chunks[slot, : found[slot]]) if fits else None)
             equal_parts.append(equal)
+            first_chunk += equal.shape[1]
         equal_chunks = np.concatenate(equal_parts, axis=1)
         return [
             None if any(part is None for part in kept) else self._pick(slot, int(above[slot]), kept, equal_chunks[slot])
             for slot, kept in enumerate(candidates)
         ]
 
-    def _range(self, raw: np.ndarray, equal: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, ...]:
+    def _range(self, raw: np.ndarray, equal: np.ndarray, first_chunk: int, lo: int, hi: int) -> tuple:
         """This range's counts (integer sums: the totals do not depend on who counted what) and candidates."""
+        sub = _loops().SUB
         above = np.zeros(len(self.models), np.int64)
         found = np.zeros(len(self.models), np.int64)
-        room = np.empty((len(self.models), (hi - lo) // ROOM_FRACTION + _loops().SUB), np.uint32)
+        room = np.empty((len(self.models), (hi - lo) // ROOM_FRACTION + sub), np.uint32)
+        chunks = np.empty(room.shape, np.int64)
         _window_loops().window_counts(
             raw, self.blocks.shift, lo, hi, self.slots, self.bottoms, self.tops, self.guesses, above,
-            equal[:, lo // _loops().SUB :], room, found,
+            equal[:, lo // sub :], first_chunk + lo // sub, room, chunks, found,
         )  # fmt: skip
-        return above, found, room
+        return above, found, room, chunks
 
     def _guess(self, raw: np.ndarray) -> None:
         """Each cut's guess, the same fraction of a sample of evenly spaced entries of the first block, and a window
@@ -181,24 +187,26 @@ class _Window:
             self.bottoms[slot] = magnitudes[max(0, rank - margin)] if rank - margin > 0 else 0
             self.tops[slot] = magnitudes[rank + margin] if rank + margin < size else NOTHING
 
-    def _pick(self, slot: int, above: int, kept: list[np.ndarray], equal_chunks: np.ndarray) -> tuple | None:
+    def _pick(self, slot: int, above: int, kept: list, equal_chunks: np.ndarray) -> tuple | None:
         """The cut from the counts around the guess, or None when it lies outside the window."""
         k, guess, equal = self.ks[slot], int(self.guesses[slot]), int(equal_chunks.sum())
-        candidates = np.concatenate(kept) if kept else np.zeros(0, np.uint32)
-        higher = candidates[candidates > guess]
-        lower = candidates[candidates < guess]
+        candidates = np.concatenate([values for values, _ in kept])
         if above >= k or above + len(candidates) + equal < k:
             return None
-        if k <= above + len(higher):
-            threshold = int(np.partition(higher, len(higher) - (k - above))[len(higher) - (k - above)])
-            equal_threshold = int((higher == threshold).sum())
-            return threshold, above + int((higher > threshold).sum()), k, equal_threshold, None
-        if k <= above + len(higher) + equal:
+        higher = candidates[candidates > guess]
+        if above + len(higher) < k <= above + len(higher) + equal:
             return guess, above + len(higher), k, equal, equal_chunks
-        rank = k - above - len(higher) - equal
-        threshold = int(np.partition(lower, len(lower) - rank)[len(lower) - rank])
-        above_threshold = above + len(higher) + equal + int((lower > threshold).sum())
-        return threshold, above_threshold, k, int((lower == threshold).sum()), None
+        if k <= above + len(higher):
+            rank = len(higher) - (k - above)
+            threshold = int(np.partition(higher, rank)[rank])
+        else:
+            lower = candidates[candidates < guess]
+            rank = len(lower) - (k - above - len(higher) - equal)
+            threshold = int(np.partition(lower, rank)[rank])
+        above_threshold = above + int((candidates > threshold).sum()) + (equal if guess > threshold else 0)
+        chunks = np.concatenate([where for _, where in kept])[candidates == threshold]
+        equal_threshold = np.bincount(chunks, minlength=len(equal_chunks))
+        return threshold, above_threshold, k, int(equal_threshold.sum()), equal_threshold
 
 
 def exact_cuts(blocks: RawBlocks, models: list[int], ks: list[int]) -> list[tuple]:
