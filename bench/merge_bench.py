@@ -225,17 +225,22 @@ def mergekit_command(method: str, setup: tuple, out: Path, mergekit: Path) -> li
     return [str(mergekit), str(path), str(out), "--out-shard-size", "1B"]
 
 
+def compile_loops(method: str, workdir: Path) -> None:
+    """The method once on the tiny models, so that the measured merge finds its loops compiled (numba's cache),
+    as on any machine after its first merge."""
+    tiny = workdir / "tiny"
+    subprocess.run([sys.executable, __file__, "--prepare", "--size", "tiny", "--workdir", str(workdir)], check=True)
+    models = {name: tiny / name for name in ("base", "ft1", "ft2", "ft3")}
+    shutil.rmtree(tiny / "warm-up", ignore_errors=True)
+    timed(mergebot_command(method, method_setup(method, models), tiny / "warm-up"))
+
+
 def end_to_end(root: Path, models: dict[str, Path], mergekit: Path | None) -> None:
     """A TIES merge of a base and two fine-tunes from start to exit (inputs in the page cache, the fused loops
     compiled by the small merge before it), its validation with cold caches, and mergekit-yaml's merge beside;
     then every file of this size is deleted."""
-    tiny = [sys.executable, __file__, "--prepare", "--size", "tiny", "--workdir", str(root.parent)]
-    subprocess.run(tiny, check=True)
     setup = (models["base"], [(models[f"ft{seed}"], {"weight": 0.5, "density": 0.5}) for seed in (1, 2)], {})
-    small = (root.parent / "tiny" / "base", [(root.parent / "tiny" / f"ft{seed}", p) for seed, (_, p) in
-             zip((1, 2), setup[1], strict=True)], {})  # fmt: skip
-    shutil.rmtree(root / "warm-up", ignore_errors=True)
-    timed(mergebot_command("ties", small, root / "warm-up"))
+    compile_loops("ties", root.parent)
     out = root / "out-ties"
     for leftover in (out, root / ".out-ties.partial", root / "mergekit-ties"):
         shutil.rmtree(leftover, ignore_errors=True)
@@ -300,8 +305,7 @@ def main() -> None:
         files = [str(f) for model in inputs for f in sorted(model.glob("*.safetensors"))]
         warm_up(files)
         runs: dict[str, list[tuple[float, float, float]]] = {"yard": [], "mergebot": [], "mergekit": []}
-        shutil.rmtree(root / "warm-up", ignore_errors=True)
-        timed(mergebot_command(method, setup, root / "warm-up"))  # compiles the fused loops once per machine
+        compile_loops(method, args.workdir)
         for _ in range(args.repeat):
             out = root / f"out-{method}"
             for leftover in (out, root / f".out-{method}.partial", root / f"mergekit-{method}"):
