@@ -140,7 +140,7 @@ def wide_models(tmp_path_factory) -> tuple[Path, list[Path]]:
     return base, [make_model(root / f"ft{seed}", base=base, seed=seed) for seed in (1, 2)]
 
 
-@pytest.mark.parametrize("method", ["ties", "slerp"])
+@pytest.mark.parametrize("method", ["ties", "slerp", "dare_ties", "breadcrumbs_ties", "della"])
 def test_engine_output_is_the_same_with_one_thread_or_two(wide_models, tmp_path, method):
     base, tunes = wide_models
     if method == "slerp":
@@ -163,3 +163,64 @@ def test_threads_setting_is_checked(wide_models, tmp_path):
     result = run_cli_process("merge", "--method", "linear", f"{base}:0.5", f"{tunes[0]}:0.5", tmp_path / "out", env=env)
     assert result.returncode == 2
     assert "MERGEBOT_THREADS: 'many' is not a positive whole number" in result.stderr
+
+
+SPARSE = ["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+
+
+@pytest.mark.parametrize("name", SPARSE)
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"rescale": True, "densities": (0.01, 0.999, 0.5)},
+        {"rescale": False, "densities": (0.2, 1.0, 0.7)},
+        {"rescale": True, "densities": (0.9, 0.3, 0.05), "skewed": True},
+    ],
+    ids=["rescaled-extremes", "plain", "skewed-first-block"],
+)
+def test_every_sparse_method_and_variant_gives_the_torch_bytes(name, variant):
+    """Densities at the tails (a cut among the largest 1%, one keeping all but 0.1%), a model kept whole, with and
+    without rescaling; `skewed`: the first block's deltas are a hundredth of the rest's, so a cut guessed from it
+    misses and the exact search must take over."""
+    inputs = deltas_of(5, 3, torch.bfloat16)
+    if variant.get("skewed"):
+        base = inputs[0].to(torch.float32)
+        for model in inputs[1:]:
+            delta = model.to(torch.float32) - base
+            delta[:BLOCK_ROWS] *= 0.01
+            model.copy_((base + delta).to(torch.bfloat16))
+    per_model = [
+        {"weight": weight, "density": density, "gamma": 0.02, "epsilon": min(density, 1 - density, 0.1) / 2}
+        for weight, density in zip((0.5, -0.3, 0.8), variant["densities"], strict=True)
+    ]
+    values = {"rescale": variant["rescale"], "normalize": name.endswith("ties") or name == "della"}
+    expected, fused = merged_both_ways(name, inputs, values, per_model, torch.bfloat16)
+    assert np.array_equal(fused, expected), f"{int((fused != expected).sum())} entries differ"
+
+
+def test_the_guessed_window_finds_the_exact_cut_and_a_miss_falls_back():
+    """The one pass around the sampled guess gives the same cut as the two histogram passes, for cuts from the
+    top entry to the last; a first block unlike the rest makes the guess miss, and the exact search answers."""
+    from mergebot.merge.methods.fused_topk import _Window, exact_cuts, top_cuts
+
+    for tied, skewed in ((False, False), (True, False), (False, True)):
+        inputs = deltas_of(9, 3, torch.bfloat16, tied=tied)
+        if skewed:
+            inputs[1][:BLOCK_ROWS] = inputs[0][:BLOCK_ROWS]
+        starts = range(0, SHAPE[0], BLOCK_ROWS)
+
+        def raw_blocks(inputs=inputs, starts=starts):
+            for s in starts:
+                yield s, np.stack([t[s : s + BLOCK_ROWS].reshape(-1).view(torch.int16).numpy() for t in inputs])
+
+        blocks = RawBlocks(lambda raw_blocks=raw_blocks: (b for b in raw_blocks()), SHAPE, np.uint16, np.uint16)
+        numel = SHAPE[0] * SHAPE[1]
+        for k in (1, 7, numel // 100, numel // 2, numel - 5, numel):
+            ks = [k, k, k]
+            exact = [cut[:4] for cut in exact_cuts(blocks, [0, 1, 2], ks)]
+            assert [cut[:4] for cut in top_cuts(blocks, [0, 1, 2], ks)] == exact, (tied, skewed, k)
+            window = _Window(blocks, [0, 1, 2], ks, numel).count()
+            if skewed and k == numel // 2:
+                assert window[0] is None, "a first block unlike the rest should make the guess miss"
+            if not skewed and k == numel // 2:
+                assert all(cut is not None and cut[:4] == e for cut, e in zip(window, exact, strict=True))

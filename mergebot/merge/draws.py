@@ -54,24 +54,28 @@ def uniform_draws(seed, skip, count, out):
 @_jit
 def _stable_order(keys, order, spare, counts):
     """The indices of `keys` in ascending order, equal keys in index order: a least-significant-digit radix sort
-    in three passes of 11 bits (a pass whose digit every key shares is skipped)."""
+    in four passes of 8 bits, skipping each digit every key shares (the low bits of a bfloat16 model's deltas)."""
     n = keys.size
+    same = np.uint32(0xFFFFFFFF)
+    first = keys[0]
+    for i in range(n):
+        same &= ~(keys[i] ^ first)
     for i in range(n):
         order[i] = i
-    for shift in (0, 11, 22):
+    for shift in (0, 8, 16, 24):
+        if (same >> np.uint32(shift)) & np.uint32(0xFF) == np.uint32(0xFF):
+            continue
         counts[:] = 0
         for i in range(n):
-            counts[(keys[i] >> np.uint32(shift)) & np.uint32(0x7FF)] += 1
-        if counts.max() == n:
-            continue
+            counts[(keys[i] >> np.uint32(shift)) & np.uint32(0xFF)] += 1
         total = 0
-        for digit in range(counts.size):
+        for digit in range(256):
             count = counts[digit]
             counts[digit] = total
             total += count
         for i in range(n):
             index = order[i]
-            digit = (keys[index] >> np.uint32(shift)) & np.uint32(0x7FF)
+            digit = (keys[index] >> np.uint32(shift)) & np.uint32(0xFF)
             spare[counts[digit]] = index
             counts[digit] += 1
         order, spare = spare, order
@@ -88,7 +92,7 @@ def rank_chances(raw, shift, first_row, last_row, row_elements, model, low, step
     magnitudes = deltas.view(np.uint32)
     order = np.empty(row_elements, np.int64)
     spare = np.empty(row_elements, np.int64)
-    counts = np.zeros(2048, np.int64)
+    counts = np.zeros(256, np.int64)
     for row in range(first_row, last_row):
         lo = row * row_elements
         for i in range(row_elements):

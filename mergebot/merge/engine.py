@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -52,6 +53,12 @@ RAW_KEPT_BYTES = 64 << 20
 size, so the passes after the first read nothing; the largest (embeddings) are read again each pass."""
 _READ_AHEAD = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
 """Reads the next block of a tensor while the merge's threads compute the current one."""
+
+
+@cache
+def _readers() -> ThreadPoolExecutor:
+    """The read-ahead's helpers: as many as the merge computes on."""
+    return ThreadPoolExecutor(thread_count(), thread_name_prefix="read")
 
 
 @dataclass
@@ -291,10 +298,16 @@ class _RawPasses:
             yield start, block
 
     def _read(self, start: int, stop: int) -> np.ndarray:
+        """Every input's rows at once, one input per reader thread: a single thread copying out of the page cache
+        is slower than the merge's loops."""
         infos = self.source.infos
         block = np.empty((len(infos), (stop - start) * infos[0].row_bytes // infos[0].dtype.itemsize), self.bits)
-        for row, info in zip(block, infos, strict=True):
-            self.source.reader.raw_rows(info, start, stop, row)
+        reads = [
+            _readers().submit(self.source.reader.raw_rows, info, start, stop, row)
+            for row, info in zip(block, infos, strict=True)
+        ]
+        for read in reads:
+            read.result()
         return block
 
 

@@ -156,6 +156,7 @@ class TensorReader:
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
         self._files: dict[Path, int] = {}
+        self._opening = threading.Lock()
 
     def raw_rows(self, info: TensorInfo, start: int, stop: int, out: np.ndarray) -> None:
         """The bytes of rows [start, stop) into `out`, a contiguous array of exactly that many bytes."""
@@ -173,10 +174,11 @@ class TensorReader:
             os.posix_fadvise(self._file(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
 
     def _file(self, path: Path) -> int:
-        descriptor = self._files.get(path)
-        if descriptor is None:
-            descriptor = self._files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        return descriptor
+        with self._opening:  # reader threads share the descriptors
+            descriptor = self._files.get(path)
+            if descriptor is None:
+                descriptor = self._files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            return descriptor
 
     def rows(self, info: TensorInfo, start: int, stop: int) -> "torch.Tensor":
         """Rows [start, stop) as float32 (a copy, so the mapping can be released)."""

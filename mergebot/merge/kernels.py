@@ -193,10 +193,12 @@ def _keep_top(delta, delta_bits, first, count, thresholds, limits, keep, inside)
 def _keep_drawn(kind, m, offset, count, draws, density, chances, masks, keep):
     """Which entries [offset, offset + count) of model m a random or ranked draw keeps (recording them in `masks`
     when it has room), or what `masks` recorded."""
-    if kind == KEEP_MASK:
+    if kind == KEEP_MASK:  # offset is a multiple of 8: whole bytes
         bits = masks[m]
-        for i in range(count):
-            keep[i] = (bits[(offset + i) >> 3] >> np.uint8((offset + i) & 7)) & np.uint8(1)
+        for byte in range(-(-count // 8)):
+            packed = bits[(offset >> 3) + byte]
+            for bit in range(min(8, count - 8 * byte)):
+                keep[8 * byte + bit] = (packed >> np.uint8(bit)) & np.uint8(1)
         return
     uniform = draws[m, offset : offset + count]
     if kind == KEEP_RANDOM:
@@ -207,21 +209,35 @@ def _keep_drawn(kind, m, offset, count, draws, density, chances, masks, keep):
         limit = chances[m, offset : offset + count]
         for i in range(count):
             keep[i] = uniform[i] < limit[i]
-    if masks.shape[1] > 0:
+    if masks.shape[1] > 0:  # offset is a multiple of 8: whole bytes
         bits = masks[m]
-        for i in range(count):
-            bits[(offset + i) >> 3] |= np.uint8(keep[i]) << np.uint8((offset + i) & 7)
+        for byte in range(-(-count // 8)):
+            packed = np.uint8(0)
+            for bit in range(min(8, count - 8 * byte)):
+                packed |= np.uint8(keep[8 * byte + bit]) << np.uint8(bit)
+            bits[(offset >> 3) + byte] = packed
 
 
 @_jit
 def _add_l1(before, after, count, l1):
-    total_before = 0.0
-    total_after = 0.0
-    for i in range(count):
-        total_before += abs(np.float64(before[i]))
-        total_after += abs(np.float64(after[i]))
-    l1[0] += total_before
-    l1[1] += total_after
+    """The L1 norms of `before` and `after` over this SUB span, in float64 (exact products of float32 values)
+    added in four interleaved sums in a fixed order: the same on every machine and for any thread count."""
+    b0 = b1 = b2 = b3 = a0 = a1 = a2 = a3 = 0.0
+    whole = count - count % 4
+    for i in range(0, whole, 4):
+        b0 += abs(np.float64(before[i]))
+        b1 += abs(np.float64(before[i + 1]))
+        b2 += abs(np.float64(before[i + 2]))
+        b3 += abs(np.float64(before[i + 3]))
+        a0 += abs(np.float64(after[i]))
+        a1 += abs(np.float64(after[i + 1]))
+        a2 += abs(np.float64(after[i + 2]))
+        a3 += abs(np.float64(after[i + 3]))
+    for i in range(whole, count):
+        b0 += abs(np.float64(before[i]))
+        a0 += abs(np.float64(after[i]))
+    l1[0] = (b0 + b1) + (b2 + b3)
+    l1[1] = (a0 + a1) + (a2 + a3)
 
 
 @_jit
@@ -234,8 +250,9 @@ def task_arithmetic(
     A model whose cuts[m, 0] is −1 is kept whole. Otherwise, kind KEEP_TOP: keep where the |delta| bits are above
     cuts[m, c], or equal to it before block index limits[m, c] (a second cut, when not −1, is taken away:
     Breadcrumbs' band); KEEP_RANDOM: keep where draws[m] < density[m]; KEEP_RANKED: where draws[m] < chances[m];
-    KEEP_MASK: where the bit of `masks[m]` (one per entry from lo) is set. With `l1` (shape models × 2) nothing is
-    written: the L1 norms of each delta before and after pruning are added to it instead (for `rescale`), and a
+    KEEP_MASK: where the bit of `masks[m]` (one per entry from lo) is set. With `l1` (models × SUB spans × 2)
+    nothing is written: the L1 norms of each delta before and after pruning, per span, go there instead (for
+    `rescale`), and a
     random or ranked keep is recorded in `masks` when it has room, for the pass that writes."""
     models = raw.shape[0] - 1
     scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
@@ -269,7 +286,7 @@ def task_arithmetic(
                 for i in range(count):
                     delta[i] = delta[i] * (np.float32(1.0) if keep[i] else np.float32(0.0))
             if measuring:
-                _add_l1(before, delta, count, l1[m])
+                _add_l1(before, delta, count, l1[m, (start - lo) // SUB])
         if measuring:
             continue
         for m in range(models):

@@ -3,7 +3,6 @@
 random draw is the one the torch method takes, so the output bytes are the same; the torch methods stay the
 definition."""
 
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache, partial
@@ -12,25 +11,19 @@ from types import ModuleType
 import numpy as np
 
 from mergebot.merge.methods.base import RawBlocks, TensorParams, model_weights
+from mergebot.merge.methods.fused_topk import WHOLE, Cuts, magnitude_cuts
 from mergebot.merge.methods.shared import (
     DIVISOR_EPS,
     DOT_SPAN,
     RESCALE_EPS,
     DrawGrid,
-    histogram_pick,
     in_order,
-    magnitude_ks,
-    outlier_ks,
     slerp_scales,
 )
-from mergebot.merge.threads import each_range, split
+from mergebot.merge.threads import each_range
 
-BUCKETS = 1 << 16
 KEEP_ALL, KEEP_TOP, KEEP_RANDOM, KEEP_RANKED, KEEP_MASK = 0, 1, 2, 3, 4
 """The kinds of pruning the task-arithmetic loop knows (`_loops().task_arithmetic`)."""
-WHOLE = -1
-NOTHING = 0x7FFFFFFF
-"""A cut no |delta| bit pattern is above; counted with nothing to keep at it, it keeps nothing."""
 
 
 @cache
@@ -87,56 +80,6 @@ def _span_dots(shift: int, raw: np.ndarray, spans: np.ndarray, lo: int, hi: int)
     _loops().dots(raw, shift, lo, hi, spans[lo // DOT_SPAN :])
 
 
-class _Cuts:
-    """Per model up to two magnitude cuts (bit pattern, how many equal entries it keeps), and whether the equal
-    entries must be counted in flat order (only when some are left out)."""
-
-    def __init__(self, models: int) -> None:
-        self.thresholds = np.full((models, 2), WHOLE, np.int64)
-        self.keep_equal = np.zeros((models, 2), np.int64)
-        self.counted: list[tuple[int, int]] = []
-
-    def set(self, model: int, slot: int, cut: tuple[int, int, int, int]) -> None:
-        threshold, above, k, equal = cut
-        self.thresholds[model, slot] = threshold
-        self.keep_equal[model, slot] = max(0, k - above)
-        if equal > k - above:
-            self.counted.append((model, slot))
-
-
-def _top_cuts(blocks: RawBlocks, models: list[int], choose_ks: Callable[[int], list[int]]) -> list[tuple]:
-    """(threshold bits, entries above it, k, entries equal to it) of each listed model's |delta|: the exact k-th
-    largest, found by a histogram of the high 16 bits and one of the low 16 bits inside the chosen bucket."""
-    slots = np.array(models, np.int64)
-    numel = int(np.prod(blocks.shape))
-    ks = [max(1, k) for k in choose_ks(numel)]
-
-    def histogram(buckets: np.ndarray) -> np.ndarray:
-        per_thread: dict[int, np.ndarray] = {}
-        for _, raw in blocks():
-            each_range(partial(_histogram, blocks.shift, raw, slots, buckets, per_thread), raw.shape[1])
-        return sum(per_thread.values(), np.zeros((len(models), BUCKETS), np.int64))
-
-    high = histogram(np.full(len(models), -1, np.int64))
-    picks = [histogram_pick(high[slot], k) for slot, k in enumerate(ks)]
-    low = histogram(np.array([bucket for bucket, _ in picks], np.int64))
-    cuts = []
-    for slot, (k, (bucket, above_bucket)) in enumerate(zip(ks, picks, strict=True)):
-        low_bits, above_low = histogram_pick(low[slot], k - above_bucket)
-        cuts.append(((bucket << 16) | low_bits, above_bucket + above_low, k, int(low[slot, low_bits])))
-    return cuts
-
-
-def _histogram(
-    shift: int, raw: np.ndarray, slots: np.ndarray, buckets: np.ndarray, per_thread: dict, lo: int, hi: int
-) -> None:
-    """Counts into this thread's own histogram (integer sums: the total does not depend on who counted what)."""
-    part = per_thread.get(threading.get_ident())
-    if part is None:
-        part = per_thread[threading.get_ident()] = np.zeros((len(slots), BUCKETS), np.int64)
-    _loops().magnitude_histogram(raw, shift, lo, hi, slots, buckets, part)
-
-
 def _rank_length(blocks: RawBlocks) -> int:
     """How many entries DELLA ranks together: a matrix's row, a vector whole (it comes in one block)."""
     return blocks.row_elements if len(blocks.shape) > 1 else blocks.shape[0]
@@ -149,39 +92,9 @@ def _rank_chances(
     _draw_loops().rank_chances(raw, shift, first_row, last_row, row_elements, model, low, step, chances)
 
 
-def _count(shift: int, raw: np.ndarray, slots: np.ndarray, thresholds: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    return _loops().count_at(raw, shift, lo, hi, slots, thresholds)
-
-
-def _magnitude(blocks: RawBlocks, params: TensorParams, cuts: _Cuts, outliers: bool) -> None:
-    densities = [float(p.get("density", 1.0)) for p in params.per_model]
-    if outliers:
-        sparse, choose_ks = outlier_ks(densities, [float(p["gamma"]) for p in params.per_model])
-        listed = [index for index in sparse for _ in range(2)]
-    else:
-        sparse, choose_ks = magnitude_ks(densities)
-        listed = sparse
-    if not sparse:
-        return
-    numel = int(np.prod(blocks.shape))
-    wanted = choose_ks(numel)
-    found = _top_cuts(blocks, listed, choose_ks)
-    for number, (model, want, cut) in enumerate(zip(listed, wanted, found, strict=True)):
-        slot = number % 2 if outliers else 0
-        if want > 0:
-            cuts.set(model, slot, cut)
-        elif outliers and slot == 0:
-            cuts.thresholds[model, 0] = NOTHING
-            cuts.counted.append((model, 0))
-    if outliers:
-        for model in sparse:
-            if cuts.thresholds[model, 0] == NOTHING:
-                cuts.thresholds[model, 1] = WHOLE
-
-
 def _draws(blocks: RawBlocks, masks: list[DrawGrid | None], start: int, raw: np.ndarray) -> np.ndarray:
     """Each pruned model's uniform draws for this block: torch's, from the same grid of seeded chunks."""
-    draws = np.zeros((len(masks), raw.shape[1]), np.float32)
+    draws = np.empty((len(masks), raw.shape[1]), np.float32)  # only pruned models' rows are read
     row_elements = blocks.row_elements
     first, last = start * row_elements, start * row_elements + raw.shape[1]
     jobs = []
@@ -197,7 +110,7 @@ def _draws(blocks: RawBlocks, masks: list[DrawGrid | None], start: int, raw: np.
         for seed, skip, out in jobs[lo:hi]:
             _draw_loops().uniform_draws(seed, skip, out.shape[0], out)
 
-    each_range(draw, len(jobs) * _loops().SUB)
+    each_range(draw, len(jobs), align=1)
     return draws
 
 
@@ -208,7 +121,7 @@ class _Combine:
     blocks: RawBlocks
     weights: np.ndarray
     kind: int
-    cuts: _Cuts
+    cuts: Cuts
     random: list[DrawGrid | None]
     density: np.ndarray
     epsilon: np.ndarray
@@ -225,11 +138,13 @@ class _Combine:
         self.scales = np.ones(len(self.weights), np.float32)
 
     def passes(self, l1: np.ndarray | None) -> Iterator[np.ndarray]:
-        """Each block's output; or, with `l1`, nothing: the pruned deltas' L1 norms (before, after) are added."""
+        """Each block's output; or, with `l1`, nothing: the pruned deltas' L1 norms (before, after) are added, SUB
+        elements at a time in order (the same sums for any number of threads)."""
         remaining = self.cuts.keep_equal.copy()
         nothing = np.zeros((len(self.weights), 0), np.float32)
         drawn = self.kind in (KEEP_RANDOM, KEEP_RANKED)
         kind = KEEP_MASK if drawn and self.masks else self.kind
+        first_chunk = 0
         for number, (start, raw) in enumerate(self.blocks()):
             fresh = drawn and kind != KEEP_MASK
             draws = _draws(self.blocks, self.random, start, raw) if fresh else nothing
@@ -240,15 +155,16 @@ class _Combine:
             elif drawn and l1 is not None:
                 masks = np.zeros((len(self.weights), -(-raw.shape[1] // 8)), np.uint8)
                 self.masks.append(masks)
-            limits = _limits(self.blocks, raw, self.cuts, remaining)
+            limits = self.cuts.limits(self.blocks, raw, first_chunk, remaining)
+            first_chunk += -(-raw.shape[1] // _loops().SUB)
             out = np.empty(raw.shape[1], self.blocks.output_bits)
             settings = (raw, kind, draws, chances, masks, limits, out, l1 is not None)
             parts = each_range(partial(self._range, *settings), out.size)
             if l1 is None:
                 yield out
                 continue
-            for part in parts:
-                l1 += part
+            spans = np.concatenate(parts, axis=1)
+            l1 += np.cumsum(spans, axis=1)[:, -1]  # span by span in order, whatever the ranges were
 
     def _range(
         self,
@@ -263,7 +179,8 @@ class _Combine:
         lo: int,
         hi: int,
     ) -> np.ndarray:
-        part = np.zeros((len(self.weights) if measure else 0, 2), np.float64)
+        spans = -(-(hi - lo) // _loops().SUB)
+        part = np.zeros((len(self.weights), spans, 2) if measure else (0, 0, 2), np.float64)
         _loops().task_arithmetic(
             raw, self.blocks.shift, lo, hi, self.weights, kind, self.cuts.thresholds, limits, draws[:, lo:hi],
             self.density, chances[:, lo:hi], masks[:, lo // 8 :], self.scales, self.consensus, self.normalize,
@@ -274,7 +191,7 @@ class _Combine:
     def _chances(self, raw: np.ndarray) -> np.ndarray:
         """DELLA: each pruned model's keep chance of every entry of the block, by its magnitude's rank in its row."""
         row_elements = _rank_length(self.blocks)
-        chances = np.zeros((len(self.weights), raw.shape[1]), np.float32)
+        chances = np.empty((len(self.weights), raw.shape[1]), np.float32)  # only pruned models' rows are read
         rows = raw.shape[1] // row_elements
         for model, mask in enumerate(self.random):
             if mask is None:
@@ -293,13 +210,13 @@ def make_fused_task_arithmetic(sparsify: str | None, consensus: bool) -> Callabl
         weights = model_weights(params)
         models, total = len(weights), sum(weights)
         combine = _Combine(
-            blocks, np.array(weights, np.float32), KEEP_ALL, _Cuts(models), [None] * models,
+            blocks, np.array(weights, np.float32), KEEP_ALL, Cuts(models), [None] * models,
             np.ones(models, np.float32), np.zeros(models), consensus, bool(params.values["normalize"]),
             np.float32(total if abs(total) >= DIVISOR_EPS else 1.0), np.float32(params.values["lambda"]),
         )  # fmt: skip
         if sparsify in ("magnitude", "outliers"):
             combine.kind = KEEP_TOP
-            _magnitude(blocks, params, combine.cuts, outliers=sparsify == "outliers")
+            magnitude_cuts(blocks, params, combine.cuts, outliers=sparsify == "outliers")
         elif sparsify in ("random", "magprune"):
             ranked = sparsify == "magprune" and _rank_length(blocks) > 1
             combine.kind = KEEP_RANKED if ranked else KEEP_RANDOM
@@ -322,32 +239,3 @@ def make_fused_task_arithmetic(sparsify: str | None, consensus: bool) -> Callabl
         yield from combine.passes(None)
 
     return merge
-
-
-def _limits(blocks: RawBlocks, raw: np.ndarray, cuts: _Cuts, remaining: np.ndarray) -> np.ndarray:
-    """For each cut, the block index from which entries equal to it are left out (see `kernels._keep_top`): none
-    where no equal entry is left out; else after the first `remaining` of them, in flat order (`remaining`
-    carries over to the next block)."""
-    limits = np.full(cuts.thresholds.shape, raw.shape[1], np.int64)
-    counting = []
-    for model, slot in cuts.counted:
-        if remaining[model, slot] <= 0:
-            limits[model, slot] = 0
-        else:
-            counting.append((model, slot))
-    if not counting:
-        return limits
-    slots = np.array([model for model, _ in counting], np.int64)
-    thresholds = np.array([cuts.thresholds[model, slot] for model, slot in counting], np.int64)
-    ranges = split(raw.shape[1])
-    counts = each_range(partial(_count, blocks.shift, raw, slots, thresholds), raw.shape[1])
-    for number, (model, slot) in enumerate(counting):
-        for (lo, hi), found in zip(ranges, counts, strict=True):
-            left = remaining[model, slot]
-            if 0 < left < found[number]:
-                threshold = int(thresholds[number])
-                limits[model, slot] = _loops().nth_equal(raw, blocks.shift, lo, hi, model, threshold, left)
-            elif 0 < left == found[number]:
-                limits[model, slot] = hi
-            remaining[model, slot] = left - found[number]
-    return limits
