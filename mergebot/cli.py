@@ -65,7 +65,6 @@ def _is_model(argument: str) -> bool:
 
 def _merge_one(config: MergeConfig | MoeConfig, out_dir: Path) -> None:
     from mergebot.merge.engine import run_merge
-    from mergebot.merge.moe import run_moe
     from mergebot.pipeline.inputs import resolve_inputs
     from mergebot.progress import ShardProgress
 
@@ -74,6 +73,7 @@ def _merge_one(config: MergeConfig | MoeConfig, out_dir: Path) -> None:
     started = time.monotonic()
     if isinstance(config, MoeConfig):
         import mergebot.pipeline.moe_hidden  # noqa: F401 (the hidden routers run the base model with transformers)
+        from mergebot.merge.moe import run_moe
 
         result = run_moe(config, resolve_inputs(config), out_dir, ShardProgress())
     else:
