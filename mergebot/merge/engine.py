@@ -98,31 +98,16 @@ def run_merge(
     thread_count()  # a bad MERGEBOT_THREADS is reported before any work
     os.environ.setdefault("NUMBA_CACHE_DIR", str(default_cache_dir() / "numba"))
     progress = progress or ShardProgress(enabled_bar=False)
-    out_dir = out_dir.absolute()
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MERGE_CONFIG_FILE).exists():
-        raise ConfigError(f"{out_dir}: exists and is not a mergebot output; refusing to replace it")
-    work = out_dir.parent / f".{out_dir.name}.partial"
-    with full_disk_reported(work):
-        work.mkdir(parents=True, exist_ok=True)
-        for leftover in work.glob("*.tmp"):
-            leftover.unlink()
-        result = build_shards(
-            plan.shards,
-            lambda shard: shard_fingerprint(plan, shard, models),
-            lambda shard, reader, target, fingerprint: _compute_shard(
-                plan, shard, models, reader, target, fingerprint, progress
-            ),
-            work,
-            out_dir,
-            progress,
-        )
-        _write_metadata(config, plan, models, work)
-        expected = set(result.shards) | {p.name for p in work.iterdir() if not p.name.endswith(".safetensors")}
-        for stale in work.iterdir():
-            if stale.name not in expected:
-                stale.unlink()
-        move_into_place(work, out_dir)
-    return result
+    return build_output(
+        out_dir,
+        plan.shards,
+        lambda shard: shard_fingerprint(plan, shard, models),
+        lambda shard, reader, target, fingerprint: _compute_shard(
+            plan, shard, models, reader, target, fingerprint, progress
+        ),
+        lambda work: _write_metadata(config, plan, models, work),
+        progress,
+    )
 
 
 class _Shard(Protocol):
@@ -136,7 +121,35 @@ class _Shard(Protocol):
 ShardT = TypeVar("ShardT", bound=_Shard)
 
 
-def build_shards(
+def build_output(
+    out_dir: Path,
+    shards: Sequence[ShardT],
+    fingerprint_of: Callable[[ShardT], str],
+    compute: Callable[[ShardT, TensorReader, Path, str], None],
+    write_metadata: Callable[[Path], None],
+    progress: ShardProgress,
+) -> MergeResult:
+    """OUT_DIR built in a `.partial` directory beside it and moved into place whole: a directory mergebot did not
+    write is refused, what a killed run left is resumed from, and files no longer part of the output are dropped."""
+    out_dir = out_dir.absolute()
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MERGE_CONFIG_FILE).exists():
+        raise ConfigError(f"{out_dir}: exists and is not a mergebot output; refusing to replace it")
+    work = out_dir.parent / f".{out_dir.name}.partial"
+    with _full_disk_reported(work):
+        work.mkdir(parents=True, exist_ok=True)
+        for leftover in work.glob("*.tmp"):
+            leftover.unlink()
+        result = _build_shards(shards, fingerprint_of, compute, work, out_dir, progress)
+        write_metadata(work)
+        expected = set(result.shards) | {p.name for p in work.iterdir() if not p.name.endswith(".safetensors")}
+        for stale in work.iterdir():
+            if stale.name not in expected:
+                stale.unlink()
+        _move_into_place(work, out_dir)
+    return result
+
+
+def _build_shards(
     shards: Sequence[ShardT],
     fingerprint_of: Callable[[ShardT], str],
     compute: Callable[[ShardT, TensorReader, Path, str], None],
@@ -158,7 +171,7 @@ def build_shards(
             if finished_with(target, fingerprint):
                 outcome = "resumed"
             elif finished_with(out_dir / shard.file_name, fingerprint):
-                link_or_copy(out_dir / shard.file_name, target)
+                _link_or_copy(out_dir / shard.file_name, target)
                 outcome = "reused"
             else:
                 compute(shard, reader, target, fingerprint)
@@ -169,7 +182,7 @@ def build_shards(
 
 
 @contextmanager
-def full_disk_reported(work: Path) -> Iterator[None]:
+def _full_disk_reported(work: Path) -> Iterator[None]:
     """A full disk is the machine's trouble, not the merge's: say so in one line, as worth retrying (finished
     shards stay in `work`, so the retry resumes from them)."""
     try:
@@ -311,7 +324,7 @@ class _RawPasses:
         return block
 
 
-def link_or_copy(source: Path, target: Path) -> None:
+def _link_or_copy(source: Path, target: Path) -> None:
     temp = target.with_name(target.name + ".tmp")
     temp.unlink(missing_ok=True)
     try:
@@ -351,7 +364,7 @@ def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputMode
     write_json_atomic(work / INDEX_FILE, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
 
 
-def move_into_place(work: Path, out_dir: Path) -> None:
+def _move_into_place(work: Path, out_dir: Path) -> None:
     """Swap the finished directory in; a previous result is removed only after the new one has its name."""
     fsync_dir(work)
     if out_dir.exists():

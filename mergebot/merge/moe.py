@@ -24,9 +24,7 @@ from mergebot.merge.engine import (
     BLOCK_ELEMENTS,
     MERGE_CONFIG_FILE,
     MergeResult,
-    build_shards,
-    full_disk_reported,
-    move_into_place,
+    build_output,
 )
 from mergebot.merge.io import ShardWriter, TensorReader
 from mergebot.merge.moe_config import moe_model_config
@@ -51,31 +49,16 @@ def run_moe(
     inputs = RouterInputs(base, config.gated, layout.layers, layout.hidden)
     routers = _Routers(config.gate_mode, inputs)
     progress = progress or ShardProgress(enabled_bar=False)
-    out_dir = out_dir.absolute()
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MERGE_CONFIG_FILE).exists():
-        raise ConfigError(f"{out_dir}: exists and is not a mergebot output; refusing to replace it")
-    work = out_dir.parent / f".{out_dir.name}.partial"
-    with full_disk_reported(work):
-        work.mkdir(parents=True, exist_ok=True)
-        for leftover in work.glob("*.tmp"):
-            leftover.unlink()
-        result = build_shards(
-            layout.shards,
-            lambda shard: shard_fingerprint(config, shard, models, lambda: routers.fingerprint),
-            lambda shard, reader, target, fingerprint: _write_shard(
-                config, shard, models, routers, reader, target, fingerprint, progress
-            ),
-            work,
-            out_dir,
-            progress,
-        )
-        _write_metadata(config, layout, models, work)
-        expected = set(result.shards) | {p.name for p in work.iterdir() if not p.name.endswith(".safetensors")}
-        for stale in work.iterdir():
-            if stale.name not in expected:
-                stale.unlink()
-        move_into_place(work, out_dir)
-    return result
+    return build_output(
+        out_dir,
+        layout.shards,
+        lambda shard: shard_fingerprint(config, shard, models, lambda: routers.fingerprint),
+        lambda shard, reader, target, fingerprint: _write_shard(
+            config, shard, models, routers, reader, target, fingerprint, progress
+        ),
+        lambda work: _write_metadata(config, layout, models, work),
+        progress,
+    )
 
 
 class _Routers:
