@@ -13,6 +13,10 @@ from tests.test_daemon import TOKEN, Setup
 from tests.test_daemon_gguf import files_at, finished
 
 pytest_plugins = ["tests.realmodel_fixtures"]
+pytest.importorskip(
+    "llama_cpp",
+    reason="llama.cpp is absent: it is the llama-cpp extra (pip install -c constraints.txt -e '.[llama-cpp]')",
+)
 
 QUESTION = "What is the capital of France?"
 REAL_TIMEOUT = 1200.0

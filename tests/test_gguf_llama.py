@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import gguf
-import llama_cpp
 import numpy as np
 import pytest
 import torch
@@ -23,6 +22,10 @@ from tests.gguf_models import EVAL_TEXT, FAMILIES, build
 
 HARD_TEXT = EVAL_TEXT + " Café, naïve 1234567 and  two  spaces;\n\n\ttab, emoji 🙂 <tool> and 中文."
 """The eval text and what tokenizers disagree on: digits, accents, runs of spaces, tabs, byte fallback."""
+llama_cpp = pytest.importorskip(
+    "llama_cpp",
+    reason="llama.cpp is absent: it is the llama-cpp extra (pip install -c constraints.txt -e '.[llama-cpp]')",
+)
 LOGIT_ERROR = {"BF16": 0.15, "Q8_0": 0.5}
 """Largest |llama.cpp − transformers| logit allowed; the logits' spread is about 1 (a wrong layout: several)."""
 

@@ -14,6 +14,10 @@ from mergebot.pipeline.probe import DEFAULT_PROMPTS, read_prompts
 from tests.helpers import run_cli_process
 
 pytest_plugins = ["tests.realmodel_fixtures"]
+pytest.importorskip(
+    "llama_cpp",
+    reason="llama.cpp is absent: it is the llama-cpp extra (pip install -c constraints.txt -e '.[llama-cpp]')",
+)
 EVAL_TEXT = (Path(__file__).parent.parent / "mergebot" / "data" / "eval.txt").read_text()
 
 
