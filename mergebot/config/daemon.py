@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from mergebot.config.chain import reads, target_names, upstream_first
 from mergebot.config.document import Located, listen_address, parse_duration, read_document
 from mergebot.config.executor import RaySettings, executor_settings
-from mergebot.config.gguf import GGUF_KEYS, GgufSettings, gguf_settings, quantizer_installed
+from mergebot.config.gguf import GGUF_KEYS, GgufSettings, gguf_settings, llama_cpp_installed
 from mergebot.config.merge import MERGE_KEYS, MergeConfig, target_merge
 from mergebot.config.models import Names
 from mergebot.config.moe import MoeConfig
@@ -347,7 +347,7 @@ def _target(raw: Any, located: Located, prefix: str, names: Names) -> Target:
     validate_raw = raw.get("validate", {})
     validate = _validate_settings(validate_raw, located, f"{prefix}validate.")
     merge = target_merge(raw, located, prefix, names)
-    gguf = gguf_settings(raw, located, prefix, repo, quantizer=quantizer_installed())
+    gguf = gguf_settings(raw, located, prefix, repo, quantizer=llama_cpp_installed())
     # The ratio as written (2, not 2.0), as the hash has always been taken: a changed hash re-runs the target.
     ratio = validate_raw.get("max_ppl_ratio", validate.max_ppl_ratio)
     private = settings.get("private", Target.private)

@@ -41,8 +41,9 @@ def published_names(repo: str) -> set[str]:
     return {GgufSettings((), repo).file_name(file_type) for file_type in (*WRITTEN_TYPES, *QUANTIZER_TYPES)}
 
 
-def quantizer_installed() -> bool:
-    """Whether llama.cpp's quantizer can be called here (found, not imported: the daemon reads configs too)."""
+def llama_cpp_installed() -> bool:
+    """Whether llama-cpp-python is installed, for its quantizer and read-back (found, not imported: importing it
+    loads llama.cpp, and the daemon reads configs too)."""
     return importlib.util.find_spec("llama_cpp") is not None
 
 
@@ -50,7 +51,7 @@ def gguf_settings(
     raw: dict[str, Any], located: Located, prefix: str, repo: str, *, quantizer: bool
 ) -> GgufSettings | None:
     """The target's `gguf` and `gguf_repo` keys, checked: None when it asks for no GGUF file. `quantizer`: whether
-    llama.cpp's quantizer is installed (`quantizer_installed`), without which a k-quant is refused."""
+    llama.cpp's quantizer is installed (`llama_cpp_installed`), without which a k-quant is refused."""
     if "gguf" not in raw:
         if "gguf_repo" in raw:
             raise located.error(f"{prefix}gguf_repo", "needs gguf: the GGUF types to publish there")

@@ -18,6 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from mergebot.config.gguf import QUANTIZER_TYPES, llama_cpp_installed
 from mergebot.errors import DiskFullError, GgufError, GgufUnsupportedError
 from mergebot.files import fsync_dir, parse_json, read_small
 from mergebot.gguf.families import (
@@ -29,7 +30,7 @@ from mergebot.gguf.families import (
     permute_rows,
     shape_of,
 )
-from mergebot.gguf.quantize import K_QUANTS, has_llama_cpp, quantize
+from mergebot.gguf.quantize import quantize
 from mergebot.gguf.shards import RowReader, Tensor, list_tensors
 from mergebot.gguf.vocab import Vocab, read_vocab
 
@@ -40,7 +41,7 @@ FILE_TYPES = {
 }
 """The types written here, in numpy: F16/BF16 are conversions, Q8_0 the gguf package's quantizer (bit-exact with
 ggml's). The k-quants come from llama.cpp's own quantizer (quantize.py)."""
-SUPPORTED_FILE_TYPES = (*FILE_TYPES, *(K_QUANTS if has_llama_cpp() else ()))
+SUPPORTED_FILE_TYPES = (*FILE_TYPES, *(QUANTIZER_TYPES if llama_cpp_installed() else ()))
 """What `write_gguf` makes on this install."""
 BLOCK_BYTES = 16 << 20
 """About how many float32 bytes of one tensor are converted at a time."""

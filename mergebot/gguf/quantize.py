@@ -2,19 +2,10 @@
 wrote: their block formats and per-tensor mix are llama.cpp's, and are never re-implemented here. Offered only when
 llama-cpp-python is installed (the `llama-cpp` extra)."""
 
-import importlib.util
 import logging
 from pathlib import Path
 
 from mergebot.errors import GgufError
-
-K_QUANTS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
-"""llama.cpp's k-quant file types, by the names its quantize tool and the Hub's GGUF files use."""
-
-
-def has_llama_cpp() -> bool:
-    """Whether llama-cpp-python is installed (looked up, not imported: importing it loads llama.cpp)."""
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def quantize(source: Path, out_path: Path, file_type: str) -> None:

@@ -26,8 +26,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
+from mergebot.config.gguf import llama_cpp_installed
 from mergebot.gguf.convert import GgufFile
-from mergebot.gguf.quantize import has_llama_cpp
 from mergebot.gguf.shards import list_tensors
 from mergebot.pipeline.facts import read_facts
 from mergebot.pipeline.gguf_llama import ChatIds, LlamaReadBack, read_back
@@ -127,7 +127,7 @@ def check_gguf(
     figures |= {"tensors_checked": checked, "worst_tensor": worst}
     if problem is not None:
         return GgufVerdict(False, problem, **figures)
-    if not has_llama_cpp():
+    if not llama_cpp_installed():
         return GgufVerdict(True, f"{checked} tensors match (worst {worst}); llama.cpp is not installed", **figures)
     facts = read_facts("merge", merged_dir)
     tokenizer = facts.tokenizer or load_tokenizer(merged_dir)
