@@ -7,14 +7,17 @@ process and merge child after the first on a machine loads them instead of compi
 """
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mergebot-test-hf-home-")
+HF_HOME = Path(tempfile.mkdtemp(prefix="mergebot-test-hf-home-"))
+os.environ["HF_HOME"] = str(HF_HOME)
 os.environ.setdefault(
     "NUMBA_CACHE_DIR", str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergebot" / "numba")
 )
-os.environ["MERGEBOT_CACHE_DIR"] = tempfile.mkdtemp(prefix="mergebot-test-cache-")
+MERGEBOT_CACHE = Path(tempfile.mkdtemp(prefix="mergebot-test-cache-"))
+os.environ["MERGEBOT_CACHE_DIR"] = str(MERGEBOT_CACHE)
 os.environ.pop("HF_HUB_DISABLE_XET", None)
 os.environ["HF_XET_CLIENT_RETRY_BASE_DELAY"] = "20ms"  # hf_xet waits 3 s, 6 s, 12 s... between retries
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -78,6 +81,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         tiers |= {tier for tier, prefixes in BY_TEST.items() if test.startswith(prefixes)}
         for tier in sorted(tiers):
             item.add_marker(tier)
+
+
+def pytest_sessionfinish() -> None:
+    shutil.rmtree(HF_HOME, ignore_errors=True)
+    shutil.rmtree(MERGEBOT_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def forget_xet_shards():
+    """hf_xet keeps a shard cache per Hub address, and a later test's local Hub may get the same port: the client
+    would then dedupe against xorbs that Hub never received, and its shard upload fail (400 on /v1/shards)."""
+    yield
+    shutil.rmtree(HF_HOME / "xet", ignore_errors=True)
 
 
 @pytest.fixture
