@@ -72,10 +72,10 @@ def _merge_one(config: MergeConfig | MoeConfig, out_dir: Path) -> None:
         print(f"mergebot: warning: {warning}", file=sys.stderr)
     started = time.monotonic()
     if isinstance(config, MoeConfig):
-        import mergebot.pipeline.moe_hidden  # noqa: F401 (the hidden routers run the base model with transformers)
         from mergebot.merge.moe import run_moe
+        from mergebot.pipeline.moe_hidden import ALL_ROUTERS
 
-        result = run_moe(config, resolve_inputs(config), out_dir, ShardProgress())
+        result = run_moe(config, resolve_inputs(config), out_dir, ShardProgress(), ALL_ROUTERS)
     else:
         result = run_merge(config, resolve_inputs(config), out_dir, ShardProgress())
     log.get("merge").info(

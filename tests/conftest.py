@@ -11,13 +11,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-HF_HOME = Path(tempfile.mkdtemp(prefix="mergebot-test-hf-home-"))
-os.environ["HF_HOME"] = str(HF_HOME)
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mergebot-test-hf-home-")
 os.environ.setdefault(
     "NUMBA_CACHE_DIR", str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergebot" / "numba")
 )
-MERGEBOT_CACHE = Path(tempfile.mkdtemp(prefix="mergebot-test-cache-"))
-os.environ["MERGEBOT_CACHE_DIR"] = str(MERGEBOT_CACHE)
+os.environ["MERGEBOT_CACHE_DIR"] = tempfile.mkdtemp(prefix="mergebot-test-cache-")
 os.environ.pop("HF_HUB_DISABLE_XET", None)
 os.environ["HF_XET_CLIENT_RETRY_BASE_DELAY"] = "20ms"  # hf_xet waits 3 s, 6 s, 12 s... between retries
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -28,6 +26,9 @@ os.environ.pop("HF_ENDPOINT", None)
 import pytest
 
 from mergebot.dev.devhub import DevHub
+
+HF_HOME = Path(os.environ["HF_HOME"])
+MERGEBOT_CACHE = Path(os.environ["MERGEBOT_CACHE_DIR"])
 
 TIERS = {
     "slow": {

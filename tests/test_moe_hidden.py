@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import mergebot.pipeline.moe_hidden  # noqa: F401 (registers the hidden modes)
 from mergebot.config.moe import Expert, load_moe_config
 from mergebot.dev.synthetic import make_model
 from mergebot.errors import ModelError
@@ -18,6 +17,7 @@ from mergebot.merge.moe import run_moe
 from mergebot.merge.moe_router import RouterInputs, router_weights
 from mergebot.merge.source import open_model
 from mergebot.pipeline.inputs import resolve_inputs
+from mergebot.pipeline.moe_hidden import ALL_ROUTERS
 from tests.helpers import load_tensors
 from tests.mergekit_reference import mergekit_python
 
@@ -48,7 +48,7 @@ def experts(prompts, models: dict[str, Path] | None = None) -> tuple[Expert, ...
 def routers(base: Path, mode: str, prompts=PROMPTS) -> np.ndarray:
     """(layers, experts, hidden)."""
     inputs = RouterInputs(open_model("base", base), experts(prompts), LAYERS, HIDDEN)
-    weights = router_weights(mode, inputs)
+    weights = router_weights(mode, inputs, ALL_ROUTERS)
     return np.stack([weights[layer] for layer in range(LAYERS)])
 
 
@@ -120,7 +120,7 @@ def test_mergebot_merge_of_a_hidden_moe_is_mergekits(case, models, kit, tmp_path
     """The whole output of `mergebot merge` on the same file, every tensor (a Qwen MoE's shared expert gate too),
     against mergekit-moe's float32 run."""
     config = load_moe_config(kit / case / "moe.yml")
-    run_moe(config, resolve_inputs(config), tmp_path / "out")
+    run_moe(config, resolve_inputs(config), tmp_path / "out", routers=ALL_ROUTERS)
     ours, theirs = load_tensors(tmp_path / "out"), load_tensors(kit / case / "float32")
     assert sorted(ours) == sorted(theirs)
     for name, expected in theirs.items():
@@ -164,10 +164,10 @@ def test_what_it_cannot_reproduce_is_refused_with_its_line(models):
     base = open_model("base", models["base"])
     base.config["model_type"] = "gemma"
     with pytest.raises(ModelError, match=r"^model base: gate_mode hidden .* model_type 'gemma'"):
-        router_weights("hidden", RouterInputs(base, experts(PROMPTS), LAYERS, HIDDEN))
+        router_weights("hidden", RouterInputs(base, experts(PROMPTS), LAYERS, HIDDEN), ALL_ROUTERS)
     base = open_model("base", models["base"])
     del base.tensors["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(
         ModelError, match=r"^model base: no tensor model\.layers\.1\.mlp\.up_proj\.weight for the hidden"
     ):
-        router_weights("hidden", RouterInputs(base, experts(PROMPTS), LAYERS, HIDDEN))
+        router_weights("hidden", RouterInputs(base, experts(PROMPTS), LAYERS, HIDDEN), ALL_ROUTERS)

@@ -16,6 +16,7 @@ from mergebot.merge.moe import run_moe
 from mergebot.merge.source import InputModel
 from mergebot.pipeline.card import commit_message, model_card
 from mergebot.pipeline.inputs import resolve_inputs
+from mergebot.pipeline.moe_hidden import ALL_ROUTERS
 from mergebot.pipeline.report import Check, ValidationReport, format_report
 from mergebot.pipeline.run import check_merge
 
@@ -80,7 +81,7 @@ def build(tmp_path: Path, architecture: str, shared: str) -> dict[str, InputMode
     (tmp_path / "moe.yml").write_text(f"{moe}architecture: {architecture}\n{shared.format(path=tmp_path)}")
     config = load_moe_config(tmp_path / "moe.yml")
     models = resolve_inputs(config)
-    run_moe(config, models, tmp_path / "out")
+    run_moe(config, models, tmp_path / "out", routers=ALL_ROUTERS)
     return models
 
 

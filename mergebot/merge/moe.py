@@ -8,7 +8,7 @@ base, the prompts and the gate mode, and the routers are computed only when that
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,14 @@ from mergebot.merge.engine import (
 from mergebot.merge.io import ShardWriter, TensorReader
 from mergebot.merge.moe_config import moe_model_config
 from mergebot.merge.moe_layout import MoeLayout, MoeShard, MoeTensor, Piece, plan_moe
-from mergebot.merge.moe_router import ROUTERS, SEED, RouterInputs, router_fingerprint, router_weights
+from mergebot.merge.moe_router import (
+    ROUTERS,
+    SEED,
+    RouterFunction,
+    RouterInputs,
+    router_fingerprint,
+    router_weights,
+)
 from mergebot.merge.source import InputModel
 from mergebot.merge.tokenizer_files import write_tokenizer_files
 from mergebot.progress import ShardProgress
@@ -38,23 +45,27 @@ FORMAT_VERSION = 1
 
 
 def run_moe(
-    config: MoeConfig, models: dict[str, InputModel], out_dir: Path, progress: ShardProgress | None = None
+    config: MoeConfig,
+    models: dict[str, InputModel],
+    out_dir: Path,
+    progress: ShardProgress | None = None,
+    routers: Mapping[str, RouterFunction] = ROUTERS,
 ) -> MergeResult:
     """Build the MoE into OUT_DIR; shards already finished (here or in a killed run) with the same fingerprint are
-    kept."""
+    kept. `routers` computes the gate modes: those needing the base model run come from the pipeline."""
     layout = plan_moe(config, models)
-    if config.gate_mode not in ROUTERS:
+    if config.gate_mode not in routers:
         raise ConfigError(f"{config.source}: gate_mode: {config.gate_mode} is not computed by this mergebot")
     base = models[config.base_model]
     inputs = RouterInputs(base, config.gated, layout.layers, layout.hidden)
-    routers = _Routers(config.gate_mode, inputs)
+    router = _Routers(config.gate_mode, inputs, routers)
     progress = progress or ShardProgress(enabled_bar=False)
     return build_output(
         out_dir,
         layout.shards,
-        lambda shard: shard_fingerprint(config, shard, models, lambda: routers.fingerprint),
+        lambda shard: shard_fingerprint(config, shard, models, lambda: router.fingerprint),
         lambda shard, reader, target, fingerprint: _write_shard(
-            config, shard, models, routers, reader, target, fingerprint, progress
+            config, shard, models, router, reader, target, fingerprint, progress
         ),
         lambda work: _write_metadata(config, layout, models, work),
         progress,
@@ -64,15 +75,16 @@ def run_moe(
 class _Routers:
     """The router weights, computed on first use only (a finished router shard needs none)."""
 
-    def __init__(self, mode: str, inputs: RouterInputs):
+    def __init__(self, mode: str, inputs: RouterInputs, routers: Mapping[str, RouterFunction]):
         self.mode = mode
         self.inputs = inputs
+        self._routers = routers
         self.fingerprint = router_fingerprint(mode, inputs)
         self._weights: dict[int, np.ndarray] | None = None
 
     def rows(self, layer: int, first: int, count: int) -> np.ndarray:
         if self._weights is None:
-            self._weights = router_weights(self.mode, self.inputs)
+            self._weights = router_weights(self.mode, self.inputs, self._routers)
         return self._weights[layer][first : first + count]
 
 

@@ -4,14 +4,14 @@
 expert, normalised, so that a token whose state looks like an expert's prompts scores highest for that expert.
 `random` and `uniform_random` are seeded here (mergekit-moe draws them unseeded from torch, so no two of its runs
 agree; mergebot's runs are byte-identical, and its draws are numpy's PCG64 streams, not torch's); `cheap_embed`
-follows mergekit-moe 0.1.5's formula exactly, in float32. The `hidden` modes register themselves in ROUTERS from
-their own module (they run the base model).
+follows mergekit-moe 0.1.5's formula exactly, in float32. The `hidden` modes run the base model, so they live in the
+pipeline (`mergebot.pipeline.moe_hidden.ALL_ROUTERS`), which passes them in.
 """
 
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +44,11 @@ RouterFunction = Callable[[RouterInputs], dict[int, np.ndarray]]
 """Router weights per layer (0 … layers−1), each float32 of shape (len(experts), hidden)."""
 
 
-def router_weights(mode: str, inputs: RouterInputs) -> dict[int, np.ndarray]:
-    """Each layer's router for `mode` (a `gate_mode`)."""
-    function = ROUTERS.get(mode)
+def router_weights(
+    mode: str, inputs: RouterInputs, routers: Mapping[str, RouterFunction] | None = None
+) -> dict[int, np.ndarray]:
+    """Each layer's router for `mode` (a `gate_mode`), computed by `routers` (by default those of this module)."""
+    function = (ROUTERS if routers is None else routers).get(mode)
     if function is None:
         raise ConfigError(f"gate_mode: {mode} is not computed by this mergebot")
     weights = function(inputs)

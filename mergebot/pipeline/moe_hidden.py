@@ -13,8 +13,8 @@ left padding that attention masks out, so each prompt's last token sees only its
 prompt runs alone; mergekit runs the model in bfloat16, here everything is float32.
 
 It lives in the pipeline because it needs transformers' decoder layers, which the merge engine never imports:
-importing it registers the three modes in `mergebot.merge.moe_router.ROUTERS`, which the merge calls only when a
-shard holding a router is written.
+`ALL_ROUTERS` adds its three modes to the merge layer's own routers; the pipeline hands them to `run_moe`, which calls
+one only when a shard holding a router is written.
 """
 
 from collections.abc import Callable
@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from mergebot.config.moe import Expert
 from mergebot.errors import ModelError
 from mergebot.merge.io import TensorReader
-from mergebot.merge.moe_router import ROUTERS, RouterInputs
+from mergebot.merge.moe_router import ROUTERS, RouterFunction, RouterInputs
 from mergebot.merge.source import InputModel
 from mergebot.pipeline.perplexity import one_line
 
@@ -207,4 +207,9 @@ def _run_layer(layer: torch.nn.Module, rotary: torch.nn.Module, hidden: torch.Te
     return output[0] if isinstance(output, tuple) else output
 
 
-ROUTERS.update(hidden=hidden_last, hidden_last=hidden_last, hidden_avg=hidden_avg)
+ALL_ROUTERS: dict[str, RouterFunction] = {
+    **ROUTERS,
+    "hidden": hidden_last,
+    "hidden_last": hidden_last,
+    "hidden_avg": hidden_avg,
+}

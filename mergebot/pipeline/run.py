@@ -21,7 +21,7 @@ from mergebot.pause import pause_point
 from mergebot.pipeline.gate import validate
 from mergebot.pipeline.gguf_step import GgufFiles, make_gguf, mark_published, publish_elsewhere
 from mergebot.pipeline.inputs import identities, pin_inputs, resolve_inputs
-from mergebot.pipeline.moe_hidden import hidden_last  # noqa: F401 (registers the hidden routers for run_moe)
+from mergebot.pipeline.moe_hidden import ALL_ROUTERS
 from mergebot.pipeline.parents import Parent, SignatureCache
 from mergebot.pipeline.publish import publish
 from mergebot.pipeline.regression import Baseline, held_reason
@@ -50,7 +50,7 @@ def check_merge(
 
 def _merge(config: MergeConfig | MoeConfig, models: dict[str, InputModel], out_dir: Path) -> MergeResult:
     if isinstance(config, MoeConfig):
-        return run_moe(config, models, out_dir, ShardProgress())
+        return run_moe(config, models, out_dir, ShardProgress(), ALL_ROUTERS)
     return run_merge(config, models, out_dir, ShardProgress())
 
 
