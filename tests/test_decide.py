@@ -38,7 +38,10 @@ def test_never_merged_runs_and_the_same_content_is_up_to_date(targets):
     assert decide(t, DIGESTS, facts(done, done)) == Action(Act.UP_TO_DATE, None)
     moved = DIGESTS | {"org/ft1": "d-new"}
     assert decide(t, moved, facts(done, done)) == Action(Act.RUN, "new upstream content in org/ft1")
-    assert decide(t, DIGESTS, facts(done, replace(done, config_hash="old"))).why == "its merge config changed"
+    assert (
+        decide(t, DIGESTS, facts(done, replace(done, config_hash="old"))).why
+        == "its config changed (merge, validation or GGUF settings)"
+    )
 
 
 def test_a_refusal_on_the_same_content_waits_and_a_release_runs(targets):

@@ -72,7 +72,7 @@ def due_reason(target: Target, digests: dict[str, str], success: Run | None) -> 
     if success is None:
         return "never merged"
     if success.config_hash != target.config_hash:
-        return "its merge config changed"
+        return "its config changed (merge, validation or GGUF settings)"
     previous = success.record.digests
     changed = sorted(model for model, digest in digests.items() if previous.get(model) != digest)
     if changed:
