@@ -75,6 +75,9 @@ BY_TEST = {
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tiers, then put the modules holding slow tests first: the two workers (pyproject's
+    `-n 2 --dist loadfile`) start on the long modules, and the short ones fill in around them."""
+    slow_modules = set()
     for item in items:
         module, test = item.path.stem, item.nodeid.rpartition("/")[2]
         tiers = {tier for tier, modules in TIERS.items() if module in modules}
@@ -82,6 +85,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         tiers |= {tier for tier, prefixes in BY_TEST.items() if test.startswith(prefixes)}
         for tier in sorted(tiers):
             item.add_marker(tier)
+        if tiers & {"slow", "process"}:
+            slow_modules.add(item.path)
+    items.sort(key=lambda item: item.path not in slow_modules)
 
 
 def pytest_sessionfinish() -> None:
