@@ -16,7 +16,7 @@ from mergebot.dev.synthetic import make_model
 from mergebot.errors import ConfigError, ModelError
 from mergebot.merge.moe import run_moe
 from mergebot.merge.moe_layout import choose_architecture
-from mergebot.merge.moe_router import RouterInputs, router_weights
+from mergebot.merge.moe_router import ROUTERS, RouterInputs, router_weights
 from mergebot.pipeline.inputs import resolve_inputs
 from tests.helpers import load_tensors, run_cli, tree_digest
 
@@ -139,7 +139,8 @@ def test_cheap_embed_is_mergekits_formula(tmp_path: Path, models: dict[str, Path
     text before each prompt), minus the same of its negative prompts, normalised; the same in every layer."""
     config = _config(tmp_path, models)
     inputs = resolve_inputs(config)
-    weights = router_weights("cheap_embed", RouterInputs(inputs[config.base_model], config.gated, 2, SHAPE["hidden"]))
+    router_inputs = RouterInputs(inputs[config.base_model], config.gated, 2, SHAPE["hidden"])
+    weights = router_weights("cheap_embed", router_inputs, ROUTERS)
     tokenizer = Tokenizer.from_file(str(models["base"] / "tokenizer.json"))
     embedding = load_tensors(models["base"])["model.embed_tokens.weight"].double()
 

@@ -1,6 +1,6 @@
 """The routers of a mixture of experts, as pure functions of the base model and the experts' prompts.
 
-`router_weights(mode, inputs)` gives each layer's router as a float32 array (gated experts × hidden): a row per
+`router_weights(mode, inputs, routers)` gives each layer's router as a float32 array (gated experts × hidden): a row per
 expert, normalised, so that a token whose state looks like an expert's prompts scores highest for that expert.
 `random` and `uniform_random` are seeded here (mergekit-moe draws them unseeded from torch, so no two of its runs
 agree; mergebot's runs are byte-identical, and its draws are numpy's PCG64 streams, not torch's); `cheap_embed`
@@ -44,11 +44,9 @@ RouterFunction = Callable[[RouterInputs], dict[int, np.ndarray]]
 """Router weights per layer (0 … layers−1), each float32 of shape (len(experts), hidden)."""
 
 
-def router_weights(
-    mode: str, inputs: RouterInputs, routers: Mapping[str, RouterFunction] | None = None
-) -> dict[int, np.ndarray]:
-    """Each layer's router for `mode` (a `gate_mode`), computed by `routers` (by default those of this module)."""
-    function = (ROUTERS if routers is None else routers).get(mode)
+def router_weights(mode: str, inputs: RouterInputs, routers: Mapping[str, RouterFunction]) -> dict[int, np.ndarray]:
+    """Each layer's router for `mode` (a `gate_mode`), computed by its function in `routers`."""
+    function = routers.get(mode)
     if function is None:
         raise ConfigError(f"gate_mode: {mode} is not computed by this mergebot")
     weights = function(inputs)
