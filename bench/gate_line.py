@@ -9,13 +9,14 @@ transformers themselves stay as warm as the machine left them.
 
 import contextlib
 import os
-import re
 import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from validate_bench import sample_peak
 
 MISTRAL = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 32000}
 """Mistral-7B's shapes (it has 32 layers; the benchmark makes as few as the disk allows)."""
@@ -35,26 +36,13 @@ def drop_from_cache(directories: list[Path]) -> None:
                 os.close(descriptor)
 
 
-def _sample(pid: int, stop: threading.Event, peaks: dict[str, int]) -> None:
-    while not stop.is_set():
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            return
-        for key in PEAK_KEYS:
-            match = re.search(rf"{key}:\s+(\d+) kB", status)
-            if match:
-                peaks[key] = max(peaks.get(key, 0), int(match.group(1)))
-        stop.wait(0.02)
-
-
 def measured(command: list[str]) -> tuple[float, dict[str, float]]:
     """Wall seconds, and the child's peak anonymous memory (RssAnon, sampled every 20 ms) and peak RSS, in MB."""
     peaks: dict[str, int] = {}
     stop = threading.Event()
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    sampler = threading.Thread(target=_sample, args=(process.pid, stop, peaks))
+    sampler = threading.Thread(target=sample_peak, args=(process.pid, stop, peaks))
     sampler.start()
     _, error = process.communicate()
     stop.set()
