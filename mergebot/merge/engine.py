@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 
 from mergebot.config.merge import MergeConfig
+from mergebot.config.moe import MoeConfig
 from mergebot.errors import ConfigError, DiskFullError
 from mergebot.files import (
     DROPPED_KEY,
@@ -32,7 +33,7 @@ from mergebot.files import (
     write_json_atomic,
 )
 from mergebot.merge.checkpoint import FINGERPRINT_KEY, finished_with, shard_fingerprint
-from mergebot.merge.io import ShardWriter, TensorReader
+from mergebot.merge.io import OutputTensor, ShardWriter, TensorReader
 from mergebot.merge.layout import with_layer_count
 from mergebot.merge.methods import Block, MergeMethod, RawBlocks, available_methods, method_named
 from mergebot.merge.plan import Plan, ShardPlan, TensorPlan, build_plan
@@ -110,12 +111,20 @@ def run_merge(
     )
 
 
+class _Tensor(Protocol):
+    @property
+    def output(self) -> OutputTensor: ...
+
+
 class _Shard(Protocol):
     @property
     def file_name(self) -> str: ...
 
     @property
     def nbytes(self) -> int: ...
+
+    @property
+    def tensors(self) -> Sequence[_Tensor]: ...
 
 
 ShardT = TypeVar("ShardT", bound=_Shard)
@@ -335,8 +344,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputModel], work: Path) -> None:
-    """Config.json (vocab size, dtype, layer count right; no remote code), generation config, the tokenizer files,
-    and the index, whose metadata lists the remote-code pointers left out."""
+    """Config.json (vocab size, dtype, layer count right), the tokenizer files, and the rest `write_model_files`
+    writes."""
     template = models[plan.template]
     model_config = dict(template.config)
     outputs = {t.output.name: t.output for shard in plan.shards for t in shard.tensors}
@@ -349,16 +358,31 @@ def _write_metadata(config: MergeConfig, plan: Plan, models: dict[str, InputMode
     if dtype_name:
         for key in [k for k in ("torch_dtype", "dtype") if k in model_config] or ["torch_dtype"]:
             model_config[key] = dtype_name
+    pinned = config.pinned({name: model.pins for name, model in models.items()})
+    tokenizer_dropped = write_tokenizer_files(config, plan.vocab.output, models, work)
+    write_model_files(work, plan.shards, model_config, template, pinned, tokenizer_dropped)
+
+
+def write_model_files(
+    work: Path,
+    shards: Sequence[_Shard],
+    model_config: dict,
+    template: InputModel,
+    pinned: MergeConfig | MoeConfig,
+    tokenizer_dropped: list[str],
+) -> None:
+    """What an output holds beside its shards and tokenizer files: config.json without remote-code pointers, the
+    template's generation config, the config as run (revisions pinned), and the index, whose metadata lists the
+    remote-code pointers left out of config.json and of the tokenizer files."""
     model_config, dropped = drop_remote_code(model_config, "config.json")
     write_json_atomic(work / "config.json", model_config)
     if (template.path / "generation_config.json").exists():
         generation = read_small(template.path / "generation_config.json", f"model {template.label}")
         write_atomic(work / "generation_config.json", generation)
-    pinned = config.pinned({name: model.pins for name, model in models.items()})
     write_atomic(work / MERGE_CONFIG_FILE, yaml.safe_dump(pinned.as_dict(), sort_keys=False).encode())
-    dropped += write_tokenizer_files(config, plan.vocab.output, models, work)
-    weight_map = {t.output.name: shard.file_name for shard in plan.shards for t in shard.tensors}
-    metadata: dict[str, object] = {"total_size": sum(shard.nbytes for shard in plan.shards)}
+    dropped += tokenizer_dropped
+    weight_map = {t.output.name: shard.file_name for shard in shards for t in shard.tensors}
+    metadata: dict[str, object] = {"total_size": sum(shard.nbytes for shard in shards)}
     if dropped:
         metadata[DROPPED_KEY] = dropped
     write_json_atomic(work / INDEX_FILE, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})

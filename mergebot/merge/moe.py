@@ -13,18 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from mergebot.config.merge import MergeConfig
 from mergebot.config.moe import MoeConfig
 from mergebot.errors import ConfigError
-from mergebot.files import DROPPED_KEY, INDEX_FILE, drop_remote_code, read_small, write_atomic, write_json_atomic
 from mergebot.merge.checkpoint import FINGERPRINT_KEY
 from mergebot.merge.engine import (
     BLOCK_ELEMENTS,
-    MERGE_CONFIG_FILE,
     MergeResult,
     build_output,
+    write_model_files,
 )
 from mergebot.merge.io import ShardWriter, TensorReader
 from mergebot.merge.moe_config import moe_model_config
@@ -181,22 +179,10 @@ def _noise_seed(piece: Piece) -> int:
 
 
 def _write_metadata(config: MoeConfig, layout: MoeLayout, models: dict[str, InputModel], work: Path) -> None:
-    """config.json (remote-code pointers left out, listed in the index), the base's generation config and tokenizer
-    files, the config as run (revisions pinned) and the index."""
+    """config.json, and the base's generation config and tokenizer files (with the rest `write_model_files` writes)."""
     base = models[config.base_model]
     model_config = moe_model_config(layout.architecture, config, base, layout.dtype)
-    model_config, dropped = drop_remote_code(model_config, "config.json")
-    write_json_atomic(work / "config.json", model_config)
-    if (base.path / "generation_config.json").exists():
-        generation = read_small(base.path / "generation_config.json", f"model {base.label}")
-        write_atomic(work / "generation_config.json", generation)
     pinned = config.pinned({name: model.pins for name, model in models.items()})
-    write_atomic(work / MERGE_CONFIG_FILE, yaml.safe_dump(pinned.as_dict(), sort_keys=False).encode())
     tokenizer = MergeConfig("passthrough", (config.spec(config.base_model),), tokenizer_source=config.base_model)
-    dropped += write_tokenizer_files(tokenizer, None, {config.base_model: base}, work)
-    weight_map = {t.output.name: shard.file_name for shard in layout.shards for t in shard.tensors}
-    total = sum(shard.nbytes for shard in layout.shards)
-    metadata: dict[str, object] = {"total_size": total}
-    if dropped:
-        metadata[DROPPED_KEY] = dropped
-    write_json_atomic(work / INDEX_FILE, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
+    tokenizer_dropped = write_tokenizer_files(tokenizer, None, {config.base_model: base}, work)
+    write_model_files(work, layout.shards, model_config, base, pinned, tokenizer_dropped)
