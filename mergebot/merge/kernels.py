@@ -252,8 +252,7 @@ def task_arithmetic(
     Breadcrumbs' band); KEEP_RANDOM: keep where draws[m] < density[m]; KEEP_RANKED: where draws[m] < chances[m];
     KEEP_MASK: where the bit of `masks[m]` (one per entry from lo) is set. With `l1` (models × SUB spans × 2)
     nothing is written: the L1 norms of each delta before and after pruning, per span, go there instead (for
-    `rescale`), and a
-    random or ranked keep is recorded in `masks` when it has room, for the pass that writes."""
+    `rescale`), and a random or ranked keep is recorded in `masks` when it has room, for the pass that writes."""
     models = raw.shape[0] - 1
     scratch_bits = np.empty((raw.shape[0], SUB), np.uint32)
     scratch = scratch_bits.view(np.float32)
