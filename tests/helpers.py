@@ -12,6 +12,9 @@ from safetensors.torch import load_file
 
 from mergebot.cli import main
 
+LLAMA_CPP_ABSENT = "llama.cpp is absent: it is the llama-cpp extra (pip install -c constraints.txt -e '.[llama-cpp]')"
+"""Why llama.cpp's tests skip (`pytest.importorskip("llama_cpp", reason=LLAMA_CPP_ABSENT)`)."""
+
 
 def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory (tests only: small models)."""

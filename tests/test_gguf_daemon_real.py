@@ -9,14 +9,12 @@ import pytest
 from huggingface_hub import hf_hub_download
 
 from mergebot.runrecord import Outcome
+from tests.helpers import LLAMA_CPP_ABSENT
 from tests.test_daemon import TOKEN, Setup
 from tests.test_daemon_gguf import files_at, finished
 
 pytest_plugins = ["tests.realmodel_fixtures"]
-pytest.importorskip(
-    "llama_cpp",
-    reason="llama.cpp is absent: it is the llama-cpp extra (pip install -c constraints.txt -e '.[llama-cpp]')",
-)
+pytest.importorskip("llama_cpp", reason=LLAMA_CPP_ABSENT)
 
 QUESTION = "What is the capital of France?"
 REAL_TIMEOUT = 1200.0

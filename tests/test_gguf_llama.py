@@ -19,13 +19,11 @@ from mergebot.pipeline.gguf_llama import ChatIds, read_back
 from mergebot.pipeline.perplexity import load_model, measure, token_ids
 from mergebot.pipeline.probe import DEFAULT_PROMPTS, probe_ids, read_prompts
 from tests.gguf_models import EVAL_TEXT, FAMILIES, build
+from tests.helpers import LLAMA_CPP_ABSENT
 
 HARD_TEXT = EVAL_TEXT + " Café, naïve 1234567 and  two  spaces;\n\n\ttab, emoji 🙂 <tool> and 中文."
 """The eval text and what tokenizers disagree on: digits, accents, runs of spaces, tabs, byte fallback."""
-llama_cpp = pytest.importorskip(
-    "llama_cpp",
-    reason="llama.cpp is absent: it is the llama-cpp extra (pip install -c constraints.txt -e '.[llama-cpp]')",
-)
+llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_ABSENT)
 LOGIT_ERROR = {"BF16": 0.15, "Q8_0": 0.5}
 """Largest |llama.cpp − transformers| logit allowed; the logits' spread is about 1 (a wrong layout: several)."""
 

@@ -11,13 +11,10 @@ from mergebot.gguf.convert import write_gguf
 from mergebot.pipeline.gguf_check import check_gguf, measure_merge, ppl_tolerance
 from mergebot.pipeline.perplexity import DEFAULT_MAX_WINDOWS, DEFAULT_WINDOW
 from mergebot.pipeline.probe import DEFAULT_PROMPTS, read_prompts
-from tests.helpers import run_cli_process
+from tests.helpers import LLAMA_CPP_ABSENT, run_cli_process
 
 pytest_plugins = ["tests.realmodel_fixtures"]
-pytest.importorskip(
-    "llama_cpp",
-    reason="llama.cpp is absent: it is the llama-cpp extra (pip install -c constraints.txt -e '.[llama-cpp]')",
-)
+pytest.importorskip("llama_cpp", reason=LLAMA_CPP_ABSENT)
 EVAL_TEXT = (Path(__file__).parent.parent / "mergebot" / "data" / "eval.txt").read_text()
 
 
